@@ -1,0 +1,458 @@
+//! `airlock.toml`: the agent's own configuration (not the policies).
+//!
+//! Parsed with `deny_unknown_fields`, then checked by [`Config::validate`] before anything
+//! privileged happens. Every path is a parameter so tests can point the agent at a
+//! temporary tree.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_PATH: &str = "/etc/airlock/airlock.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("config {path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("config {0}: {1}")]
+    Invalid(PathBuf, String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub agent: AgentSection,
+    #[serde(default)]
+    pub audit: AuditSection,
+    #[serde(default)]
+    pub policy: PolicySection,
+    #[serde(default)]
+    pub endpoint: EndpointSection,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub sts: StsSection,
+    #[serde(default)]
+    pub credentials: CredentialsSection,
+    #[serde(default)]
+    pub jobs: JobsSection,
+    /// Trusted OIDC issuers. No issuer: only attested identities can be used.
+    #[serde(default, rename = "issuer")]
+    pub issuers: Vec<IssuerConfig>,
+    /// Reserved for the sandbox issue; accepted and ignored for now.
+    #[serde(default)]
+    pub sandbox: Option<toml::Table>,
+    /// Reserved for the egress issue; accepted and ignored for now.
+    #[serde(default)]
+    pub egress: Option<toml::Table>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    /// Group (name) allowed to use the control socket besides root; none by default.
+    #[serde(default)]
+    pub control_group: Option<String>,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        AgentSection {
+            state_dir: default_state_dir(),
+            control_socket: default_control_socket(),
+            control_group: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    #[serde(default = "default_audit_path")]
+    pub path: PathBuf,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        AuditSection {
+            path: default_audit_path(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    #[serde(default = "default_policy_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        PolicySection {
+            dir: default_policy_dir(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSection {
+    /// Address the per-job credential listeners bind to while jobs are not sandboxed.
+    #[serde(default = "default_endpoint_bind")]
+    pub bind: std::net::IpAddr,
+    /// Serve the IMDSv2 emulation besides the container-credentials protocol.
+    #[serde(default = "yes")]
+    pub imds: bool,
+    /// Region reported to jobs (`AWS_REGION`, IMDS region documents).
+    #[serde(default = "default_region")]
+    pub region: String,
+}
+
+impl Default for EndpointSection {
+    fn default() -> Self {
+        EndpointSection {
+            bind: default_endpoint_bind(),
+            imds: true,
+            region: default_region(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// `/healthz` and `/metrics`; loopback only unless changed on purpose.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: default_admin_listen(),
+            enabled: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StsSection {
+    /// STS endpoint URL; default `https://sts.<region>.amazonaws.com`. VPC endpoints welcome.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// An `http://` endpoint is refused unless this is set (test stand-ins only).
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Per-request timeout.
+    #[serde(default = "default_sts_timeout", with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Attempts on throttling and 5xx (including the first).
+    #[serde(default = "default_sts_attempts")]
+    pub max_attempts: u32,
+}
+
+impl Default for StsSection {
+    fn default() -> Self {
+        StsSection {
+            endpoint: None,
+            region: default_region(),
+            allow_http: false,
+            timeout: default_sts_timeout(),
+            max_attempts: default_sts_attempts(),
+        }
+    }
+}
+
+impl StsSection {
+    pub fn endpoint_url(&self) -> String {
+        self.endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://sts.{}.amazonaws.com", self.region))
+    }
+}
+
+/// Where the agent's own credentials (used to sign `AssumeRole`) come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CredentialsKind {
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN` of the agent.
+    Env,
+    /// The host's instance profile through IMDSv2.
+    Imds,
+    /// `AssumeRoleWithWebIdentity` with a token file (e.g. EKS/IRSA style).
+    WebIdentity,
+    /// No own credentials: only `web-identity` grants can be served.
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsSection {
+    #[serde(default = "default_credentials_kind")]
+    pub source: CredentialsKind,
+    #[serde(default = "default_imds_endpoint")]
+    pub imds_endpoint: String,
+    #[serde(default)]
+    pub web_identity_token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub web_identity_role_arn: Option<String>,
+}
+
+impl Default for CredentialsSection {
+    fn default() -> Self {
+        CredentialsSection {
+            source: default_credentials_kind(),
+            imds_endpoint: default_imds_endpoint(),
+            web_identity_token_file: None,
+            web_identity_role_arn: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsSection {
+    /// A job that has not ended after this long is ended by the agent; credentials never
+    /// outlive it.
+    #[serde(default = "default_max_lifetime", with = "humantime_serde_compat")]
+    pub max_lifetime: Duration,
+}
+
+impl Default for JobsSection {
+    fn default() -> Self {
+        JobsSection {
+            max_lifetime: default_max_lifetime(),
+        }
+    }
+}
+
+/// One trusted OIDC issuer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// Exact `iss` value, e.g. `https://token.actions.githubusercontent.com`.
+    pub issuer: String,
+    /// Accepted `aud` values; a token must carry at least one.
+    pub audiences: Vec<String>,
+    /// How to read claims: github, gitlab, buildkite or generic. Guessed from the issuer
+    /// when absent.
+    #[serde(default)]
+    pub provider: Option<crate::identity::Provider>,
+    /// JWKS location: one of `jwks_url`, `jwks_file`; otherwise the issuer's discovery
+    /// document (`<issuer>/.well-known/openid-configuration`).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Allow plain-http discovery/JWKS URLs (tests only).
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_state_dir() -> PathBuf {
+    "/var/lib/airlock".into()
+}
+fn default_control_socket() -> PathBuf {
+    "/run/airlock/control.sock".into()
+}
+fn default_audit_path() -> PathBuf {
+    "/var/log/airlock/audit.jsonl".into()
+}
+fn default_policy_dir() -> PathBuf {
+    "/etc/airlock/policies".into()
+}
+fn default_endpoint_bind() -> std::net::IpAddr {
+    std::net::Ipv4Addr::LOCALHOST.into()
+}
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_admin_listen() -> SocketAddr {
+    ([127, 0, 0, 1], 9469).into()
+}
+fn default_sts_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_sts_attempts() -> u32 {
+    4
+}
+fn default_credentials_kind() -> CredentialsKind {
+    CredentialsKind::Env
+}
+fn default_imds_endpoint() -> String {
+    "http://169.254.169.254".into()
+}
+fn default_max_lifetime() -> Duration {
+    Duration::from_secs(6 * 3600)
+}
+
+/// `"90s"`, `"15m"`, `"6h"` or a number of seconds.
+pub mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Duration::from_secs(s)),
+            Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {t:?}: {e} (use e.g. \"90s\", \"15m\", \"1h\")"
+                ))
+            }),
+        }
+    }
+}
+
+/// 1-based line and column of a byte offset in `text`.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    (line, col)
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(path.to_owned(), m));
+        let sts = self.sts.endpoint_url();
+        if sts.starts_with("http://") && !self.sts.allow_http {
+            return bad(format!(
+                "[sts] endpoint {sts:?} is plain http; set allow_http = true only for a local test stand-in"
+            ));
+        }
+        if !sts.starts_with("http://") && !sts.starts_with("https://") {
+            return bad(format!("[sts] endpoint {sts:?} must be an https:// URL"));
+        }
+        if self.sts.max_attempts == 0 {
+            return bad("[sts] max_attempts must be at least 1".into());
+        }
+        if self.credentials.source == CredentialsKind::WebIdentity
+            && (self.credentials.web_identity_token_file.is_none()
+                || self.credentials.web_identity_role_arn.is_none())
+        {
+            return bad("[credentials] source = \"web-identity\" needs web_identity_token_file and web_identity_role_arn".into());
+        }
+        if self.jobs.max_lifetime < Duration::from_secs(60) {
+            return bad("[jobs] max_lifetime must be at least 60s".into());
+        }
+        for (i, iss) in self.issuers.iter().enumerate() {
+            if iss.audiences.is_empty() {
+                return bad(format!(
+                    "[[issuer]] #{} ({}) needs at least one audience",
+                    i + 1,
+                    iss.issuer
+                ));
+            }
+            if iss.jwks_url.is_some() && iss.jwks_file.is_some() {
+                return bad(format!(
+                    "[[issuer]] {}: set jwks_url or jwks_file, not both",
+                    iss.issuer
+                ));
+            }
+            let urls = [Some(&iss.issuer), iss.jwks_url.as_ref()];
+            for u in urls.into_iter().flatten() {
+                if u.starts_with("http://") && !iss.allow_http {
+                    return bad(format!(
+                        "[[issuer]] {u:?} is plain http; set allow_http = true only for tests"
+                    ));
+                }
+            }
+            if self.issuers[..i].iter().any(|o| o.issuer == iss.issuer) {
+                return bad(format!("[[issuer]] {} is listed twice", iss.issuer));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_places() {
+        let c = Config::parse(Path::new("a.toml"), "").unwrap();
+        assert_eq!(c.audit.path, Path::new("/var/log/airlock/audit.jsonl"));
+        assert_eq!(c.agent.control_socket, Path::new("/run/airlock/control.sock"));
+        assert_eq!(c.sts.endpoint_url(), "https://sts.us-east-1.amazonaws.com");
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let err = Config::parse(Path::new("a.toml"), "[sts]\nregion = \"eu-west-1\"\nendpont = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("config a.toml:3:1:"), "{err}");
+        assert!(err.contains("endpont"), "{err}");
+    }
+
+    #[test]
+    fn plain_http_sts_needs_opt_in() {
+        let err = Config::parse(Path::new("a.toml"), "[sts]\nendpoint = \"http://127.0.0.1:5000\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("allow_http"), "{err}");
+        Config::parse(
+            Path::new("a.toml"),
+            "[sts]\nendpoint = \"http://127.0.0.1:5000\"\nallow_http = true\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn durations_accept_text_and_seconds() {
+        let c = Config::parse(Path::new("a.toml"), "[jobs]\nmax_lifetime = \"2h\"\n[sts]\ntimeout = 3\n").unwrap();
+        assert_eq!(c.jobs.max_lifetime, Duration::from_secs(7200));
+        assert_eq!(c.sts.timeout, Duration::from_secs(3));
+    }
+}

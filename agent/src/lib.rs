@@ -1,0 +1,15 @@
+//! airlock: job-scoped cloud credentials for self-hosted CI runners.
+//!
+//! Data flows one way: a runner integration → [`control`] → [`jobs`] → [`identity`] →
+//! [`policy`] (pure) → [`broker`] → [`endpoint`] → the job's SDK. [`audit`] is a sink that
+//! everyone writes to and that nothing reads back.
+
+pub mod audit;
+pub mod broker;
+pub mod config;
+pub mod exit;
+pub mod http_client;
+pub mod identity;
+pub mod metrics;
+pub mod policy;
+pub mod secret;
