@@ -44,9 +44,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("airlock");
         let requests = Family::<OutcomeLabels, Counter>::default();
         let sts_calls = Family::<StsLabels, Counter>::default();
-        let sts_latency = Histogram::new(
-            [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter(),
-        );
+        let sts_latency = Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
         let cache_hits = Counter::default();
         let cache_misses = Counter::default();
         let active_jobs = Gauge::default();

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::fmt;
 
-pub use claims::{from_attested, normalise};
+pub use claims::{from_attested, from_attested_value, normalise, provider_for_issuer};
 pub use oidc::{IdentityError, Verifier};
 
 /// How the identity was established.

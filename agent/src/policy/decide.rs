@@ -1,7 +1,548 @@
-//! Placeholder: replaced by the policy work.
-#[derive(Debug)]
-pub struct Decision;
-#[derive(Debug)]
-pub struct Explanation;
-#[derive(Debug)]
-pub struct RuleVerdict;
+//! Deciding: a job's identity and the time in, a [`Decision`] (or an [`Explanation`]) out.
+//!
+//! This module owns the matching semantics: the first rule whose `match` matches decides,
+//! with no fall-through to later rules. It must never do I/O, read the clock or log: the
+//! caller passes `now` and records the decision.
+
+use super::{Matcher, Method, Origin, OutsideWindow, PolicySet, Rule, FLAG_OUTSIDE_WINDOW};
+use crate::identity::{IdentitySource, JobIdentity};
+use serde::Serialize;
+
+/// What a job gets. `refused.is_some()` implies `grants.is_empty()`; otherwise the default
+/// grant is `grants[0]`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    /// The rule that decided; `None` when no rule matched.
+    pub rule: Option<String>,
+    pub origin: Option<Origin>,
+    pub grants: Vec<super::Grant>,
+    /// Why the job gets nothing (for the job's error message and the audit log).
+    pub refused: Option<String>,
+    /// Granted, but worth noting (e.g. [`FLAG_OUTSIDE_WINDOW`]).
+    pub flags: Vec<String>,
+}
+
+impl Decision {
+    fn refuse(rule: &Rule, reason: String) -> Decision {
+        Decision {
+            rule: Some(rule.name.clone()),
+            origin: Some(rule.origin.clone()),
+            grants: Vec::new(),
+            refused: Some(reason),
+            flags: Vec::new(),
+        }
+    }
+
+    pub fn is_refused(&self) -> bool {
+        self.refused.is_some()
+    }
+}
+
+/// `airlock policy explain`: the decision and how every rule saw the job.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Explanation {
+    pub decision: Decision,
+    pub rules: Vec<RuleVerdict>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RuleVerdict {
+    pub rule: String,
+    pub origin: Origin,
+    /// Whether the rule's `match` table matches the job (whether or not it decided).
+    pub matched: bool,
+    /// Why it does not match (every failing key), or what it decided.
+    pub reasons: Vec<String>,
+}
+
+impl PolicySet {
+    pub fn decide(&self, id: &JobIdentity, now: time::OffsetDateTime) -> Decision {
+        match self
+            .rules
+            .iter()
+            .find(|r| mismatches(r, id, false).is_empty())
+        {
+            Some(rule) => decide_rule(rule, id, now),
+            None => no_match(self, id),
+        }
+    }
+
+    pub fn explain(&self, id: &JobIdentity, now: time::OffsetDateTime) -> Explanation {
+        let decision = self.decide(id, now);
+        let mut decided = false;
+        let rules = self
+            .rules
+            .iter()
+            .map(|rule| {
+                let reasons = mismatches(rule, id, true);
+                let matched = reasons.is_empty();
+                let reasons = if !matched {
+                    reasons
+                } else if decided {
+                    vec![format!(
+                        "matches, but rule {:?} came first and decided",
+                        decision.rule.as_deref().unwrap_or("")
+                    )]
+                } else {
+                    decided = true;
+                    let keys: Vec<&str> = rule.matchers.iter().map(|m| m.field.as_str()).collect();
+                    let what = if keys.is_empty() {
+                        "matches every job (empty match table)".to_string()
+                    } else {
+                        format!("matches on {}", keys.join(", "))
+                    };
+                    let outcome = match &decision.refused {
+                        Some(why) => format!("decides: refused: {why}"),
+                        None => {
+                            let aliases: Vec<&str> =
+                                decision.grants.iter().map(|g| g.alias.as_str()).collect();
+                            format!("decides: grants {}", aliases.join(", "))
+                        }
+                    };
+                    vec![what, outcome]
+                };
+                RuleVerdict {
+                    rule: rule.name.clone(),
+                    origin: rule.origin.clone(),
+                    matched,
+                    reasons,
+                }
+            })
+            .collect();
+        Explanation { decision, rules }
+    }
+}
+
+fn no_match(set: &PolicySet, id: &JobIdentity) -> Decision {
+    let hint = if set.rules.is_empty() {
+        " (no policy rules are loaded)"
+    } else {
+        ""
+    };
+    Decision {
+        rule: None,
+        origin: None,
+        grants: Vec::new(),
+        refused: Some(format!("no policy rule matches {}{hint}", id.summary())),
+        flags: Vec::new(),
+    }
+}
+
+fn decide_rule(rule: &Rule, id: &JobIdentity, now: time::OffsetDateTime) -> Decision {
+    let attested = id.source == IdentitySource::Attested;
+    if rule.require_oidc && attested {
+        return Decision::refuse(
+            rule,
+            format!(
+                "rule {:?} ({}) requires a verified OIDC identity and this job's identity is runner-attested; \
+                 start the job with its CI OIDC token",
+                rule.name, rule.origin
+            ),
+        );
+    }
+    let mut flags = Vec::new();
+    if !rule.windows.is_empty() && !rule.windows.iter().any(|w| w.is_open(now)) {
+        match rule.outside_window {
+            OutsideWindow::Refuse => {
+                let windows: Vec<String> = rule.windows.iter().map(ToString::to_string).collect();
+                return Decision::refuse(
+                    rule,
+                    format!(
+                        "rule {:?} ({}) grants only inside its windows ({}) and it is now {}",
+                        rule.name,
+                        rule.origin,
+                        windows.join("; "),
+                        utc_minute(now)
+                    ),
+                );
+            }
+            OutsideWindow::Flag => flags.push(FLAG_OUTSIDE_WINDOW.to_string()),
+        }
+    }
+    if attested {
+        if let Some(g) = rule.grants.iter().find(|g| g.method == Method::WebIdentity) {
+            return Decision::refuse(
+                rule,
+                format!(
+                    "rule {:?} ({}) grant {:?} uses via = \"web-identity\", which needs the job's OIDC token, \
+                     and this job's identity is runner-attested",
+                    rule.name, rule.origin, g.alias
+                ),
+            );
+        }
+    }
+    Decision {
+        rule: Some(rule.name.clone()),
+        origin: Some(rule.origin.clone()),
+        grants: rule.grants.clone(),
+        refused: None,
+        flags,
+    }
+}
+
+/// `Saturday 23:00 UTC`: what a window check looked at, without the sub-second noise.
+fn utc_minute(now: time::OffsetDateTime) -> String {
+    let t = now.to_offset(time::UtcOffset::UTC);
+    format!("{} {:02}:{:02} UTC", t.weekday(), t.hour(), t.minute())
+}
+
+/// Why `rule` does not match `id`: empty when it matches. With `all` false, stops at the
+/// first reason (deciding needs only yes/no).
+fn mismatches(rule: &Rule, id: &JobIdentity, all: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    for m in &rule.matchers {
+        if let Some(reason) = mismatch(m, id) {
+            out.push(reason);
+            if !all {
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn mismatch(m: &Matcher, id: &JobIdentity) -> Option<String> {
+    let Some(value) = id.field(&m.field) else {
+        return Some(format!("{}: the job has none", m.field));
+    };
+    if m.matches(&value) {
+        return None;
+    }
+    let patterns: Vec<String> = m
+        .patterns
+        .iter()
+        .map(|p| format!("{:?}", p.as_str()))
+        .collect();
+    Some(if patterns.len() == 1 {
+        format!("{} {value:?} does not match {}", m.field, patterns[0])
+    } else {
+        format!(
+            "{} {value:?} does not match any of {}",
+            m.field,
+            patterns.join(", ")
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Provider;
+    use crate::policy::{load_dir, load_str};
+    use std::path::Path;
+    use time::macros::datetime;
+
+    /// A Wednesday inside the shipped production window, and a Saturday outside it.
+    const WEEKDAY: time::OffsetDateTime = datetime!(2025-06-11 10:00 UTC);
+    const SATURDAY: time::OffsetDateTime = datetime!(2025-06-14 23:00 UTC);
+
+    fn shipped() -> PolicySet {
+        load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")).unwrap()
+    }
+
+    fn github(repo: &str, git_ref: &str, env: Option<&str>, event: &str) -> JobIdentity {
+        let mut claims = serde_json::Map::new();
+        claims.insert(
+            "job_workflow_ref".into(),
+            format!("{repo}/.github/workflows/ci.yml@{git_ref}").into(),
+        );
+        JobIdentity {
+            source: IdentitySource::Oidc,
+            provider: Provider::Github,
+            issuer: "https://token.actions.githubusercontent.com".into(),
+            subject: Some(format!("repo:{repo}:ref:{git_ref}")),
+            repository: Some(repo.into()),
+            owner: repo.split('/').next().map(str::to_string),
+            git_ref: Some(git_ref.into()),
+            ref_type: Some("branch".into()),
+            environment: env.map(str::to_string),
+            workflow: None,
+            event: Some(event.into()),
+            actor: Some("octocat".into()),
+            run_id: Some("4242".into()),
+            attempt: Some("1".into()),
+            job_id: None,
+            runner_environment: Some("self-hosted".into()),
+            claims,
+        }
+    }
+
+    fn aliases(d: &Decision) -> Vec<(&str, &str)> {
+        d.grants
+            .iter()
+            .map(|g| {
+                (
+                    g.alias.as_str(),
+                    g.role_arn.rsplit('/').next().unwrap_or(""),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn production_push_gets_deploy_first_then_readonly() {
+        let d = shipped().decide(
+            &github("acme/web", "refs/heads/main", Some("production"), "push"),
+            WEEKDAY,
+        );
+        assert_eq!(d.refused, None);
+        assert_eq!(d.rule.as_deref(), Some("web-production"));
+        assert_eq!(
+            aliases(&d),
+            [
+                ("deploy", "web-prod-deploy"),
+                ("readonly", "web-prod-readonly")
+            ]
+        );
+        assert!(d.grants[0].default && d.flags.is_empty());
+        assert!(d.origin.unwrap().file.ends_with("10-production.toml"));
+    }
+
+    #[test]
+    fn outside_the_window_flag_grants_with_a_flag() {
+        let d = shipped().decide(
+            &github("acme/web", "refs/heads/main", Some("production"), "push"),
+            SATURDAY,
+        );
+        assert_eq!(d.refused, None);
+        assert_eq!(d.flags, [FLAG_OUTSIDE_WINDOW]);
+        assert_eq!(d.grants.len(), 2);
+    }
+
+    #[test]
+    fn outside_the_window_refuse_refuses() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/10-production.toml"),
+        )
+        .unwrap()
+        .replace("outside_window = \"flag\"", "outside_window = \"refuse\"");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/10-production.toml");
+        let set = load_str(&path, &text).unwrap();
+        let id = github("acme/web", "refs/heads/main", Some("production"), "push");
+        let d = set.decide(&id, SATURDAY);
+        assert!(d.grants.is_empty());
+        let why = d.refused.unwrap();
+        assert!(
+            why.contains(
+                "grants only inside its windows (mon,tue,wed,thu,fri 06:00-20:00 UTC+00:00) and it is now Saturday 23:00 UTC"
+            ),
+            "{why}"
+        );
+        // 05:59 and 20:00 are outside (end is exclusive), 06:00 inside.
+        assert!(set
+            .decide(&id, datetime!(2025-06-11 05:59 UTC))
+            .is_refused());
+        assert!(set
+            .decide(&id, datetime!(2025-06-11 20:00 UTC))
+            .is_refused());
+        assert!(!set
+            .decide(&id, datetime!(2025-06-11 06:00 UTC))
+            .is_refused());
+    }
+
+    #[test]
+    fn window_utc_offset_shifts_the_day_and_hour() {
+        let text = "[[rule]]\nname = \"r\"\noutside_window = \"refuse\"\n[rule.match]\n\
+                    [[rule.window]]\ndays = [\"mon\"]\nstart = \"00:00\"\nend = \"02:00\"\nutc_offset = \"+02:00\"\n\
+                    [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n";
+        let set = load_str(Path::new("p.toml"), text).unwrap();
+        let id = github("acme/web", "refs/heads/main", None, "push");
+        // Sunday 22:30 UTC is Monday 00:30 at +02:00.
+        assert!(!set
+            .decide(&id, datetime!(2025-06-15 22:30 UTC))
+            .is_refused());
+        assert!(set
+            .decide(&id, datetime!(2025-06-16 00:30 UTC))
+            .is_refused());
+    }
+
+    #[test]
+    fn staging_gets_staging_and_never_the_production_role() {
+        let set = shipped();
+        for r in ["refs/heads/main", "refs/heads/feature/login"] {
+            let d = set.decide(&github("acme/web", r, Some("staging"), "push"), WEEKDAY);
+            assert_eq!(d.rule.as_deref(), Some("web-staging"), "{r}");
+            assert_eq!(aliases(&d), [("deploy", "web-staging-deploy")]);
+        }
+        // Every staging-like identity, whatever else it claims, stays off production roles.
+        for (r, event) in [
+            ("refs/heads/main", "push"),
+            ("refs/tags/v1", "push"),
+            ("refs/heads/x", "workflow_dispatch"),
+        ] {
+            let d = set.decide(&github("acme/web", r, Some("staging"), event), WEEKDAY);
+            assert!(
+                d.grants.iter().all(|g| !g.role_arn.contains("prod")),
+                "{r}: {d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn pull_requests_and_other_events_do_not_reach_production() {
+        let set = shipped();
+        for event in ["pull_request", "pull_request_target", "schedule"] {
+            let d = set.decide(
+                &github("acme/web", "refs/heads/main", Some("production"), event),
+                WEEKDAY,
+            );
+            assert_eq!(d.rule.as_deref(), Some("acme-ci-readonly"), "{event}");
+            assert_eq!(aliases(&d), [("readonly", "ci-readonly")]);
+        }
+        let pr = set.decide(
+            &github("acme/web", "refs/pull/7/merge", None, "pull_request"),
+            WEEKDAY,
+        );
+        assert_eq!(aliases(&pr), [("readonly", "ci-readonly")]);
+    }
+
+    #[test]
+    fn attested_identity_is_refused_by_production_without_fall_through() {
+        let mut id = github("acme/web", "refs/heads/main", Some("production"), "push");
+        id.source = IdentitySource::Attested;
+        let d = shipped().decide(&id, WEEKDAY);
+        assert_eq!(d.rule.as_deref(), Some("web-production"));
+        assert!(d.grants.is_empty());
+        assert!(d
+            .refused
+            .unwrap()
+            .contains("requires a verified OIDC identity"));
+
+        // The read-only rule accepts attested identities.
+        let mut id = github("acme/tools", "refs/heads/main", None, "push");
+        id.source = IdentitySource::Attested;
+        assert_eq!(
+            aliases(&shipped().decide(&id, WEEKDAY)),
+            [("readonly", "ci-readonly")]
+        );
+    }
+
+    #[test]
+    fn web_identity_grant_with_attested_identity_is_refused() {
+        let text = "[[rule]]\nname = \"r\"\nrequire_oidc = false\n[rule.match]\nowner = \"acme\"\n\
+                    [[rule.grant]]\nalias = \"a\"\ndefault = true\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n\
+                    [[rule.grant]]\nalias = \"w\"\nvia = \"web-identity\"\nrole_arn = \"arn:aws:iam::123456789012:role/w\"\n";
+        let set = load_str(Path::new("p.toml"), text).unwrap();
+        assert!(
+            set.warnings().iter().any(|w| w.contains("web-identity")),
+            "{:?}",
+            set.warnings()
+        );
+        let mut id = github("acme/web", "refs/heads/main", None, "push");
+        assert_eq!(set.decide(&id, WEEKDAY).grants.len(), 2);
+        id.source = IdentitySource::Attested;
+        let d = set.decide(&id, WEEKDAY);
+        assert!(d.grants.is_empty());
+        assert!(d
+            .refused
+            .unwrap()
+            .contains("grant \"w\" uses via = \"web-identity\""));
+    }
+
+    #[test]
+    fn no_match_is_refused_with_a_summary() {
+        let d = shipped().decide(
+            &github("evil/web", "refs/heads/main", Some("production"), "push"),
+            WEEKDAY,
+        );
+        assert_eq!((d.rule, d.origin), (None, None));
+        assert!(d.grants.is_empty());
+        assert_eq!(
+            d.refused.as_deref(),
+            Some("no policy rule matches github evil/web refs/heads/main env=production run=4242 attempt=1")
+        );
+        let empty = PolicySet::empty().decide(
+            &github("acme/web", "refs/heads/main", None, "push"),
+            WEEKDAY,
+        );
+        assert!(empty
+            .refused
+            .unwrap()
+            .starts_with("no policy rule matches github acme/web"));
+    }
+
+    #[test]
+    fn globs_star_stays_in_a_segment_and_matching_is_case_sensitive() {
+        let set = shipped();
+        for repo in ["acme/team/web", "ACME/web", "acme-evil/web"] {
+            let mut id = github(repo, "refs/heads/main", None, "push");
+            id.owner = Some("acme".into());
+            assert!(set.decide(&id, WEEKDAY).is_refused(), "{repo}");
+        }
+        // A tag does not match staging's refs/heads/**.
+        let d = set.decide(
+            &github("acme/web", "refs/tags/v1", Some("staging"), "push"),
+            WEEKDAY,
+        );
+        assert_eq!(d.rule.as_deref(), Some("acme-ci-readonly"));
+    }
+
+    #[test]
+    fn claims_match_and_missing_values_do_not() {
+        let text = "[[rule]]\nname = \"r\"\n[rule.match]\nenvironment = \"prod*\"\n[rule.match.claims]\n\
+                    job_workflow_ref = \"acme/web/.github/workflows/*.yml@refs/heads/main\"\n\
+                    [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n";
+        let set = load_str(Path::new("p.toml"), text).unwrap();
+        assert!(!set
+            .decide(
+                &github("acme/web", "refs/heads/main", Some("production"), "push"),
+                WEEKDAY
+            )
+            .is_refused());
+        assert!(set
+            .decide(
+                &github("acme/web", "refs/heads/dev", Some("production"), "push"),
+                WEEKDAY
+            )
+            .is_refused());
+        assert!(set
+            .decide(
+                &github("acme/web", "refs/heads/main", None, "push"),
+                WEEKDAY
+            )
+            .is_refused());
+    }
+
+    #[test]
+    fn explain_gives_every_rule_its_reasons() {
+        let set = shipped();
+        let ex = set.explain(
+            &github("acme/web", "refs/heads/feature", None, "pull_request"),
+            WEEKDAY,
+        );
+        assert_eq!(ex.decision.rule.as_deref(), Some("acme-ci-readonly"));
+        let prod = &ex.rules[0];
+        assert_eq!(
+            (prod.rule.as_str(), prod.matched),
+            ("web-production", false)
+        );
+        assert_eq!(
+            prod.reasons,
+            [
+                "ref \"refs/heads/feature\" does not match \"refs/heads/main\"",
+                "environment: the job has none",
+                "event \"pull_request\" does not match any of \"push\", \"workflow_dispatch\"",
+            ]
+        );
+        assert_eq!(ex.rules[1].reasons, ["environment: the job has none"]);
+        assert!(ex.rules[2].matched);
+        assert_eq!(
+            ex.rules[2].reasons,
+            ["matches on owner, repository", "decides: grants readonly"]
+        );
+
+        // A later matching rule is reported as shadowed.
+        let ex = set.explain(
+            &github("acme/web", "refs/heads/main", Some("staging"), "push"),
+            WEEKDAY,
+        );
+        assert!(ex.rules[2].matched);
+        assert_eq!(
+            ex.rules[2].reasons,
+            ["matches, but rule \"web-staging\" came first and decided"]
+        );
+        let json = serde_json::to_value(&ex).unwrap();
+        assert_eq!(json["decision"]["grants"][0]["method"], "assume-role");
+        assert_eq!(json["rules"][1]["matched"], true);
+    }
+}

@@ -1,9 +1,1318 @@
-//! Placeholder: replaced by the policy work.
+//! Loading policy files: TOML in, a checked [`PolicySet`] out.
+//!
+//! This module owns the policy file format and every load-time check; each error names the
+//! file, line and column. It reads files only here, at load time (including
+//! `session_policy_file`), so that deciding never does I/O. It must never return a partly
+//! checked set: one error refuses the whole directory (the caller keeps its old set).
+
+use super::{Grant, Matcher, Method, Origin, OutsideWindow, PolicySet, Rule, Window, DAY_NAMES};
+use crate::config::line_col;
+use crate::identity::{Provider, FIELDS};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_spanned::Spanned;
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// STS limits (AssumeRole): DurationSeconds, packed Policy, PolicyArns, Tags.
+const MIN_DURATION: u64 = 900;
+const MAX_DURATION: u64 = 43_200;
+const DEFAULT_DURATION: u32 = 3600;
+const MAX_SESSION_POLICY_CHARS: usize = 2048;
+const MAX_POLICY_ARNS: usize = 10;
+const MAX_TAGS: usize = 50;
+/// botocore refreshes 15 min before expiry (mandatory at 10): shorter sessions make it
+/// refetch on almost every call.
+const SHORT_GRANT_WARNING: u32 = 1800;
+const BUILDKITE_ISSUERS: [&str; 2] = ["https://agent.buildkite.com", "agent.buildkite.com"];
+
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("placeholder")]
-    Placeholder,
+    #[error(
+        "{}: cannot read the policy directory: {source}; create it (an empty directory \
+         loads no rules, so every job is refused)",
+        dir.display()
+    )]
+    ReadDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}:1:1: cannot read the policy file: {source}", path.display())]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Anything wrong inside a policy file, at the place it is wrong.
+    #[error("{origin}: {message}")]
+    Invalid { origin: Origin, message: String },
 }
-pub fn load_dir(_dir: &std::path::Path) -> Result<(), PolicyError> {
-    Err(PolicyError::Placeholder)
+
+/// Every `*.toml` file directly in `dir` (not recursive; names starting with `.` are
+/// skipped, as editors leave such files behind), in file-name order.
+pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
+    let read_dir_err = |source| PolicyError::ReadDir {
+        dir: dir.to_owned(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_dir_err)? {
+        let path = entry.map_err(read_dir_err)?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with('.') || path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        if path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    let mut loader = Loader::default();
+    for path in files {
+        let text = std::fs::read_to_string(&path).map_err(|source| PolicyError::ReadFile {
+            path: path.clone(),
+            source,
+        })?;
+        loader.file(&path, &text)?;
+    }
+    Ok(loader.set)
+}
+
+/// One policy file's text, as if it were the only file in its directory. `path` names the
+/// file in messages and anchors `session_policy_file`.
+pub fn load_str(path: &Path, text: &str) -> Result<PolicySet, PolicyError> {
+    let mut loader = Loader::default();
+    loader.file(path, text)?;
+    Ok(loader.set)
+}
+
+// ---- the file format, as written --------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    rule: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    description: Option<String>,
+    #[serde(default = "yes")]
+    require_oidc: bool,
+    outside_window: Option<Spanned<OutsideWindow>>,
+    #[serde(rename = "match")]
+    matches: Option<Spanned<Ordered<RawMatch>>>,
+    #[serde(default)]
+    window: Vec<Spanned<RawWindow>>,
+    #[serde(default)]
+    grant: Vec<Spanned<RawGrant>>,
+    egress: Option<toml::Table>,
+    sandbox: Option<toml::Table>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    days: Option<Spanned<Vec<Spanned<String>>>>,
+    start: Spanned<String>,
+    end: Spanned<String>,
+    utc_offset: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    alias: Spanned<String>,
+    default: Option<Spanned<bool>>,
+    role_arn: Spanned<String>,
+    #[serde(default = "assume_role")]
+    via: Method,
+    duration: Option<Spanned<toml::Value>>,
+    session_policy: Option<Spanned<String>>,
+    session_policy_file: Option<Spanned<String>>,
+    policy_arns: Option<Spanned<Vec<Spanned<String>>>>,
+    session_tags: Option<Spanned<Ordered<String>>>,
+}
+
+fn assume_role() -> Method {
+    Method::AssumeRole
+}
+
+/// A TOML table kept in file order with the span of every key (a `BTreeMap` would sort it,
+/// and `toml::Table` loses the spans).
+struct Ordered<V>(Vec<(Spanned<String>, Spanned<V>)>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Ordered<V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V2<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for V2<V> {
+            type Value = Ordered<V>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a table")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(k) = map.next_key::<Spanned<String>>()? {
+                    out.push((k, map.next_value::<Spanned<V>>()?));
+                }
+                Ok(Ordered(out))
+            }
+        }
+        d.deserialize_map(V2(std::marker::PhantomData))
+    }
+}
+
+/// A `[rule.match]` value: one glob, a list of globs (any of), or (for `claims`) a table.
+enum RawMatch {
+    One(String),
+    Any(Vec<Spanned<String>>),
+    Table(Ordered<RawMatch>),
+}
+
+impl<'de> Deserialize<'de> for RawMatch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawMatch;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a glob string or an array of glob strings")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawMatch, E> {
+                Ok(RawMatch::One(v.to_string()))
+            }
+            // Raw claims may be booleans or numbers (GitLab `ref_protected`); they match as text.
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<RawMatch, E> {
+                Ok(RawMatch::One(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawMatch, E> {
+                Ok(RawMatch::One(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawMatch, E> {
+                Ok(RawMatch::One(v.to_string()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawMatch, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<Spanned<String>>()? {
+                    out.push(s);
+                }
+                Ok(RawMatch::Any(out))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawMatch, A::Error> {
+                Ordered::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawMatch::Table)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// ---- checking ----------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Loader {
+    set: PolicySet,
+    names: HashMap<String, Origin>,
+}
+
+/// One file being checked: turns spans into origins.
+struct FileCtx<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl FileCtx<'_> {
+    fn origin(&self, span: &Range<usize>) -> Origin {
+        let (line, column) = line_col(self.text, span.start);
+        Origin {
+            file: self.path.to_owned(),
+            line,
+            column,
+        }
+    }
+
+    fn err<T>(&self, span: &Range<usize>, message: impl Into<String>) -> Result<T, PolicyError> {
+        Err(PolicyError::Invalid {
+            origin: self.origin(span),
+            message: message.into(),
+        })
+    }
+}
+
+impl Loader {
+    fn file(&mut self, path: &Path, text: &str) -> Result<(), PolicyError> {
+        let cx = FileCtx { path, text };
+        let raw: RawFile = toml::from_str(text).map_err(|e| PolicyError::Invalid {
+            origin: cx.origin(&e.span().unwrap_or(0..0)),
+            message: e.message().trim_end().to_string(),
+        })?;
+        for raw_rule in raw.rule {
+            let span = raw_rule.span();
+            let rule = self.rule(&cx, span, raw_rule.into_inner())?;
+            self.set.rules.push(rule);
+        }
+        Ok(())
+    }
+
+    fn rule(
+        &mut self,
+        cx: &FileCtx,
+        span: Range<usize>,
+        raw: RawRule,
+    ) -> Result<Rule, PolicyError> {
+        let name = raw.name.get_ref().clone();
+        if name.trim().is_empty() {
+            return cx.err(
+                &raw.name.span(),
+                "rule name is empty; give every rule a unique name",
+            );
+        }
+        let origin = cx.origin(&span);
+        let name_origin = cx.origin(&raw.name.span());
+        if let Some(first) = self.names.get(&name) {
+            return cx.err(
+                &raw.name.span(),
+                format!("rule name {name:?} is already used at {first}; rule names must be unique across all policy files"),
+            );
+        }
+        self.names.insert(name.clone(), name_origin);
+
+        let Some(raw_match) = raw.matches else {
+            return cx.err(
+                &raw.name.span(),
+                format!("rule {name:?} has no [rule.match] table; add one (an empty table matches every job, so write that only on purpose)"),
+            );
+        };
+        let match_span = raw_match.span();
+        let matchers = matchers(cx, raw_match.into_inner())?;
+        let windows = raw
+            .window
+            .into_iter()
+            .map(|w| window(cx, w))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outside_window = match raw.outside_window {
+            Some(ow) if windows.is_empty() => return cx.err(
+                &ow.span(),
+                "outside_window has no effect without a [[rule.window]]; add a window or remove it",
+            ),
+            Some(ow) => ow.into_inner(),
+            None => OutsideWindow::Refuse,
+        };
+        let grants = grants(cx, &name, &span, raw.grant)?;
+
+        let rule = Rule {
+            name,
+            description: raw.description,
+            origin,
+            require_oidc: raw.require_oidc,
+            outside_window,
+            matchers,
+            windows,
+            grants,
+            egress: raw.egress,
+            sandbox: raw.sandbox,
+        };
+        self.warn(cx, &rule, &match_span);
+        Ok(rule)
+    }
+
+    fn warn(&mut self, cx: &FileCtx, rule: &Rule, match_span: &Range<usize>) {
+        let at = &rule.origin;
+        let name = &rule.name;
+        if rule.matchers.is_empty() {
+            self.set.warnings.push(format!(
+                "{}: rule {name:?}: the [rule.match] table is empty, so this rule matches every job from every trusted issuer",
+                cx.origin(match_span)
+            ));
+        }
+        if could_match_any_buildkite_org(&rule.matchers) {
+            self.set.warnings.push(format!(
+                "{at}: rule {name:?} can match Buildkite jobs without pinning `owner` or `repository`; \
+                 every Buildkite organisation shares the issuer https://agent.buildkite.com, so pin the organisation"
+            ));
+        }
+        for g in &rule.grants {
+            if g.duration_secs < SHORT_GRANT_WARNING {
+                self.set.warnings.push(format!(
+                    "{at}: rule {name:?} grant {:?}: duration {} s is under 30 minutes; botocore refreshes credentials \
+                     15 minutes before expiry, so it would refetch on nearly every call",
+                    g.alias, g.duration_secs
+                ));
+            }
+            if g.method == Method::WebIdentity && !rule.require_oidc {
+                self.set.warnings.push(format!(
+                    "{at}: rule {name:?} grant {:?} uses via = \"web-identity\" but the rule sets require_oidc = false; \
+                     runner-attested jobs that match it will be refused (they have no OIDC token)",
+                    g.alias
+                ));
+            }
+        }
+    }
+}
+
+fn matchers(cx: &FileCtx, table: Ordered<RawMatch>) -> Result<Vec<Matcher>, PolicyError> {
+    let mut out = Vec::new();
+    for (key, value) in table.0 {
+        let field = key.get_ref().as_str();
+        if field == "claims" {
+            let span = value.span();
+            let RawMatch::Table(claims) = value.into_inner() else {
+                return cx.err(
+                    &span,
+                    "`claims` must be a table of claim name = glob(s), e.g. [rule.match.claims]",
+                );
+            };
+            for (claim, v) in claims.0 {
+                let field = format!("claims.{}", claim.get_ref());
+                out.push(matcher(cx, field, v)?);
+            }
+        } else if FIELDS.contains(&field) {
+            out.push(matcher(cx, field.to_string(), value)?);
+        } else {
+            return cx.err(
+                &key.span(),
+                format!(
+                    "unknown match field {field:?}; use one of {} or a raw claim under [rule.match.claims]",
+                    FIELDS.join(", ")
+                ),
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn matcher(cx: &FileCtx, field: String, value: Spanned<RawMatch>) -> Result<Matcher, PolicyError> {
+    let span = value.span();
+    let texts: Vec<(String, Range<usize>)> = match value.into_inner() {
+        RawMatch::One(s) => vec![(s, span.clone())],
+        RawMatch::Any(v) => v
+            .into_iter()
+            .map(|s| (s.get_ref().clone(), s.span()))
+            .collect(),
+        RawMatch::Table(_) => {
+            return cx.err(
+                &span,
+                format!(
+                    "match field {field:?} must be a glob string or an array of globs, not a table"
+                ),
+            )
+        }
+    };
+    if texts.is_empty() {
+        return cx.err(&span, format!("match field {field:?} is an empty array, which matches no job; remove the rule or list at least one glob"));
+    }
+    let mut patterns = Vec::new();
+    for (text, span) in texts {
+        match glob::Pattern::new(&text) {
+            Ok(p) => patterns.push(p),
+            Err(e) => {
+                return cx.err(
+                    &span,
+                    format!("match field {field:?}: bad glob {text:?}: {} at character {}; `**` must be a whole path segment, `[` opens a character class", e.msg, e.pos),
+                )
+            }
+        }
+    }
+    Ok(Matcher { field, patterns })
+}
+
+/// True when a rule may match a job from any Buildkite organisation: it does not exclude
+/// the Buildkite provider/issuer and neither `owner` nor `repository` is pinned to a literal
+/// organisation.
+fn could_match_any_buildkite_org(matchers: &[Matcher]) -> bool {
+    let field = |name: &str| matchers.iter().find(|m| m.field == name);
+    let provider_ok = field("provider").is_none_or(|m| m.matches(Provider::Buildkite.as_str()));
+    let issuer_ok = field("issuer").is_none_or(|m| BUILDKITE_ISSUERS.iter().any(|i| m.matches(i)));
+    if !provider_ok || !issuer_ok {
+        return false;
+    }
+    let is_literal = |s: &str| !s.contains(['*', '?', '[', ']']);
+    let owner_pinned =
+        field("owner").is_some_and(|m| m.patterns.iter().all(|p| is_literal(p.as_str())));
+    let repo_pinned = field("repository").is_some_and(|m| {
+        m.patterns.iter().all(|p| {
+            p.as_str()
+                .split_once('/')
+                .is_some_and(|(org, _)| is_literal(org) && !org.is_empty())
+        })
+    });
+    !owner_pinned && !repo_pinned
+}
+
+fn window(cx: &FileCtx, raw: Spanned<RawWindow>) -> Result<Window, PolicyError> {
+    let raw = raw.into_inner();
+    let mut days = [false; 7];
+    match raw.days {
+        None => days = [true; 7],
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                return cx.err(&list.span(), "window days is empty, so the window never opens; list days (mon..sun) or remove `days` for every day");
+            }
+            for d in list.into_inner() {
+                let Some(i) = DAY_NAMES.iter().position(|n| *n == d.get_ref().as_str()) else {
+                    return cx.err(
+                        &d.span(),
+                        format!(
+                            "unknown day {:?}; use {}",
+                            d.get_ref(),
+                            DAY_NAMES.join(", ")
+                        ),
+                    );
+                };
+                days[i] = true;
+            }
+        }
+    }
+    let start = hh_mm(cx, &raw.start, false)?;
+    let end = hh_mm(cx, &raw.end, true)?;
+    if start >= end {
+        return cx.err(
+            &raw.end.span(),
+            format!(
+                "window end {:?} is not after start {:?}; a window cannot cross midnight, split it in two",
+                raw.end.get_ref(),
+                raw.start.get_ref()
+            ),
+        );
+    }
+    let utc_offset = match &raw.utc_offset {
+        None => time::UtcOffset::UTC,
+        Some(o) => parse_offset(o.get_ref()).map_or_else(
+            || {
+                cx.err(
+                    &o.span(),
+                    format!(
+                        "bad utc_offset {:?}; write +HH:MM or -HH:MM, e.g. \"+01:00\"",
+                        o.get_ref()
+                    ),
+                )
+            },
+            Ok,
+        )?,
+    };
+    Ok(Window {
+        days,
+        start,
+        end,
+        utc_offset,
+    })
+}
+
+/// `HH:MM` as minutes since midnight; `24:00` only as an end.
+fn hh_mm(cx: &FileCtx, s: &Spanned<String>, is_end: bool) -> Result<u16, PolicyError> {
+    let text = s.get_ref();
+    let parsed = text.split_once(':').and_then(|(h, m)| {
+        if h.len() != 2 || m.len() != 2 {
+            return None;
+        }
+        let (h, m) = (h.parse::<u16>().ok()?, m.parse::<u16>().ok()?);
+        let ok = (h < 24 && m < 60) || (is_end && h == 24 && m == 0);
+        ok.then_some(h * 60 + m)
+    });
+    parsed.map_or_else(
+        || {
+            cx.err(
+                &s.span(),
+                format!("bad time {text:?}; write HH:MM in 24-hour form, 00:00 to 23:59 (24:00 allowed as an end)"),
+            )
+        },
+        Ok,
+    )
+}
+
+fn parse_offset(s: &str) -> Option<time::UtcOffset> {
+    let (sign, rest) = match s.as_bytes().first()? {
+        b'+' => (1i8, &s[1..]),
+        b'-' => (-1i8, &s[1..]),
+        _ => return None,
+    };
+    let (h, m) = rest.split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let (h, m) = (h.parse::<i8>().ok()?, m.parse::<i8>().ok()?);
+    if h > 14 || m > 59 {
+        return None;
+    }
+    time::UtcOffset::from_hms(sign * h, sign * m, 0).ok()
+}
+
+fn grants(
+    cx: &FileCtx,
+    rule: &str,
+    rule_span: &Range<usize>,
+    raw: Vec<Spanned<RawGrant>>,
+) -> Result<Vec<Grant>, PolicyError> {
+    if raw.is_empty() {
+        return cx.err(
+            rule_span,
+            format!(
+                "rule {rule:?} has no [[rule.grant]]; add one (exactly one default grant per rule)"
+            ),
+        );
+    }
+    let single = raw.len() == 1;
+    let mut out: Vec<Grant> = Vec::new();
+    let mut aliases: HashMap<String, Origin> = HashMap::new();
+    for g in raw {
+        let g = g.into_inner();
+        let alias = g.alias.get_ref().clone();
+        if !valid_alias(&alias) {
+            return cx.err(
+                &g.alias.span(),
+                format!("bad alias {alias:?}; use 1-64 characters of a-z A-Z 0-9 _ . -"),
+            );
+        }
+        if let Some(first) = aliases.get(&alias) {
+            return cx.err(&g.alias.span(), format!("alias {alias:?} is already used in rule {rule:?} at {first}; aliases must be unique within a rule"));
+        }
+        aliases.insert(alias.clone(), cx.origin(&g.alias.span()));
+        let default = match &g.default {
+            None => single,
+            Some(d) if single && !*d.get_ref() => {
+                return cx.err(&d.span(), format!("grant {alias:?} is the only grant of rule {rule:?}, so it is the default; remove default = false"));
+            }
+            Some(d) => *d.get_ref(),
+        };
+        check_role_arn(cx, &g.role_arn)?;
+        let duration_secs = duration(cx, g.duration.as_ref())?;
+        let session_policy = session_policy(cx, g.session_policy, g.session_policy_file)?;
+        let policy_arns = policy_arns(cx, g.policy_arns)?;
+        let session_tags = session_tags(cx, g.session_tags)?;
+        out.push(Grant {
+            alias,
+            default,
+            role_arn: g.role_arn.into_inner(),
+            method: g.via,
+            duration_secs,
+            session_policy,
+            policy_arns,
+            session_tags,
+        });
+    }
+    let defaults = out.iter().filter(|g| g.default).count();
+    if defaults != 1 {
+        return cx.err(
+            rule_span,
+            format!(
+                "rule {rule:?} has {defaults} default grants; mark exactly one [[rule.grant]] with default = true"
+            ),
+        );
+    }
+    // The default grant first: callers serve `grants[0]` at the default path.
+    out.sort_by_key(|g| !g.default);
+    Ok(out)
+}
+
+fn valid_alias(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+/// IAM names and paths: `[\w+=,.@-]` separated by `/`.
+fn iam_path_name(s: &str) -> bool {
+    let name = s.rsplit('/').next().unwrap_or("");
+    (1..=64).contains(&name.len())
+        && s.len() <= 512
+        && !s.contains("//")
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-/".contains(&b))
+}
+
+/// `arn:<partition>:iam::<account>:<kind>/<path/name>` → `(account, path/name)`.
+fn split_iam_arn<'a>(arn: &'a str, kind: &str) -> Option<(&'a str, &'a str)> {
+    let rest = arn.strip_prefix("arn:aws")?;
+    let (partition_tail, rest) = rest.split_once(':')?;
+    if !partition_tail
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b == b'-')
+    {
+        return None;
+    }
+    let rest = rest.strip_prefix("iam::")?;
+    let (account, resource) = rest.split_once(':')?;
+    let name = resource.strip_prefix(kind)?.strip_prefix('/')?;
+    Some((account, name))
+}
+
+fn is_account(s: &str) -> bool {
+    s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn check_role_arn(cx: &FileCtx, arn: &Spanned<String>) -> Result<(), PolicyError> {
+    let ok = split_iam_arn(arn.get_ref(), "role")
+        .is_some_and(|(acct, name)| is_account(acct) && iam_path_name(name));
+    if ok {
+        return Ok(());
+    }
+    cx.err(
+        &arn.span(),
+        format!(
+            "bad role_arn {:?}; write arn:aws:iam::<12-digit account>:role/<path/name>",
+            arn.get_ref()
+        ),
+    )
+}
+
+fn duration(cx: &FileCtx, raw: Option<&Spanned<toml::Value>>) -> Result<u32, PolicyError> {
+    let Some(raw) = raw else {
+        return Ok(DEFAULT_DURATION);
+    };
+    let secs = match raw.get_ref() {
+        toml::Value::Integer(i) => u64::try_from(*i).ok(),
+        toml::Value::String(s) => humantime::parse_duration(s).ok().map(|d| d.as_secs()),
+        _ => None,
+    };
+    let Some(secs) = secs else {
+        return cx.err(
+            &raw.span(),
+            "bad duration; write seconds (3600) or a length such as \"15m\", \"1h\", \"1h30m\"",
+        );
+    };
+    if !(MIN_DURATION..=MAX_DURATION).contains(&secs) {
+        return cx.err(
+            &raw.span(),
+            format!("duration {secs} s is outside the STS limits of 900 s (15m) to 43200 s (12h); note AWS also caps it at the role's MaxSessionDuration"),
+        );
+    }
+    // In range 900..=43200, so it fits.
+    Ok(u32::try_from(secs).unwrap_or(DEFAULT_DURATION))
+}
+
+fn session_policy(
+    cx: &FileCtx,
+    inline: Option<Spanned<String>>,
+    file: Option<Spanned<String>>,
+) -> Result<Option<String>, PolicyError> {
+    let (text, span, what) = match (inline, file) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(f)) => {
+            return cx.err(
+                &f.span(),
+                "session_policy and session_policy_file are both set; keep one",
+            )
+        }
+        (Some(s), None) => (s.get_ref().clone(), s.span(), "session_policy".to_string()),
+        (None, Some(f)) => {
+            let base = cx.path.parent().unwrap_or_else(|| Path::new("."));
+            let path = base.join(f.get_ref());
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    return cx.err(
+                        &f.span(),
+                        format!("cannot read session_policy_file {}: {e} (paths are relative to the policy file)", path.display()),
+                    )
+                }
+            };
+            (
+                text,
+                f.span(),
+                format!("session_policy_file {}", path.display()),
+            )
+        }
+    };
+    let value: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            return cx.err(&span, format!("{what} is not JSON: {e}"));
+        }
+    };
+    if !value.is_object() {
+        return cx.err(
+            &span,
+            format!("{what} must be a JSON object (an IAM policy document)"),
+        );
+    }
+    let minified = serde_json::to_string(&value).unwrap_or_default();
+    let chars = minified.chars().count();
+    if chars > MAX_SESSION_POLICY_CHARS {
+        return cx.err(
+            &span,
+            format!("{what} is {chars} characters after minifying; STS allows at most {MAX_SESSION_POLICY_CHARS}: split the grant or use policy_arns"),
+        );
+    }
+    Ok(Some(minified))
+}
+
+fn policy_arns(
+    cx: &FileCtx,
+    raw: Option<Spanned<Vec<Spanned<String>>>>,
+) -> Result<Vec<String>, PolicyError> {
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
+    if raw.get_ref().len() > MAX_POLICY_ARNS {
+        return cx.err(
+            &raw.span(),
+            format!(
+                "{} policy_arns; STS allows at most {MAX_POLICY_ARNS} managed session policies",
+                raw.get_ref().len()
+            ),
+        );
+    }
+    let mut out = Vec::new();
+    for arn in raw.into_inner() {
+        let ok = split_iam_arn(arn.get_ref(), "policy")
+            .is_some_and(|(acct, name)| (acct == "aws" || is_account(acct)) && iam_path_name(name));
+        if !ok {
+            return cx.err(
+                &arn.span(),
+                format!(
+                    "bad policy ARN {:?}; write arn:aws:iam::aws:policy/<name> or arn:aws:iam::<12-digit account>:policy/<path/name>",
+                    arn.get_ref()
+                ),
+            );
+        }
+        out.push(arn.into_inner());
+    }
+    Ok(out)
+}
+
+/// STS tag keys: 1-128 characters of `[\p{L}\p{Z}\p{N}_.:/=+\-@]`, and not `aws:`.
+fn valid_tag_key(s: &str) -> bool {
+    let n = s.chars().count();
+    (1..=128).contains(&n)
+        && !s.to_ascii_lowercase().starts_with("aws:")
+        && s.chars().all(|c| {
+            c.is_alphabetic()
+                || c.is_numeric()
+                || (c.is_whitespace() && !c.is_control())
+                || "_.:/=+-@".contains(c)
+        })
+}
+
+fn session_tags(
+    cx: &FileCtx,
+    raw: Option<Spanned<Ordered<String>>>,
+) -> Result<Vec<(String, String)>, PolicyError> {
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
+    if raw.get_ref().0.len() > MAX_TAGS {
+        return cx.err(
+            &raw.span(),
+            format!(
+                "{} session_tags; STS allows at most {MAX_TAGS}",
+                raw.get_ref().0.len()
+            ),
+        );
+    }
+    let mut out = Vec::new();
+    for (key, field) in raw.into_inner().0 {
+        if !valid_tag_key(key.get_ref()) {
+            return cx.err(
+                &key.span(),
+                format!(
+                    "bad session tag key {:?}; STS allows 1-128 letters, digits, spaces and _ . : / = + - @, not starting with aws:",
+                    key.get_ref()
+                ),
+            );
+        }
+        let f = field.get_ref();
+        let known = FIELDS.contains(&f.as_str())
+            || f.strip_prefix("claims.").is_some_and(|c| !c.is_empty());
+        if !known {
+            return cx.err(
+                &field.span(),
+                format!("session tag {:?}: unknown identity field {f:?}; use one of {} or claims.<name>", key.get_ref(), FIELDS.join(", ")),
+            );
+        }
+        out.push((key.into_inner(), field.into_inner()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRANT: &str =
+        "[[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n";
+
+    fn load(text: &str) -> Result<PolicySet, PolicyError> {
+        load_str(Path::new("p.toml"), text)
+    }
+
+    /// The error's Display, which must start with `p.toml:<line>:<column>: `.
+    fn err(text: &str) -> String {
+        match load(text) {
+            Ok(_) => panic!("expected a load error for:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn rule(body: &str) -> String {
+        format!("[[rule]]\nname = \"r\"\n[rule.match]\nprovider = \"github\"\n{body}")
+    }
+
+    fn assert_err(text: &str, at: &str, needle: &str) {
+        let e = err(text);
+        assert!(e.starts_with(&format!("p.toml:{at}: ")), "wrong place: {e}");
+        assert!(e.contains(needle), "{e:?} lacks {needle:?}");
+    }
+
+    #[test]
+    fn a_valid_rule_loads_with_defaults() {
+        let set = load(&rule(GRANT)).unwrap();
+        assert_eq!(set.rule_names(), ["r"]);
+        let r = &set.rules()[0];
+        assert!(r.require_oidc, "require_oidc defaults to true");
+        assert_eq!(r.outside_window, OutsideWindow::Refuse);
+        assert_eq!(r.origin.line, 1);
+        let g = &r.grants[0];
+        assert!(g.default, "a single grant is the default");
+        assert_eq!((g.method, g.duration_secs), (Method::AssumeRole, 3600));
+        assert!(set.warnings().is_empty(), "{:?}", set.warnings());
+    }
+
+    #[test]
+    fn toml_syntax_error_has_line_and_column() {
+        assert_err("[[rule]]\nname = \"r\"\nbroken = \n", "3:10", "");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_everywhere() {
+        assert_err(
+            &rule(&format!("{GRANT}colour = \"red\"\n")),
+            "8:1",
+            "unknown field `colour`",
+        );
+        assert_err(
+            "[[rule]]\nname = \"r\"\nnmae = \"x\"\n",
+            "3:1",
+            "unknown field `nmae`",
+        );
+        assert_err("[[rules]]\nname = \"r\"\n", "1:3", "unknown field `rules`");
+        assert_err(
+            &rule(&format!(
+                "[[rule.window]]\nstart = \"09:00\"\nend = \"10:00\"\nzone = \"x\"\n{GRANT}"
+            )),
+            "8:1",
+            "unknown field `zone`",
+        );
+    }
+
+    #[test]
+    fn unknown_match_field() {
+        assert_err(
+            &rule(&format!("repo = \"acme/web\"\n{GRANT}")),
+            "5:1",
+            "unknown match field \"repo\"",
+        );
+    }
+
+    #[test]
+    fn claims_must_be_a_table_and_other_fields_not() {
+        assert_err(
+            &rule(&format!("claims = \"x\"\n{GRANT}")),
+            "5:10",
+            "`claims` must be a table",
+        );
+        assert_err(
+            &rule(&format!("ref = {{ a = \"b\" }}\n{GRANT}")),
+            "5:7",
+            "not a table",
+        );
+        assert_err(&rule(&format!("ref = []\n{GRANT}")), "5:7", "empty array");
+    }
+
+    #[test]
+    fn bad_glob_points_at_the_element() {
+        assert_err(
+            &rule(&format!(
+                "ref = [\"refs/heads/main\", \"refs/[x\"]\n{GRANT}"
+            )),
+            "5:27",
+            "bad glob \"refs/[x\"",
+        );
+        assert_err(
+            &rule(&format!("[rule.match.claims]\nsha = \"a**b\"\n{GRANT}")),
+            "6:7",
+            "claims.sha",
+        );
+    }
+
+    #[test]
+    fn bad_role_and_policy_arns() {
+        let g = "[[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::12345:role/r\"\n";
+        assert_err(&rule(g), "7:12", "bad role_arn");
+        let g = "[[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:user/r\"\n";
+        assert_err(&rule(g), "7:12", "bad role_arn");
+        let g = format!("{GRANT}policy_arns = [\"arn:aws:iam::aws:policy/ReadOnlyAccess\", \"arn:aws:iam::aws:role/x\"]\n");
+        assert_err(
+            &rule(&g),
+            "8:58",
+            "bad policy ARN \"arn:aws:iam::aws:role/x\"",
+        );
+        let arns = ["\"arn:aws:iam::aws:policy/ReadOnlyAccess\""; 11].join(",");
+        assert_err(
+            &rule(&format!("{GRANT}policy_arns = [{arns}]\n")),
+            "8:15",
+            "at most 10",
+        );
+        // Other partitions are fine.
+        let g = "[[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws-us-gov:iam::123456789012:role/ci/deploy\"\n";
+        assert!(load(&rule(g)).is_ok());
+    }
+
+    #[test]
+    fn session_policy_is_checked_and_minified() {
+        let g = format!("{GRANT}session_policy = '''{{ \"Version\": \"2012-10-17\",\n \"Statement\": [] }}'''\n");
+        let set = load(&rule(&g)).unwrap();
+        assert_eq!(
+            set.rules()[0].grants[0].session_policy.as_deref(),
+            Some(r#"{"Statement":[],"Version":"2012-10-17"}"#)
+        );
+        assert_err(
+            &rule(&format!("{GRANT}session_policy = \"{{nope\"\n")),
+            "8:18",
+            "is not JSON",
+        );
+        let big = format!("{{\"Sid\": \"{}\"}}", "x".repeat(2040));
+        assert_err(
+            &rule(&format!("{GRANT}session_policy = '{big}'\n")),
+            "8:18",
+            "2050 characters after minifying",
+        );
+    }
+
+    #[test]
+    fn session_policy_file_is_read_relative_to_the_policy_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("s.json"),
+            "{\n  \"Version\": \"2012-10-17\"\n}\n",
+        )
+        .unwrap();
+        let path = dir.path().join("p.toml");
+        let set = load_str(
+            &path,
+            &rule(&format!("{GRANT}session_policy_file = \"s.json\"\n")),
+        )
+        .unwrap();
+        assert_eq!(
+            set.rules()[0].grants[0].session_policy.as_deref(),
+            Some(r#"{"Version":"2012-10-17"}"#)
+        );
+
+        let e = load_str(
+            &path,
+            &rule(&format!("{GRANT}session_policy_file = \"missing.json\"\n")),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{}:8:23: cannot read session_policy_file",
+                path.display()
+            )),
+            "{e}"
+        );
+
+        let both = format!("{GRANT}session_policy = \"{{}}\"\nsession_policy_file = \"s.json\"\n");
+        assert_err(&rule(&both), "9:23", "both set");
+    }
+
+    #[test]
+    fn duplicate_alias_and_default_count() {
+        assert_err(
+            &rule(&format!("{GRANT}default = true\n{GRANT}")),
+            "10:9",
+            "alias \"a\" is already used",
+        );
+        let two = "[[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n\
+                   [[rule.grant]]\nalias = \"b\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n";
+        assert_err(&rule(two), "1:1", "has 0 default grants");
+        let both = two.replace("\"\n[[", "\"\ndefault = true\n[[") + "default = true\n";
+        assert_err(&rule(&both), "1:1", "has 2 default grants");
+        assert_err(
+            "[[rule]]\nname = \"r\"\n[rule.match]\n",
+            "1:1",
+            "has no [[rule.grant]]",
+        );
+        assert_err(
+            &rule(&format!("{GRANT}default = false\n")),
+            "8:11",
+            "remove default = false",
+        );
+        assert_err(
+            &rule(&GRANT.replace("\"a\"", "\"a/b\"")),
+            "6:9",
+            "bad alias",
+        );
+    }
+
+    #[test]
+    fn duplicate_rule_names_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.toml"), rule(GRANT)).unwrap();
+        std::fs::write(dir.path().join("b.toml"), format!("\n\n{}", rule(GRANT))).unwrap();
+        let e = load_dir(dir.path()).unwrap_err().to_string();
+        let b = dir.path().join("b.toml");
+        assert!(
+            e.starts_with(&format!(
+                "{}:4:8: rule name \"r\" is already used at ",
+                b.display()
+            )),
+            "{e}"
+        );
+        assert!(e.contains("a.toml:2:8"), "{e}");
+    }
+
+    #[test]
+    fn session_tags_are_checked() {
+        let set = load(&rule(&format!(
+            "{GRANT}session_tags = {{ Repository = \"repository\", Sha = \"claims.sha\" }}\n"
+        )))
+        .unwrap();
+        assert_eq!(
+            set.rules()[0].grants[0].session_tags,
+            [
+                ("Repository".to_string(), "repository".to_string()),
+                ("Sha".to_string(), "claims.sha".to_string())
+            ]
+        );
+        assert_err(
+            &rule(&format!(
+                "{GRANT}session_tags = {{ \"a!b\" = \"repository\" }}\n"
+            )),
+            "8:18",
+            "bad session tag key \"a!b\"",
+        );
+        assert_err(
+            &rule(&format!(
+                "{GRANT}session_tags = {{ \"aws:x\" = \"repository\" }}\n"
+            )),
+            "8:18",
+            "bad session tag key",
+        );
+        assert_err(
+            &rule(&format!("{GRANT}session_tags = {{ Repo = \"repo\" }}\n")),
+            "8:25",
+            "unknown identity field \"repo\"",
+        );
+        let many: Vec<String> = (0..51).map(|i| format!("T{i} = \"run_id\"")).collect();
+        assert_err(
+            &rule(&format!(
+                "{GRANT}session_tags = {{ {} }}\n",
+                many.join(", ")
+            )),
+            "8:16",
+            "at most 50",
+        );
+        // Unicode letters and spaces are allowed by STS.
+        assert!(load(&rule(&format!(
+            "{GRANT}session_tags = {{ \"Dépôt git\" = \"repository\" }}\n"
+        )))
+        .is_ok());
+    }
+
+    #[test]
+    fn durations() {
+        let d = |v: &str| {
+            load(&rule(&format!("{GRANT}duration = {v}\n")))
+                .map(|s| s.rules()[0].grants[0].duration_secs)
+        };
+        assert_eq!(d("\"15m\"").unwrap(), 900);
+        assert_eq!(d("\"2h\"").unwrap(), 7200);
+        assert_eq!(d("43200").unwrap(), 43200);
+        assert_err(
+            &rule(&format!("{GRANT}duration = \"10m\"\n")),
+            "8:12",
+            "outside the STS limits of 900 s",
+        );
+        assert_err(
+            &rule(&format!("{GRANT}duration = 43201\n")),
+            "8:12",
+            "43200 s (12h)",
+        );
+        assert_err(
+            &rule(&format!("{GRANT}duration = \"soon\"\n")),
+            "8:12",
+            "bad duration",
+        );
+    }
+
+    #[test]
+    fn bad_windows() {
+        let w = |body: &str| rule(&format!("[[rule.window]]\n{body}\n{GRANT}"));
+        assert_err(
+            &w("days = [\"mon\", \"fry\"]\nstart = \"09:00\"\nend = \"10:00\""),
+            "6:16",
+            "unknown day \"fry\"",
+        );
+        assert_err(
+            &w("start = \"9:00\"\nend = \"10:00\""),
+            "6:9",
+            "bad time \"9:00\"",
+        );
+        assert_err(&w("start = \"09:00\"\nend = \"24:30\""), "7:7", "bad time");
+        assert_err(&w("start = \"24:00\"\nend = \"24:00\""), "6:9", "bad time");
+        assert_err(
+            &w("start = \"10:00\"\nend = \"09:00\""),
+            "7:7",
+            "not after start",
+        );
+        assert_err(
+            &w("start = \"09:00\"\nend = \"10:00\"\nutc_offset = \"CET\""),
+            "8:14",
+            "bad utc_offset",
+        );
+        assert_err(
+            &w("days = []\nstart = \"09:00\"\nend = \"10:00\""),
+            "6:8",
+            "never opens",
+        );
+        assert_err(
+            &rule(GRANT).replace("[[rule]]\n", "[[rule]]\noutside_window = \"flag\"\n"),
+            "2:18",
+            "no effect without",
+        );
+        assert_err(
+            &w("start = \"09:00\"\nend = \"10:00\"")
+                .replace("[[rule]]\n", "[[rule]]\noutside_window = \"maybe\"\n"),
+            "2:18",
+            "unknown variant `maybe`",
+        );
+        let set = load(&w(
+            "start = \"09:00\"\nend = \"24:00\"\nutc_offset = \"-05:30\"",
+        ))
+        .unwrap();
+        let win = &set.rules()[0].windows[0];
+        assert_eq!((win.start, win.end, win.days), (540, 1440, [true; 7]));
+        assert_eq!(
+            win.utc_offset,
+            time::UtcOffset::from_hms(-5, -30, 0).unwrap()
+        );
+    }
+
+    #[test]
+    fn missing_match_table_is_an_error_and_empty_one_a_warning() {
+        assert_err(
+            &format!("[[rule]]\nname = \"r\"\n{GRANT}"),
+            "2:8",
+            "no [rule.match] table",
+        );
+        let set = load(&format!("[[rule]]\nname = \"r\"\n[rule.match]\n{GRANT}")).unwrap();
+        assert_eq!(set.warnings().len(), 2, "{:?}", set.warnings());
+        assert!(
+            set.warnings()[0]
+                .starts_with("p.toml:3:1: rule \"r\": the [rule.match] table is empty"),
+            "{:?}",
+            set.warnings()
+        );
+    }
+
+    #[test]
+    fn warnings_for_buildkite_and_short_grants() {
+        let bk = |m: &str| {
+            let text = format!("[[rule]]\nname = \"r\"\n[rule.match]\n{m}\n{GRANT}");
+            load(&text)
+                .unwrap()
+                .warnings()
+                .iter()
+                .any(|w| w.contains("Buildkite"))
+        };
+        assert!(bk("provider = \"buildkite\""));
+        assert!(bk(
+            "issuer = \"https://agent.buildkite.com\"\nrepository = \"*/deploy\""
+        ));
+        assert!(bk("provider = \"buildkite\"\nowner = \"acme-*\""));
+        assert!(!bk("provider = \"buildkite\"\nowner = \"acme\""));
+        assert!(!bk("provider = \"buildkite\"\nrepository = \"acme/*\""));
+        assert!(!bk("provider = \"github\""));
+        assert!(!bk(
+            "issuer = \"https://token.actions.githubusercontent.com\""
+        ));
+
+        let set = load(&rule(&format!("{GRANT}duration = \"20m\"\n"))).unwrap();
+        assert_eq!(set.warnings().len(), 1);
+        assert!(
+            set.warnings()[0].starts_with("p.toml:1:1: rule \"r\" grant \"a\": duration 1200 s"),
+            "{:?}",
+            set.warnings()
+        );
+    }
+
+    #[test]
+    fn directory_order_and_missing_or_empty_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            load_dir(dir.path()).unwrap().is_empty(),
+            "an empty directory denies everything"
+        );
+        let two = |a: &str, b: &str| {
+            format!(
+                "{}{}",
+                rule(GRANT).replace("\"r\"", a),
+                rule(GRANT).replace("\"r\"", b)
+            )
+        };
+        std::fs::write(dir.path().join("20-b.toml"), two("\"b1\"", "\"b2\"")).unwrap();
+        std::fs::write(dir.path().join("10-a.toml"), two("\"a1\"", "\"a2\"")).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a policy").unwrap();
+        std::fs::write(dir.path().join(".#10-a.toml"), "garbage = ").unwrap();
+        std::fs::create_dir(dir.path().join("sub.toml")).unwrap();
+        assert_eq!(
+            load_dir(dir.path()).unwrap().rule_names(),
+            ["a1", "a2", "b1", "b2"]
+        );
+
+        let missing = dir.path().join("nope");
+        let e = load_dir(&missing).unwrap_err();
+        assert!(matches!(e, PolicyError::ReadDir { .. }), "{e}");
+        assert!(
+            e.to_string().contains("cannot read the policy directory"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn reserved_tables_are_kept() {
+        let text = rule(&format!(
+            "{GRANT}[rule.egress]\nallow = [\"github.com\"]\n[rule.sandbox]\nmemory = \"2G\"\n"
+        ));
+        let set = load(&text).unwrap();
+        let r = set.rule("r").unwrap();
+        assert!(r.egress.as_ref().is_some_and(|t| t.contains_key("allow")));
+        assert!(r.sandbox.as_ref().is_some_and(|t| t.contains_key("memory")));
+    }
+
+    #[test]
+    fn shipped_policies_load_without_errors_or_warnings() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let set = load_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            set.rule_names(),
+            ["web-production", "web-staging", "acme-ci-readonly"]
+        );
+        assert!(set.warnings().is_empty(), "{:?}", set.warnings());
+        let prod = set.rule("web-production").unwrap();
+        let deploy = &prod.grants[0];
+        assert_eq!((deploy.alias.as_str(), deploy.default), ("deploy", true));
+        assert_eq!(
+            deploy.role_arn,
+            "arn:aws:iam::123456789012:role/web-prod-deploy"
+        );
+        let tags: Vec<&str> = deploy
+            .session_tags
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(tags, ["Repository", "Run", "Attempt", "Environment"]);
+        let policy = deploy.session_policy.as_deref().unwrap();
+        assert!(!policy.contains('\n') && policy.contains("2012-10-17"));
+        assert_eq!(prod.grants[1].method, Method::WebIdentity);
+        let ro = &set.rule("acme-ci-readonly").unwrap().grants[0];
+        assert_eq!((ro.duration_secs, ro.policy_arns.len()), (1800, 1));
+    }
 }

@@ -8,14 +8,158 @@
 pub mod decide;
 pub mod load;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 pub use decide::{Decision, Explanation, RuleVerdict};
-pub use load::{load_dir, PolicyError};
+pub use load::{load_dir, load_str, PolicyError};
+
+/// The flag a decision carries when a rule with `outside_window = "flag"` granted outside
+/// all of its windows.
+pub const FLAG_OUTSIDE_WINDOW: &str = "outside-window";
+
+/// Every rule of every policy file, checked, in decision order (file name, then rule order).
+///
+/// Built only by [`load_dir`] / [`load_str`]; holds no handles, so deciding is pure.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) warnings: Vec<String>,
+}
+
+impl PolicySet {
+    /// No rules: every job is refused (default deny).
+    pub fn empty() -> Self {
+        PolicySet::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Rule names in decision order.
+    pub fn rule_names(&self) -> Vec<&str> {
+        self.rules.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    /// Rules in decision order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// A rule by name (e.g. to read its reserved `egress` / `sandbox` tables).
+    pub fn rule(&self, name: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.name == name)
+    }
+
+    /// Load-time warnings, each starting with `<file>:<line>:<column>:`. The set is usable;
+    /// the agent logs these and `airlock policy check` prints them.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+}
+
+/// One checked `[[rule]]`.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: String,
+    pub description: Option<String>,
+    pub origin: Origin,
+    pub require_oidc: bool,
+    pub outside_window: OutsideWindow,
+    /// Every matcher must match; in file order.
+    pub matchers: Vec<Matcher>,
+    /// Empty: always open. Otherwise any open window = inside.
+    pub windows: Vec<Window>,
+    /// Default grant first, then the others in file order.
+    pub grants: Vec<Grant>,
+    /// Reserved for the egress issue: kept as written.
+    pub egress: Option<toml::Table>,
+    /// Reserved for the sandbox issue: kept as written.
+    pub sandbox: Option<toml::Table>,
+}
+
+/// One `[rule.match]` key: the identity field (`repository`, `claims.<name>`) must match
+/// any of the patterns.
+#[derive(Debug, Clone)]
+pub struct Matcher {
+    pub field: String,
+    pub patterns: Vec<glob::Pattern>,
+}
+
+impl Matcher {
+    /// Glob options for every policy pattern: `*` stays within one `/` segment, `**` crosses
+    /// segments, case matters.
+    pub const OPTIONS: glob::MatchOptions = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: false,
+    };
+
+    pub fn matches(&self, value: &str) -> bool {
+        self.patterns
+            .iter()
+            .any(|p| p.matches_with(value, Self::OPTIONS))
+    }
+}
+
+/// One `[[rule.window]]`: open on `days` from `start` (inclusive) to `end` (exclusive),
+/// wall-clock time at `utc_offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// Monday = index 0.
+    pub days: [bool; 7],
+    /// Minutes since midnight.
+    pub start: u16,
+    pub end: u16,
+    pub utc_offset: time::UtcOffset,
+}
+
+const DAY_NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+impl Window {
+    pub fn is_open(&self, now: time::OffsetDateTime) -> bool {
+        let local = now.to_offset(self.utc_offset);
+        let day = usize::from(local.weekday().number_days_from_monday());
+        let minute = u16::from(local.hour()) * 60 + u16::from(local.minute());
+        self.days[day] && self.start <= minute && minute < self.end
+    }
+}
+
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let days: Vec<&str> = DAY_NAMES
+            .iter()
+            .zip(self.days)
+            .filter(|(_, on)| *on)
+            .map(|(d, _)| *d)
+            .collect();
+        let (h, m, _) = self.utc_offset.as_hms();
+        write!(
+            f,
+            "{} {:02}:{:02}-{:02}:{:02} UTC{}{:02}:{:02}",
+            days.join(","),
+            self.start / 60,
+            self.start % 60,
+            self.end / 60,
+            self.end % 60,
+            if self.utc_offset.is_negative() {
+                '-'
+            } else {
+                '+'
+            },
+            h.unsigned_abs(),
+            m.unsigned_abs()
+        )
+    }
+}
 
 /// How a grant's role is assumed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// `AssumeRole`, signed with the agent's own credentials.
@@ -44,7 +188,7 @@ pub struct Grant {
 }
 
 /// What to do with a job outside a rule's time windows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OutsideWindow {
     Refuse,
