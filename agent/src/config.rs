@@ -345,7 +345,35 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
-        Self::parse(path, &text)
+        let mut cfg = Self::parse(path, &text)?;
+        // Relative paths in a config file mean "next to this file", whatever the caller's
+        // working directory is.
+        let base = std::path::absolute(path)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_default();
+        cfg.absolutize(&base);
+        Ok(cfg)
+    }
+
+    fn absolutize(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.agent.state_dir);
+        fix(&mut self.agent.control_socket);
+        fix(&mut self.audit.path);
+        fix(&mut self.policy.dir);
+        if let Some(p) = &mut self.credentials.web_identity_token_file {
+            fix(p);
+        }
+        for iss in &mut self.issuers {
+            if let Some(p) = &mut iss.jwks_file {
+                fix(p);
+            }
+        }
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
@@ -447,6 +475,16 @@ mod tests {
             "[sts]\nendpoint = \"http://127.0.0.1:5000\"\nallow_http = true\n",
         )
         .unwrap();
+    }
+
+    #[test]
+    fn relative_paths_are_next_to_the_config_file() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("airlock.toml");
+        std::fs::write(&f, "[agent]\ncontrol_socket = \"run/control.sock\"\n[policy]\ndir = \"/abs/policies\"\n").unwrap();
+        let c = Config::load(&f).unwrap();
+        assert_eq!(c.agent.control_socket, d.path().join("run/control.sock"));
+        assert_eq!(c.policy.dir, Path::new("/abs/policies"));
     }
 
     #[test]

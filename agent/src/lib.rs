@@ -6,10 +6,16 @@
 
 pub mod audit;
 pub mod broker;
+pub mod admin;
 pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod endpoint;
 pub mod exit;
 pub mod http_client;
 pub mod identity;
+pub mod jobs;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod secret;

@@ -1,1 +1,464 @@
-fn main() {}
+//! `airlock`: the operator CLI. See `airlock --help`.
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use airlock::config::Config;
+use airlock::control::{Client, ControlError, StartRequest};
+use airlock::exit;
+use airlock::secret::Secret;
+
+/// Operate airlock: run jobs with job-scoped credentials, check and explain policies,
+/// verify and query the audit log.
+#[derive(Debug, Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    /// Agent configuration (for the socket, policy and audit paths).
+    #[arg(long, short, global = true, env = "AIRLOCK_CONFIG", default_value = airlock::config::DEFAULT_PATH)]
+    config: PathBuf,
+    /// Control socket of airlockd (default: from the configuration).
+    #[arg(long, global = true, env = "AIRLOCK_SOCKET")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a command as a job: start the job, run CMD with the job's credential
+    /// environment, end the job when CMD exits, exit with CMD's status.
+    Run {
+        #[command(flatten)]
+        id: IdentityArgs,
+        /// Name of the runner (shown in the audit log).
+        #[arg(long)]
+        runner: Option<String>,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
+    /// Start, end and list jobs.
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// Check and explain policies.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Verify and query the audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Debug, ClapArgs)]
+#[group(multiple = false)]
+struct IdentityArgs {
+    /// File holding the job's CI OIDC token.
+    #[arg(long)]
+    oidc_token_file: Option<PathBuf>,
+    /// File holding runner-attested claims (JSON object with a "provider" key); weaker than a
+    /// token, accepted only where a policy sets require_oidc = false.
+    #[arg(long)]
+    claims_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum JobCmd {
+    /// Start a job; prints its id, endpoint, token and environment as JSON.
+    Start {
+        #[command(flatten)]
+        id: IdentityArgs,
+        #[arg(long)]
+        runner: Option<String>,
+        /// Start without an identity; bind it later with `airlock job bind`.
+        #[arg(long)]
+        bind_later: bool,
+    },
+    /// Bind the identity of a job started with --bind-later (once).
+    Bind {
+        job_id: String,
+        #[command(flatten)]
+        id: IdentityArgs,
+    },
+    /// End a job: its token and credentials stop working at once.
+    End { job_id: String },
+    /// List the agent's jobs.
+    List {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Load every policy in DIR (default: the configured directory) and report errors and
+    /// warnings. Exit 0 when valid, 65 otherwise.
+    Check { dir: Option<PathBuf> },
+    /// Show which rule matches a job's token or claims, which rules did not and why, and
+    /// what would be granted.
+    Explain {
+        #[command(flatten)]
+        id: IdentityArgs,
+        /// Policy directory (default: the configured one).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Verify the hash chain of an audit log (default: the configured one). Exit 0 when
+    /// intact, 65 when a record was edited, removed or reordered.
+    Verify { file: Option<PathBuf> },
+    /// Print matching audit records as JSON lines.
+    Query {
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Repository (exact, or a substring).
+        #[arg(long)]
+        repository: Option<String>,
+        /// Role ARN, role name or grant alias.
+        #[arg(long)]
+        role: Option<String>,
+        /// Job id.
+        #[arg(long)]
+        job: Option<String>,
+        /// Event name (job_started, credentials_issued, ...).
+        #[arg(long)]
+        event: Option<String>,
+        /// Only records at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records at or before this RFC 3339 time.
+        #[arg(long)]
+        until: Option<String>,
+    },
+}
+
+/// An error with its sysexits code.
+struct Fail(i32, String);
+
+impl<E: std::fmt::Display> From<(i32, E)> for Fail {
+    fn from((c, e): (i32, E)) -> Self {
+        Fail(c, e.to_string())
+    }
+}
+
+fn control_fail(e: ControlError) -> Fail {
+    let code = match &e {
+        ControlError::Connect(..) => exit::UNAVAILABLE,
+        ControlError::Refused { status: 401 | 403, .. } => exit::NOPERM,
+        ControlError::Refused { status: 404, .. } => exit::NOINPUT,
+        ControlError::Refused { status: 400..=499, .. } => exit::DATAERR,
+        ControlError::Refused { .. } => exit::UNAVAILABLE,
+        _ => exit::SOFTWARE,
+    };
+    Fail(code, e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    airlock::logging::init(airlock::logging::LogFormat::Plain);
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("airlock: cannot start: {e}");
+            return ExitCode::from(exit::OSERR as u8);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(Fail(code, msg)) => {
+            eprintln!("airlock: {msg}");
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+/// The configuration, or the defaults when the default file does not exist.
+fn config(path: &Path) -> Result<Config, Fail> {
+    if !path.exists() && path == Path::new(airlock::config::DEFAULT_PATH) {
+        return Config::parse(path, "").map_err(|e| Fail(exit::CONFIG, e.to_string()));
+    }
+    Config::load(path).map_err(|e| Fail(exit::CONFIG, e.to_string()))
+}
+
+fn read_input(path: &Path, what: &str) -> Result<String, Fail> {
+    let meta = std::fs::metadata(path).map_err(|e| Fail(exit::NOINPUT, format!("cannot read {what} {}: {e}", path.display())))?;
+    if meta.len() > 64 * 1024 {
+        return Err(Fail(exit::DATAERR, format!("{what} {} is larger than 64 KiB", path.display())));
+    }
+    std::fs::read_to_string(path).map_err(|e| Fail(exit::NOINPUT, format!("cannot read {what} {}: {e}", path.display())))
+}
+
+type Claims = serde_json::Map<String, serde_json::Value>;
+
+fn identity_input(id: &IdentityArgs) -> Result<(Option<Secret<String>>, Option<Claims>), Fail> {
+    if let Some(p) = &id.oidc_token_file {
+        let t = read_input(p, "token file")?;
+        let t = t.trim();
+        if t.is_empty() {
+            return Err(Fail(exit::DATAERR, format!("token file {} is empty", p.display())));
+        }
+        return Ok((Some(Secret::new(t.to_string())), None));
+    }
+    if let Some(p) = &id.claims_file {
+        let text = read_input(p, "claims file")?;
+        let claims: Claims = serde_json::from_str(&text)
+            .map_err(|e| Fail(exit::DATAERR, format!("claims file {} is not a JSON object: {e}", p.display())))?;
+        return Ok((None, Some(claims)));
+    }
+    Ok((None, None))
+}
+
+async fn run(cli: Cli) -> Result<i32, Fail> {
+    let socket = |cli_socket: &Option<PathBuf>, cfg_path: &Path| -> Result<Client, Fail> {
+        Ok(Client::new(match cli_socket {
+            Some(s) => s.clone(),
+            None => config(cfg_path)?.agent.control_socket,
+        }))
+    };
+    match cli.cmd {
+        Cmd::Run { id, runner, cmd } => {
+            let (oidc_token, claims) = identity_input(&id)?;
+            if oidc_token.is_none() && claims.is_none() {
+                return Err(Fail(exit::USAGE, "give --oidc-token-file or --claims-file".into()));
+            }
+            let client = socket(&cli.socket, &cli.config)?;
+            run_job(&client, StartRequest { oidc_token, claims, runner, ..Default::default() }, &cmd).await
+        }
+        Cmd::Job(JobCmd::Start { id, runner, bind_later }) => {
+            let (oidc_token, claims) = identity_input(&id)?;
+            if !bind_later && oidc_token.is_none() && claims.is_none() {
+                return Err(Fail(exit::USAGE, "give --oidc-token-file, --claims-file or --bind-later".into()));
+            }
+            let client = socket(&cli.socket, &cli.config)?;
+            let resp = client
+                .start(&StartRequest { oidc_token, claims, runner, bind_later, max_lifetime_secs: None })
+                .await
+                .map_err(control_fail)?;
+            println!("{}", serde_json::to_string_pretty(&resp).map_err(|e| (exit::SOFTWARE, e))?);
+            Ok(exit::OK)
+        }
+        Cmd::Job(JobCmd::Bind { job_id, id }) => {
+            let (oidc_token, claims) = identity_input(&id)?;
+            let client = socket(&cli.socket, &cli.config)?;
+            let resp = client
+                .bind(&job_id, &airlock::control::BindRequest { oidc_token, claims })
+                .await
+                .map_err(control_fail)?;
+            println!("{}", serde_json::to_string_pretty(&resp).map_err(|e| (exit::SOFTWARE, e))?);
+            Ok(exit::OK)
+        }
+        Cmd::Job(JobCmd::End { job_id }) => {
+            let client = socket(&cli.socket, &cli.config)?;
+            client.end(&job_id).await.map_err(control_fail)?;
+            println!("job {job_id} ended");
+            Ok(exit::OK)
+        }
+        Cmd::Job(JobCmd::List { json }) => {
+            let client = socket(&cli.socket, &cli.config)?;
+            let jobs = client.list().await.map_err(control_fail)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&jobs).map_err(|e| (exit::SOFTWARE, e))?);
+            } else {
+                println!("{:<18}  {:<20}  {:<22}  {:<24}  IDENTITY", "JOB", "CREATED", "RULE", "GRANTS");
+                for j in jobs {
+                    let grants = if j.grants.is_empty() { "-".to_string() } else { j.grants.join(",") };
+                    println!(
+                        "{:<18}  {:<20}  {:<22}  {:<24}  {}",
+                        j.job_id,
+                        j.created,
+                        j.rule.as_deref().unwrap_or("-"),
+                        grants,
+                        j.identity.as_deref().unwrap_or("(not bound)")
+                    );
+                }
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Policy(PolicyCmd::Check { dir }) => {
+            let dir = match dir {
+                Some(d) => d,
+                None => config(&cli.config)?.policy.dir,
+            };
+            match airlock::policy::load_dir(&dir) {
+                Ok(p) => {
+                    for w in p.warnings() {
+                        println!("warning: {w}");
+                    }
+                    println!("{}: {} rule(s), valid", dir.display(), p.len());
+                    Ok(exit::OK)
+                }
+                Err(e) => Err(Fail(exit::DATAERR, e.to_string())),
+            }
+        }
+        Cmd::Policy(PolicyCmd::Explain { id, dir, json }) => explain(&cli.config, id, dir, json).await,
+        Cmd::Audit(AuditCmd::Verify { file }) => {
+            let file = match file {
+                Some(f) => f,
+                None => config(&cli.config)?.audit.path,
+            };
+            match airlock::audit::verify(&file) {
+                Ok(r) => {
+                    println!("{}: {} record(s), chain intact, last hash {}", file.display(), r.records, r.last_hash);
+                    Ok(exit::OK)
+                }
+                Err(e @ airlock::audit::VerifyError::Read(..)) => Err(Fail(exit::NOINPUT, e.to_string())),
+                Err(e) => Err(Fail(exit::DATAERR, format!("{}: chain broken at {e}", file.display()))),
+            }
+        }
+        Cmd::Audit(AuditCmd::Query { file, repository, role, job, event, since, until }) => {
+            let file = match file {
+                Some(f) => f,
+                None => config(&cli.config)?.audit.path,
+            };
+            let time = |s: Option<String>, what: &str| -> Result<Option<time::OffsetDateTime>, Fail> {
+                s.map(|s| {
+                    time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
+                        .map_err(|e| Fail(exit::USAGE, format!("--{what} {s:?} is not an RFC 3339 time (e.g. 2026-11-26T09:00:00Z): {e}")))
+                })
+                .transpose()
+            };
+            let filter = airlock::audit::Filter {
+                repository,
+                role,
+                job,
+                event,
+                since: time(since, "since")?,
+                until: time(until, "until")?,
+            };
+            let recs = airlock::audit::query(&file, &filter).map_err(|e| Fail(exit::NOINPUT, e.to_string()))?;
+            for r in recs {
+                println!("{}", serde_json::Value::Object(r));
+            }
+            Ok(exit::OK)
+        }
+    }
+}
+
+async fn explain(cfg_path: &Path, id: IdentityArgs, dir: Option<PathBuf>, json: bool) -> Result<i32, Fail> {
+    let cfg = config(cfg_path)?;
+    let dir = dir.unwrap_or(cfg.policy.dir.clone());
+    let policies = airlock::policy::load_dir(&dir).map_err(|e| Fail(exit::DATAERR, e.to_string()))?;
+    let identity = match identity_input(&id)? {
+        (Some(token), None) => {
+            let http = airlock::http_client::HttpClient::new().map_err(|e| (exit::SOFTWARE, e))?;
+            let v = airlock::identity::Verifier::new(&cfg.issuers, http).map_err(|e| (exit::CONFIG, e))?;
+            v.verify(token.expose()).await.map_err(|e| Fail(exit::DATAERR, format!("identity token refused: {e}")))?
+        }
+        (None, Some(claims)) => airlock::identity::from_attested(claims).map_err(|e| Fail(exit::DATAERR, format!("attested claims refused: {e}")))?,
+        _ => return Err(Fail(exit::USAGE, "give --oidc-token-file or --claims-file".into())),
+    };
+    let ex = policies.explain(&identity, time::OffsetDateTime::now_utc());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&ex).map_err(|e| (exit::SOFTWARE, e))?);
+        return Ok(exit::OK);
+    }
+    println!("identity: {}", identity.summary());
+    for v in &ex.rules {
+        let mark = if v.matched { "MATCH" } else { "no   " };
+        println!("  {mark} {} ({})", v.rule, v.origin);
+        for r in &v.reasons {
+            println!("        {r}");
+        }
+    }
+    let d = &ex.decision;
+    match (&d.refused, &d.rule) {
+        (Some(why), _) => println!("decision: refused: {why}"),
+        (None, Some(rule)) => {
+            println!("decision: rule {rule} grants:");
+            for g in &d.grants {
+                println!(
+                    "  {}{}: {} via {:?}, {} s{}",
+                    g.alias,
+                    if g.default { " (default)" } else { "" },
+                    g.role_arn,
+                    g.method,
+                    g.duration_secs,
+                    if g.session_policy.is_some() { ", with a session policy" } else { "" }
+                );
+            }
+            for f in &d.flags {
+                println!("  flag: {f}");
+            }
+        }
+        (None, None) => println!("decision: nothing granted"),
+    }
+    Ok(exit::OK)
+}
+
+/// Start a job, run CMD in it, end it, return CMD's exit code.
+async fn run_job(client: &Client, req: StartRequest, cmd: &[String]) -> Result<i32, Fail> {
+    let job = client.start(&req).await.map_err(control_fail)?;
+    match &job.refused {
+        Some(why) => eprintln!("airlock: job {} gets no credentials: {why}", job.job_id),
+        None => eprintln!(
+            "airlock: job {} (rule {}; roles {})",
+            job.job_id,
+            job.rule.as_deref().unwrap_or("-"),
+            job.grants.join(", ")
+        ),
+    }
+    let mut command = tokio::process::Command::new(&cmd[0]);
+    command.args(&cmd[1..]);
+    // The host's own credentials must not reach the job, nor win over the job's in the
+    // SDKs' provider chains.
+    for var in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_SECURITY_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_ROLE_ARN",
+        "AWS_ROLE_SESSION_NAME",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_EC2_METADATA_DISABLED",
+    ] {
+        command.env_remove(var);
+    }
+    command.envs(job.env.expose());
+    let status = match command.spawn() {
+        Ok(mut child) => {
+            use nix::sys::signal::{kill, Signal};
+            use tokio::signal::unix::{signal, SignalKind};
+            let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+            let forward = |sig: Signal| {
+                if let Some(pid) = pid {
+                    let _ = kill(pid, sig);
+                }
+            };
+            let (Ok(mut sint), Ok(mut sterm), Ok(mut shup)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) else {
+                let _ = child.start_kill();
+                let _ = client.end(&job.job_id).await;
+                return Err(Fail(exit::OSERR, "cannot install signal handlers".into()));
+            };
+            // airlock stays until the command ends so that the job is always ended.
+            loop {
+                tokio::select! {
+                    st = child.wait() => break st.map_err(|e| Fail(exit::OSERR, format!("waiting for {}: {e}", cmd[0]))),
+                    _ = sint.recv() => forward(Signal::SIGINT),
+                    _ = sterm.recv() => forward(Signal::SIGTERM),
+                    _ = shup.recv() => forward(Signal::SIGHUP),
+                }
+            }
+        }
+        Err(e) => Err(Fail(exit::NOINPUT, format!("cannot run {}: {e}", cmd[0]))),
+    };
+    let ended = client.end(&job.job_id).await;
+    if let Err(e) = &ended {
+        eprintln!("airlock: warning: could not end job {}: {e}", job.job_id);
+    }
+    let status = status?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(1)))
+}

@@ -1,1 +1,170 @@
-fn main() {}
+//! `airlockd`: the airlock agent daemon (root). See `airlockd --help`.
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use airlock::audit::AuditLog;
+use airlock::broker::Broker;
+use airlock::config::Config;
+use airlock::daemon::{Control, Daemon};
+use airlock::exit;
+use airlock::http_client::HttpClient;
+use airlock::identity::Verifier;
+use airlock::logging::{self, LogFormat};
+use airlock::metrics::Metrics;
+
+/// The airlock agent: job-scoped cloud credentials for self-hosted CI runners.
+///
+/// Verifies each job's CI identity, decides from the policies what it may have, mints
+/// short-lived AWS credentials for that job alone and serves them on the job's own
+/// endpoint. Every decision goes to the hash-chained audit log. SIGHUP reloads the
+/// policies (a bad policy keeps the old ones); SIGTERM stops the agent, keeping job
+/// records so a restart serves running jobs again.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file.
+    #[arg(long, short, env = "AIRLOCK_CONFIG", default_value = airlock::config::DEFAULT_PATH)]
+    config: PathBuf,
+    /// Log format: plain (for journald) or json.
+    #[arg(long, value_enum, default_value = "plain")]
+    log_format: LogFormat,
+    /// Check the configuration and the policies, print the result and exit
+    /// (0: good, 78: configuration error, 65: policy error).
+    #[arg(long)]
+    check: bool,
+}
+
+fn fail(code: i32, msg: impl std::fmt::Display) -> ExitCode {
+    tracing::error!("{msg}");
+    eprintln!("airlockd: {msg}");
+    ExitCode::from(code as u8)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    logging::init(args.log_format);
+    let cfg = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => return fail(exit::CONFIG, e),
+    };
+    let policies = match airlock::policy::load_dir(&cfg.policy.dir) {
+        Ok(p) => p,
+        Err(e) => return fail(exit::DATAERR, format!("policy error, not starting: {e}")),
+    };
+    for w in policies.warnings() {
+        tracing::warn!("policy: {w}");
+    }
+    if args.check {
+        println!(
+            "configuration {} is valid; {} policy rule(s) loaded from {}",
+            args.config.display(),
+            policies.len(),
+            cfg.policy.dir.display()
+        );
+        for w in policies.warnings() {
+            println!("warning: {w}");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(exit::OSERR, format!("cannot start the runtime: {e}")),
+    };
+    rt.block_on(run(args, cfg, policies))
+}
+
+async fn run(args: Args, cfg: Config, policies: airlock::policy::PolicySet) -> ExitCode {
+    let audit = match AuditLog::open(&cfg.audit.path) {
+        Ok(a) => Arc::new(a),
+        Err(e) => return fail(exit::CANTCREAT, e),
+    };
+    let metrics = Arc::new(Metrics::new());
+    let http = match HttpClient::new() {
+        Ok(h) => h,
+        Err(e) => return fail(exit::SOFTWARE, e),
+    };
+    let verifier = match Verifier::new(&cfg.issuers, http.clone()) {
+        Ok(v) => v,
+        Err(e) => return fail(exit::CONFIG, e),
+    };
+    let broker = match Broker::new(&cfg, http, audit.clone(), metrics.clone()).await {
+        Ok(b) => b,
+        Err(e) => return fail(exit::CONFIG, e),
+    };
+    let group = match &cfg.agent.control_group {
+        None => None,
+        Some(name) => match nix::unistd::Group::from_name(name) {
+            Ok(Some(g)) => Some(g.gid.as_raw()),
+            _ => return fail(exit::CONFIG, format!("[agent] control_group {name:?} does not exist")),
+        },
+    };
+    let daemon = match Daemon::new(cfg.clone(), policies, verifier, broker, audit.clone(), metrics) {
+        Ok(d) => d,
+        Err(e) => return fail(exit::CANTCREAT, e),
+    };
+    let recovered = match daemon.recover().await {
+        Ok(n) => n,
+        Err(e) => return fail(exit::IOERR, e),
+    };
+    let _reaper = daemon.spawn_reaper();
+    if cfg.admin.enabled {
+        match tokio::net::TcpListener::bind(cfg.admin.listen).await {
+            Ok(l) => {
+                tokio::spawn(airlock::admin::serve(l, daemon.clone()));
+            }
+            Err(e) => return fail(exit::OSERR, format!("cannot listen on [admin] {}: {e}", cfg.admin.listen)),
+        }
+    }
+    let control = match airlock::control::bind(&cfg.agent.control_socket, group) {
+        Ok(l) => l,
+        Err(e) => return fail(exit::OSERR, e),
+    };
+    tokio::spawn(airlock::control::serve(control, Arc::new(Control(daemon.clone())), group));
+    if let Err(e) = audit.append(
+        "agent_started",
+        None,
+        airlock::fields! {
+            "version" => env!("CARGO_PKG_VERSION"),
+            "policy_rules" => daemon.policy_rules(),
+            "jobs_recovered" => recovered,
+        },
+    ) {
+        return fail(exit::CANTCREAT, e);
+    }
+    tracing::info!(
+        config = %args.config.display(),
+        socket = %cfg.agent.control_socket.display(),
+        rules = daemon.policy_rules(),
+        recovered,
+        "airlockd ready"
+    );
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return fail(exit::OSERR, "cannot install signal handlers");
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                let _ = daemon.reload_policies();
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    tracing::info!(jobs = daemon.job_count(), "airlockd stopping; job records are kept for the next start");
+    let _ = audit.append("agent_stopped", None, airlock::fields! {"jobs" => daemon.job_count()});
+    let _ = std::fs::remove_file(&cfg.agent.control_socket);
+    ExitCode::SUCCESS
+}

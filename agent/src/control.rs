@@ -1,0 +1,384 @@
+//! The control API: JSON over HTTP/1.1 on a root-only Unix socket.
+//!
+//! Runner integrations (and `airlock`) start, bind, end and list jobs here. The socket is
+//! created mode 0600 (0660 with a configured group) in a 0755 directory, and every
+//! connection's peer credentials are checked again: only root (or the control group)
+//! gets an answer.
+//!
+//! | method and path              | body                         | answer            |
+//! |------------------------------|------------------------------|-------------------|
+//! | `POST /v1/jobs`              | [`StartRequest`]             | [`StartResponse`] |
+//! | `POST /v1/jobs/<id>/bind`    | [`BindRequest`]              | [`StartResponse`] |
+//! | `DELETE /v1/jobs/<id>`       | —                            | [`EndResponse`]   |
+//! | `GET /v1/jobs`               | —                            | `[JobSummary]`    |
+//!
+//! Errors are `{"error": "...", "code": "..."}` with a 4xx/5xx status.
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::secret::Secret;
+
+/// Largest control request (a token or a claims document is a few KiB).
+const MAX_BODY: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot create control socket {0}: {1}")]
+    Bind(PathBuf, std::io::Error),
+    #[error("cannot reach airlockd at {0}: {1} (is airlockd running, and are you root?)")]
+    Connect(PathBuf, std::io::Error),
+    #[error("control request failed: {0}")]
+    Protocol(String),
+    /// The agent answered with an error.
+    #[error("{message}")]
+    Refused {
+        status: u16,
+        code: String,
+        message: String,
+    },
+}
+
+/// Start a job. Exactly one of `oidc_token` and `claims`, or neither with `bind_later`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "secret_opt")]
+    pub oidc_token: Option<Secret<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claims: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<String>,
+    /// The identity arrives later through `bind` (e.g. GitHub's job-started hook).
+    #[serde(default)]
+    pub bind_later: bool,
+    /// Shorter lifetime than the agent's `[jobs] max_lifetime`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime_secs: Option<u64>,
+}
+
+/// Bind the identity of a job started with `bind_later` (once).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "secret_opt")]
+    pub oidc_token: Option<Secret<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claims: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StartResponse {
+    pub job_id: String,
+    /// Base URL of the job's endpoint.
+    pub endpoint: String,
+    #[serde(with = "secret_str")]
+    pub token: Secret<String>,
+    pub token_file: PathBuf,
+    /// The variables the job's processes need (contains the token).
+    #[serde(with = "secret_env")]
+    pub env: Secret<BTreeMap<String, String>>,
+    pub identity: Option<String>,
+    pub rule: Option<String>,
+    pub grants: Vec<String>,
+    pub refused: Option<String>,
+    pub flags: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EndResponse {
+    pub job_id: String,
+    pub ended: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub job_id: String,
+    pub runner: Option<String>,
+    pub identity: Option<String>,
+    pub rule: Option<String>,
+    pub grants: Vec<String>,
+    pub refused: Option<String>,
+    pub endpoint: String,
+    pub created: String,
+    pub deadline: String,
+}
+
+/// Who is asking, from the socket's peer credentials.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+/// An error answer of the control API.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the daemon does with control requests.
+pub trait Handler: Send + Sync + 'static {
+    fn start(
+        &self,
+        req: StartRequest,
+        peer: Peer,
+    ) -> impl Future<Output = Result<StartResponse, ApiError>> + Send;
+    fn bind(
+        &self,
+        job: &str,
+        req: BindRequest,
+        peer: Peer,
+    ) -> impl Future<Output = Result<StartResponse, ApiError>> + Send;
+    fn end(&self, job: &str, peer: Peer) -> impl Future<Output = Result<EndResponse, ApiError>> + Send;
+    fn list(&self) -> Vec<JobSummary>;
+}
+
+/// Create the socket: directory 0755, socket 0600 (0660 with a group), stale socket replaced.
+pub fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener, ControlError> {
+    let err = |e| ControlError::Bind(path.into(), e);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    // The umask makes the socket private from the moment it exists.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let l = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let l = l.map_err(err)?;
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| err(e.into()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    }
+    Ok(l)
+}
+
+/// Serve control connections until the task is aborted.
+pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, group: Option<u32>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let peer = match stream.peer_cred() {
+            Ok(c) => Peer {
+                uid: c.uid(),
+                gid: c.gid(),
+                pid: c.pid(),
+            },
+            Err(_) => continue,
+        };
+        if peer.uid != 0 && group != Some(peer.gid) {
+            tracing::warn!(uid = peer.uid, pid = ?peer.pid, "control connection refused: not root or the control group");
+            continue;
+        }
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, std::convert::Infallible>(route(req, &*handler, peer).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn reply<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(
+            serde_json::to_vec(body).expect("control answers always serialise"),
+        )))
+        .expect("static response parts are valid")
+}
+
+fn api_error(e: ApiError) -> Response<Full<Bytes>> {
+    reply(
+        StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &serde_json::json!({"error": e.message, "code": e.code}),
+    )
+}
+
+async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::new(413, "BadRequest", format!("request body unreadable or over {MAX_BODY} bytes: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(400, "BadRequest", format!("invalid request: {e}")))
+}
+
+async fn route<H: Handler>(req: Request<Incoming>, h: &H, peer: Peer) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    let res = match (method, segs.as_slice()) {
+        (Method::GET, ["v1", "jobs"]) => return reply(StatusCode::OK, &h.list()),
+        (Method::POST, ["v1", "jobs"]) => match read_json(req).await {
+            Ok(r) => h.start(r, peer).await.map(|r| reply(StatusCode::CREATED, &r)),
+            Err(e) => Err(e),
+        },
+        (Method::POST, ["v1", "jobs", id, "bind"]) => match read_json(req).await {
+            Ok(r) => h.bind(id, r, peer).await.map(|r| reply(StatusCode::OK, &r)),
+            Err(e) => Err(e),
+        },
+        (Method::DELETE, ["v1", "jobs", id]) => h.end(id, peer).await.map(|r| reply(StatusCode::OK, &r)),
+        _ => Err(ApiError::new(404, "NotFound", format!("no control route {path}"))),
+    };
+    res.unwrap_or_else(api_error)
+}
+
+/// The client side, used by `airlock`.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: impl Into<PathBuf>) -> Client {
+        Client {
+            socket: socket.into(),
+        }
+    }
+
+    async fn call<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ControlError> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| ControlError::Connect(self.socket.clone(), e))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ControlError::Protocol(e.to_string()))?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, "airlockd")
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ControlError::Protocol(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ControlError::Protocol(format!("airlockd closed the connection: {e} (was this user refused? only root or the control group may use the socket)")))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ControlError::Protocol(e.to_string()))?
+            .to_bytes();
+        if !status.is_success() {
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            return Err(ControlError::Refused {
+                status: status.as_u16(),
+                code: v["code"].as_str().unwrap_or("Error").to_string(),
+                message: v["error"]
+                    .as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| format!("airlockd answered {status}")),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ControlError::Protocol(format!("unexpected answer: {e}")))
+    }
+
+    pub async fn start(&self, req: &StartRequest) -> Result<StartResponse, ControlError> {
+        let body = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        self.call(Method::POST, "/v1/jobs", Some(body)).await
+    }
+
+    pub async fn bind(&self, job: &str, req: &BindRequest) -> Result<StartResponse, ControlError> {
+        let body = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        self.call(Method::POST, &format!("/v1/jobs/{job}/bind"), Some(body)).await
+    }
+
+    pub async fn end(&self, job: &str) -> Result<EndResponse, ControlError> {
+        self.call(Method::DELETE, &format!("/v1/jobs/{job}"), None).await
+    }
+
+    pub async fn list(&self) -> Result<Vec<JobSummary>, ControlError> {
+        self.call(Method::GET, "/v1/jobs", None).await
+    }
+}
+
+/// Secrets cross the control socket (to root only) but never reach Debug output.
+mod secret_opt {
+    use crate::secret::Secret;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Secret<String>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(t) => s.serialize_some(t.expose()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret<String>>, D::Error> {
+        Ok(Option::<String>::deserialize(d)?.map(Secret::new))
+    }
+}
+
+mod secret_str {
+    use crate::secret::Secret;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Secret<String>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.expose())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Secret<String>, D::Error> {
+        Ok(Secret::new(String::deserialize(d)?))
+    }
+}
+
+mod secret_env {
+    use crate::secret::Secret;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::BTreeMap;
+
+    pub fn serialize<S: Serializer>(v: &Secret<BTreeMap<String, String>>, s: S) -> Result<S::Ok, S::Error> {
+        v.expose().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Secret<BTreeMap<String, String>>, D::Error> {
+        Ok(Secret::new(BTreeMap::deserialize(d)?))
+    }
+}

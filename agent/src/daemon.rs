@@ -1,0 +1,622 @@
+//! The agent's core: the job lifecycle (start, bind, end, expire, recover) tying identity,
+//! policy, broker, endpoint and audit together. Serves the control API.
+//!
+//! Every state change is audited before it takes effect for the job: a job whose start
+//! cannot be audited does not start, and credentials are only minted (by the broker) after
+//! their record is written.
+
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::audit::AuditLog;
+use crate::broker::{Broker, JobGrants};
+use crate::config::Config;
+use crate::control::{
+    ApiError, BindRequest, EndResponse, Handler, JobSummary, Peer, StartRequest, StartResponse,
+};
+use crate::endpoint::{self, CredentialSource, JobEndpoint, Refusal, Served, CONTAINER_PATH};
+use crate::identity::{JobIdentity, Verifier};
+use crate::jobs::{self, JobRecord, Store};
+use crate::metrics::Metrics;
+use crate::policy::{Decision, PolicySet};
+use crate::secret::Secret;
+
+/// How often the agent looks for jobs past their deadline.
+const REAP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The broker as the endpoint sees it, plus why refused jobs get nothing.
+#[derive(Debug)]
+pub struct BrokerSource {
+    broker: Arc<Broker>,
+    /// job → why it has no credentials (refused by policy, or not bound yet).
+    refused: Mutex<HashMap<String, (String, String)>>,
+}
+
+impl CredentialSource for BrokerSource {
+    async fn credentials(&self, job: &str, alias: Option<&str>) -> Result<Served, Refusal> {
+        let refused = self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(job)
+            .cloned();
+        if let Some((code, why)) = refused {
+            return Err(Refusal {
+                status: 403,
+                code,
+                message: why,
+            });
+        }
+        match self.broker.credentials(job, alias).await {
+            Ok(c) => Ok(Served {
+                access_key_id: c.access_key_id.clone(),
+                secret_access_key: c.secret_access_key.clone(),
+                session_token: c.session_token.clone(),
+                expiration: c.expiration,
+                last_updated: c.last_updated,
+                role_arn: c.role_arn.clone(),
+                account_id: c.account_id.clone(),
+            }),
+            Err(e) => Err(Refusal {
+                status: e.http_status(),
+                code: e.code().to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    fn aliases(&self, job: &str) -> Vec<String> {
+        self.broker.aliases(job)
+    }
+}
+
+#[derive(Debug)]
+struct LiveJob {
+    record: JobRecord,
+    endpoint: Arc<JobEndpoint>,
+    task: JoinHandle<()>,
+    token_file: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct Daemon {
+    cfg: Config,
+    policies: RwLock<Arc<PolicySet>>,
+    verifier: Verifier,
+    broker: Arc<Broker>,
+    source: Arc<BrokerSource>,
+    shared: Arc<endpoint::Shared<BrokerSource>>,
+    audit: Arc<AuditLog>,
+    metrics: Arc<Metrics>,
+    store: Store,
+    token_dir: PathBuf,
+    jobs: Mutex<HashMap<String, LiveJob>>,
+}
+
+/// Audit, or log loudly and count: used where the action has already happened.
+fn audit_best_effort(audit: &AuditLog, metrics: &Metrics, event: &str, job: Option<&str>, f: serde_json::Map<String, Value>) {
+    if let Err(e) = audit.append(event, job, f) {
+        metrics.audit_failures.inc();
+        tracing::error!(error = %e, event, "audit write failed");
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(500, "InternalError", e.to_string())
+}
+
+impl Daemon {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: Config,
+        policies: PolicySet,
+        verifier: Verifier,
+        broker: Arc<Broker>,
+        audit: Arc<AuditLog>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Daemon>, jobs::JobsError> {
+        let store = Store::open(&cfg.agent.state_dir)?;
+        let token_dir = cfg
+            .agent
+            .control_socket
+            .parent()
+            .unwrap_or(Path::new("/run/airlock"))
+            .join("tokens");
+        std::fs::create_dir_all(&token_dir)
+            .and_then(|()| std::fs::set_permissions(&token_dir, std::fs::Permissions::from_mode(0o711)))
+            .map_err(|e| jobs::JobsError::CreateDir(token_dir.clone(), e))?;
+        let source = Arc::new(BrokerSource {
+            broker: broker.clone(),
+            refused: Mutex::new(HashMap::new()),
+        });
+        let shared = Arc::new(endpoint::Shared {
+            source: source.clone(),
+            metrics: metrics.clone(),
+            audit: audit.clone(),
+        });
+        Ok(Arc::new(Daemon {
+            cfg,
+            policies: RwLock::new(Arc::new(policies)),
+            verifier,
+            broker,
+            source,
+            shared,
+            audit,
+            metrics,
+            store,
+            token_dir,
+            jobs: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn policy_rules(&self) -> usize {
+        self.policies().len()
+    }
+
+    fn policies(&self) -> Arc<PolicySet> {
+        self.policies.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn job_count(&self) -> usize {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Load the policy directory again; a bad policy keeps the old one.
+    pub fn reload_policies(&self) -> Result<usize, String> {
+        match crate::policy::load_dir(&self.cfg.policy.dir) {
+            Ok(p) => {
+                let n = p.len();
+                for w in p.warnings() {
+                    tracing::warn!("policy: {w}");
+                }
+                *self.policies.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(p);
+                tracing::info!(rules = n, "policies reloaded");
+                audit_best_effort(&self.audit, &self.metrics, "policy_reloaded", None, crate::fields! {"rules" => n});
+                Ok(n)
+            }
+            Err(e) => {
+                tracing::error!("policy reload failed, keeping the previous policies: {e}");
+                audit_best_effort(&self.audit, &self.metrics, "policy_reload_failed", None, crate::fields! {"error" => e.to_string()});
+                Err(e.to_string())
+            }
+        }
+    }
+
+    async fn resolve_identity(
+        &self,
+        token: Option<&Secret<String>>,
+        claims: Option<serde_json::Map<String, Value>>,
+    ) -> Result<JobIdentity, ApiError> {
+        match (token, claims) {
+            (Some(t), None) => self
+                .verifier
+                .verify(t.expose().trim())
+                .await
+                .map_err(|e| ApiError::new(403, "InvalidIdentityToken", format!("identity token refused: {e}"))),
+            (None, Some(c)) => crate::identity::from_attested(c)
+                .map_err(|e| ApiError::new(400, "InvalidClaims", format!("attested claims refused: {e}"))),
+            (Some(_), Some(_)) => Err(ApiError::new(400, "BadRequest", "give an OIDC token or attested claims, not both")),
+            (None, None) => Err(ApiError::new(400, "BadRequest", "an OIDC token or attested claims are required (or bind_later)")),
+        }
+    }
+
+    fn refuse_reason(&self, job: &str, code: &str, why: String) {
+        self.source
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job.to_string(), (code.to_string(), why));
+    }
+
+    /// Apply a decision to a job: refusal reason for the endpoint, or grants for the broker.
+    fn apply(&self, rec: &mut JobRecord, identity: &JobIdentity, token: Option<Secret<String>>, d: &Decision) {
+        rec.rule = d.rule.clone();
+        rec.aliases = d.grants.iter().map(|g| g.alias.clone()).collect();
+        rec.refused = d.refused.clone();
+        rec.flags = d.flags.clone();
+        self.source.refused.lock().unwrap_or_else(|p| p.into_inner()).remove(&rec.id);
+        if let Some(why) = &d.refused {
+            self.refuse_reason(&rec.id, "AccessDenied", format!("no credentials for this job: {why}"));
+        } else {
+            self.broker.start_job(JobGrants {
+                job_id: rec.id.clone(),
+                identity: identity.clone(),
+                oidc_token: token,
+                rule: d.rule.clone(),
+                grants: d.grants.clone(),
+                deadline: rec.deadline,
+            });
+        }
+    }
+
+    fn decision_fields(rec: &JobRecord, identity: Option<&JobIdentity>) -> serde_json::Map<String, Value> {
+        let mut f = crate::fields! {
+            "runner" => rec.runner,
+            "rule" => rec.rule,
+            "grants" => rec.aliases,
+            "refused" => rec.refused,
+            "flags" => rec.flags,
+            "endpoint" => rec.endpoint.to_string(),
+            "deadline" => endpoint::aws_time(rec.deadline),
+        };
+        if let Some(id) = identity {
+            f.insert("identity".into(), id.summary().into());
+            f.insert("source".into(), id.field("source").into());
+            f.insert("issuer".into(), id.issuer.clone().into());
+            f.insert("repository".into(), id.repository.clone().into());
+            f.insert("ref".into(), id.git_ref.clone().into());
+            f.insert("environment".into(), id.environment.clone().into());
+            f.insert("run_id".into(), id.run_id.clone().into());
+            f.insert("attempt".into(), id.attempt.clone().into());
+        }
+        f
+    }
+
+    fn write_token_file(&self, job: &str, token: &str, uid: u32) -> std::io::Result<PathBuf> {
+        use std::io::Write;
+        let path = self.token_dir.join(job);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        f.write_all(token.as_bytes())?;
+        f.sync_all()?;
+        if uid != 0 {
+            nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(uid)), None)?;
+        }
+        Ok(path)
+    }
+
+    fn job_env(&self, rec: &JobRecord, token: &str, token_file: &Path) -> BTreeMap<String, String> {
+        let base = format!("http://{}", rec.endpoint);
+        let region = &self.cfg.endpoint.region;
+        let mut env = BTreeMap::new();
+        env.insert("AWS_CONTAINER_CREDENTIALS_FULL_URI".into(), format!("{base}{CONTAINER_PATH}"));
+        env.insert("AWS_CONTAINER_AUTHORIZATION_TOKEN".into(), token.to_string());
+        env.insert("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE".into(), token_file.display().to_string());
+        if self.cfg.endpoint.imds {
+            env.insert("AWS_EC2_METADATA_SERVICE_ENDPOINT".into(), format!("{base}/"));
+            env.insert("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE".into(), if rec.endpoint.is_ipv6() { "IPv6" } else { "IPv4" }.into());
+        }
+        env.insert("AWS_REGION".into(), region.clone());
+        env.insert("AWS_DEFAULT_REGION".into(), region.clone());
+        // Host credential files must not win over the job's credentials in the SDK chain.
+        env.insert("AWS_SHARED_CREDENTIALS_FILE".into(), "/dev/null".into());
+        env.insert("AWS_CONFIG_FILE".into(), "/dev/null".into());
+        env.insert("AIRLOCK_JOB_ID".into(), rec.id.clone());
+        env
+    }
+
+    fn spawn_endpoint(&self, listener: TcpListener, rec: &JobRecord, token_sha256: [u8; 32]) -> (Arc<JobEndpoint>, JoinHandle<()>) {
+        let ep = Arc::new(JobEndpoint::new(
+            rec.id.clone(),
+            token_sha256,
+            rec.endpoint,
+            self.cfg.endpoint.region.clone(),
+            self.cfg.endpoint.imds,
+        ));
+        let task = tokio::spawn(endpoint::serve(listener, ep.clone(), self.shared.clone()));
+        (ep, task)
+    }
+
+    fn response(&self, rec: &JobRecord, token: Secret<String>, token_file: PathBuf) -> StartResponse {
+        let env = self.job_env(rec, token.expose(), &token_file);
+        StartResponse {
+            job_id: rec.id.clone(),
+            endpoint: format!("http://{}", rec.endpoint),
+            token,
+            token_file,
+            env: Secret::new(env),
+            identity: rec.identity.as_ref().map(JobIdentity::summary),
+            rule: rec.rule.clone(),
+            grants: rec.aliases.clone(),
+            refused: rec.refused.clone(),
+            flags: rec.flags.clone(),
+        }
+    }
+
+    pub async fn start_job(&self, req: StartRequest, peer: Peer) -> Result<StartResponse, ApiError> {
+        if let Some(r) = &req.runner {
+            if r.len() > 128 || r.chars().any(char::is_control) {
+                return Err(ApiError::new(400, "BadRequest", "runner name: at most 128 printable characters"));
+            }
+        }
+        let identity = if req.bind_later {
+            if req.oidc_token.is_some() || req.claims.is_some() {
+                return Err(ApiError::new(400, "BadRequest", "bind_later: give the identity with bind, not with start"));
+            }
+            None
+        } else {
+            match self.resolve_identity(req.oidc_token.as_ref(), req.claims).await {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::warn!(runner = ?req.runner, "job refused: {}", e.message);
+                    audit_best_effort(&self.audit, &self.metrics, "job_refused", None, crate::fields! {"runner" => req.runner, "reason" => e.message});
+                    return Err(e);
+                }
+            }
+        };
+        let now = OffsetDateTime::now_utc();
+        let mut lifetime = self.cfg.jobs.max_lifetime;
+        if let Some(s) = req.max_lifetime_secs {
+            lifetime = lifetime.min(Duration::from_secs(s.max(60)));
+        }
+        let listener = TcpListener::bind(SocketAddr::new(self.cfg.endpoint.bind, 0))
+            .await
+            .map_err(|e| internal(format!("cannot open the job's endpoint listener: {e}")))?;
+        let addr = listener.local_addr().map_err(internal)?;
+        let token = Secret::new(endpoint::random_token());
+        let token_sha256: [u8; 32] = sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(token.expose())).into();
+        let mut rec = JobRecord {
+            id: jobs::new_job_id(),
+            runner: req.runner,
+            created: now,
+            deadline: now + lifetime,
+            identity: identity.clone(),
+            token_sha256: hex::encode(token_sha256),
+            endpoint: addr,
+            token_uid: peer.uid,
+            rule: None,
+            aliases: vec![],
+            refused: None,
+            flags: vec![],
+        };
+        let decision = identity.as_ref().map(|id| self.policies().decide(id, now));
+        if let Some(d) = &decision {
+            rec.rule = d.rule.clone();
+            rec.aliases = d.grants.iter().map(|g| g.alias.clone()).collect();
+            rec.refused = d.refused.clone();
+            rec.flags = d.flags.clone();
+        }
+        self.store.save(&rec).map_err(internal)?;
+        // The record of the start comes before anything is served for the job.
+        if let Err(e) = self.audit.append("job_started", Some(&rec.id), Self::decision_fields(&rec, identity.as_ref())) {
+            self.metrics.audit_failures.inc();
+            let _ = self.store.remove(&rec.id);
+            return Err(ApiError::new(503, "AuditUnavailable", format!("the audit log cannot be written, so no job starts: {e}")));
+        }
+        let token_file = match self.write_token_file(&rec.id, token.expose(), peer.uid) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = self.store.remove(&rec.id);
+                return Err(internal(format!("cannot write the job's token file: {e}")));
+            }
+        };
+        match (&identity, &decision) {
+            (Some(id), Some(d)) => self.apply(&mut rec, id, req.oidc_token, d),
+            _ => self.refuse_reason(&rec.id, "IdentityNotBound", "this job has not bound its identity yet".into()),
+        }
+        let (ep, task) = self.spawn_endpoint(listener, &rec, token_sha256);
+        tracing::info!(job = %rec.id, identity = ?rec.identity.as_ref().map(JobIdentity::summary), rule = ?rec.rule, refused = ?rec.refused, "job started");
+        let resp = self.response(&rec, token, token_file.clone());
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            rec.id.clone(),
+            LiveJob { record: rec, endpoint: ep, task, token_file },
+        );
+        self.metrics.active_jobs.set(self.job_count() as i64);
+        Ok(resp)
+    }
+
+    pub async fn bind_job(&self, job: &str, req: BindRequest, peer: Peer) -> Result<StartResponse, ApiError> {
+        let bound = {
+            let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let live = jobs.get(job).ok_or_else(|| ApiError::new(404, "NoSuchJob", format!("no job {job}")))?;
+            live.record.identity.is_some()
+        };
+        if bound {
+            audit_best_effort(&self.audit, &self.metrics, "bind_refused", Some(job), crate::fields! {"reason" => "the job's identity is already bound", "uid" => peer.uid});
+            return Err(ApiError::new(409, "AlreadyBound", "this job's identity is already bound; a job binds once"));
+        }
+        let identity = match self.resolve_identity(req.oidc_token.as_ref(), req.claims).await {
+            Ok(i) => i,
+            Err(e) => {
+                audit_best_effort(&self.audit, &self.metrics, "bind_refused", Some(job), crate::fields! {"reason" => e.message});
+                return Err(e);
+            }
+        };
+        let now = OffsetDateTime::now_utc();
+        let decision = self.policies().decide(&identity, now);
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let live = jobs.get_mut(job).ok_or_else(|| ApiError::new(404, "NoSuchJob", format!("no job {job}")))?;
+        if live.record.identity.is_some() {
+            return Err(ApiError::new(409, "AlreadyBound", "this job's identity is already bound; a job binds once"));
+        }
+        let mut rec = live.record.clone();
+        rec.identity = Some(identity.clone());
+        rec.rule = decision.rule.clone();
+        rec.aliases = decision.grants.iter().map(|g| g.alias.clone()).collect();
+        rec.refused = decision.refused.clone();
+        rec.flags = decision.flags.clone();
+        self.store.save(&rec).map_err(internal)?;
+        self.audit
+            .append("job_bound", Some(job), Self::decision_fields(&rec, Some(&identity)))
+            .map_err(|e| ApiError::new(503, "AuditUnavailable", format!("the audit log cannot be written: {e}")))?;
+        self.apply(&mut rec, &identity, req.oidc_token, &decision);
+        live.record = rec.clone();
+        // The token is not kept in memory; the caller already has it from start.
+        let mut resp = self.response(&rec, Secret::new(String::new()), live.token_file.clone());
+        let mut env = resp.env.expose().clone();
+        env.remove("AWS_CONTAINER_AUTHORIZATION_TOKEN");
+        resp.env = Secret::new(env);
+        Ok(resp)
+    }
+
+    /// End a job: nothing of it is served from this moment on.
+    pub fn end_job(&self, job: &str, reason: &str) -> Result<EndResponse, ApiError> {
+        let live = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(job)
+            .ok_or_else(|| ApiError::new(404, "NoSuchJob", format!("no job {job} (already ended?)")))?;
+        live.endpoint.end();
+        live.task.abort();
+        self.broker.end_job(job);
+        self.source.refused.lock().unwrap_or_else(|p| p.into_inner()).remove(job);
+        let removed_token = std::fs::remove_file(&live.token_file).is_ok();
+        let store = self.store.remove(job);
+        audit_best_effort(
+            &self.audit,
+            &self.metrics,
+            "job_ended",
+            Some(job),
+            crate::fields! {
+                "reason" => reason,
+                "repository" => live.record.identity.as_ref().and_then(|i| i.repository.clone()),
+                "token_file_removed" => removed_token,
+                "record_removed" => store.is_ok(),
+            },
+        );
+        self.metrics.active_jobs.set(self.job_count() as i64);
+        tracing::info!(job, reason, "job ended");
+        store.map_err(internal)?;
+        Ok(EndResponse { job_id: job.to_string(), ended: true })
+    }
+
+    pub fn list_jobs(&self) -> Vec<JobSummary> {
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<JobSummary> = jobs
+            .values()
+            .map(|j| JobSummary {
+                job_id: j.record.id.clone(),
+                runner: j.record.runner.clone(),
+                identity: j.record.identity.as_ref().map(JobIdentity::summary),
+                rule: j.record.rule.clone(),
+                grants: j.record.aliases.clone(),
+                refused: j.record.refused.clone(),
+                endpoint: format!("http://{}", j.record.endpoint),
+                created: endpoint::aws_time(j.record.created),
+                deadline: endpoint::aws_time(j.record.deadline),
+            })
+            .collect();
+        v.sort_by(|a, b| a.created.cmp(&b.created).then(a.job_id.cmp(&b.job_id)));
+        v
+    }
+
+    /// End every job past its deadline.
+    pub fn reap_expired(&self) {
+        let now = OffsetDateTime::now_utc();
+        let expired: Vec<String> = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|j| j.record.deadline <= now)
+            .map(|j| j.record.id.clone())
+            .collect();
+        for id in expired {
+            let _ = self.end_job(&id, "the job reached its maximum lifetime");
+        }
+    }
+
+    pub fn spawn_reaper(self: &Arc<Self>) -> JoinHandle<()> {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(REAP_INTERVAL).await;
+                match me.upgrade() {
+                    Some(d) => d.reap_expired(),
+                    None => return,
+                }
+            }
+        })
+    }
+
+    /// After a restart: serve every recorded job again on its old address, or end it.
+    pub async fn recover(&self) -> Result<usize, jobs::JobsError> {
+        let (records, damaged) = self.store.load_all()?;
+        for (path, why) in damaged {
+            tracing::error!(file = %path.display(), "damaged job record left in place: {why}");
+            audit_best_effort(&self.audit, &self.metrics, "job_record_damaged", None, crate::fields! {"file" => path.display().to_string(), "error" => why});
+        }
+        let now = OffsetDateTime::now_utc();
+        let mut n = 0;
+        for mut rec in records {
+            let token_file = self.token_dir.join(&rec.id);
+            let fail = |me: &Self, rec: &JobRecord, why: String| {
+                tracing::warn!(job = %rec.id, "not recovered: {why}");
+                let _ = std::fs::remove_file(&token_file);
+                let _ = me.store.remove(&rec.id);
+                audit_best_effort(&me.audit, &me.metrics, "job_ended", Some(&rec.id), crate::fields! {"reason" => why});
+            };
+            if rec.deadline <= now {
+                fail(self, &rec, "the job's lifetime ended while the agent was down".into());
+                continue;
+            }
+            let Ok(sha) = hex::decode(&rec.token_sha256).map_err(|_| ()).and_then(|v| <[u8; 32]>::try_from(v).map_err(|_| ())) else {
+                fail(self, &rec, "the job record's token hash is damaged".into());
+                continue;
+            };
+            let listener = match TcpListener::bind(rec.endpoint).await {
+                Ok(l) => l,
+                Err(e) => {
+                    fail(self, &rec, format!("cannot listen on the job's endpoint {} again: {e}", rec.endpoint));
+                    continue;
+                }
+            };
+            if let Some(id) = rec.identity.clone() {
+                let d = self.policies().decide(&id, now);
+                // The job's OIDC token is not kept across restarts: web-identity grants
+                // cannot be renewed and report that clearly.
+                self.apply(&mut rec, &id, None, &d);
+            } else {
+                self.refuse_reason(&rec.id, "IdentityNotBound", "this job has not bound its identity yet".into());
+            }
+            let _ = self.store.save(&rec);
+            let (ep, task) = self.spawn_endpoint(listener, &rec, sha);
+            audit_best_effort(&self.audit, &self.metrics, "job_recovered", Some(&rec.id), Self::decision_fields(&rec, rec.identity.as_ref()));
+            self.jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(rec.id.clone(), LiveJob { record: rec, endpoint: ep, task, token_file });
+            n += 1;
+        }
+        self.metrics.active_jobs.set(self.job_count() as i64);
+        Ok(n)
+    }
+}
+
+/// The control API's view of the daemon.
+#[derive(Debug)]
+pub struct Control(pub Arc<Daemon>);
+
+impl Handler for Control {
+    async fn start(&self, req: StartRequest, peer: Peer) -> Result<StartResponse, ApiError> {
+        self.0.start_job(req, peer).await
+    }
+
+    async fn bind(&self, job: &str, req: BindRequest, peer: Peer) -> Result<StartResponse, ApiError> {
+        if !jobs::valid_job_id(job) {
+            return Err(ApiError::new(400, "BadRequest", "not a job id"));
+        }
+        self.0.bind_job(job, req, peer).await
+    }
+
+    async fn end(&self, job: &str, peer: Peer) -> Result<EndResponse, ApiError> {
+        if !jobs::valid_job_id(job) {
+            return Err(ApiError::new(400, "BadRequest", "not a job id"));
+        }
+        self.0.end_job(job, &format!("ended by request (uid {})", peer.uid))
+    }
+
+    fn list(&self) -> Vec<JobSummary> {
+        self.0.list_jobs()
+    }
+}
