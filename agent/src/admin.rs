@@ -39,7 +39,11 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
                             daemon.metrics().encode(),
                         ),
-                        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+                        _ => (
+                            StatusCode::NOT_FOUND,
+                            "text/plain",
+                            "not found\n".to_string(),
+                        ),
                     };
                     Ok::<_, std::convert::Infallible>(
                         Response::builder()

@@ -192,7 +192,8 @@ pub enum VerifyError {
 /// Check the whole chain: every line parses, `seq` counts up by one from 1, every `prev`
 /// is the hash before it and every `hash` matches its record.
 pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
-    let f = File::open(path).map_err(|e| VerifyError::Read(path.display().to_string(), e.to_string()))?;
+    let f = File::open(path)
+        .map_err(|e| VerifyError::Read(path.display().to_string(), e.to_string()))?;
     verify_reader(BufReader::new(f))
 }
 
@@ -224,7 +225,9 @@ pub fn verify_reader(r: impl BufRead) -> Result<VerifyReport, VerifyError> {
         }
         let hash = rec.get("hash").and_then(Value::as_str).unwrap_or_default();
         if record_hash(&prev, &rec) != hash {
-            return Err(broken("hash does not match the record's content (the record was edited)".into()));
+            return Err(broken(
+                "hash does not match the record's content (the record was edited)".into(),
+            ));
         }
         prev = hash.to_string();
         n += 1;
@@ -282,7 +285,8 @@ impl Filter {
 /// Records of the log that match `filter`, in order. Unparseable lines are skipped here
 /// (`verify` is the tool that reports them).
 pub fn query(path: &Path, filter: &Filter) -> Result<Vec<Map<String, Value>>, VerifyError> {
-    let f = File::open(path).map_err(|e| VerifyError::Read(path.display().to_string(), e.to_string()))?;
+    let f = File::open(path)
+        .map_err(|e| VerifyError::Read(path.display().to_string(), e.to_string()))?;
     Ok(BufReader::new(f)
         .lines()
         .map_while(Result::ok)
@@ -311,14 +315,22 @@ mod tests {
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open(&path).unwrap();
         for i in 0..n {
-            log.append("job_started", Some(&format!("j-{i}")), fields! {"repository" => "acme/web"})
-                .unwrap();
+            log.append(
+                "job_started",
+                Some(&format!("j-{i}")),
+                fields! {"repository" => "acme/web"},
+            )
+            .unwrap();
         }
         (dir, path)
     }
 
     fn lines(path: &Path) -> Vec<String> {
-        std::fs::read_to_string(path).unwrap().lines().map(String::from).collect()
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
     }
 
     fn write(path: &Path, lines: &[String]) {
@@ -343,7 +355,10 @@ mod tests {
         l[1] = l[1].replace("acme/web", "acme/evil");
         write(&path, &l);
         let err = verify(&path).unwrap_err();
-        assert!(matches!(&err, VerifyError::Broken { line: 2, reason } if reason.contains("edited")), "{err}");
+        assert!(
+            matches!(&err, VerifyError::Broken { line: 2, reason } if reason.contains("edited")),
+            "{err}"
+        );
     }
 
     #[test]
@@ -362,7 +377,10 @@ mod tests {
         let mut l = lines(&path);
         l.swap(0, 1);
         write(&path, &l);
-        assert!(matches!(verify(&path).unwrap_err(), VerifyError::Broken { line: 1, .. }));
+        assert!(matches!(
+            verify(&path).unwrap_err(),
+            VerifyError::Broken { line: 1, .. }
+        ));
     }
 
     #[test]
@@ -378,7 +396,10 @@ mod tests {
         rec.insert("hash".into(), h.into());
         l[1] = serde_json::to_string(&rec).unwrap();
         write(&path, &l);
-        assert!(matches!(verify(&path).unwrap_err(), VerifyError::Broken { line: 3, .. }));
+        assert!(matches!(
+            verify(&path).unwrap_err(),
+            VerifyError::Broken { line: 3, .. }
+        ));
     }
 
     #[test]
@@ -396,15 +417,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
         let log = AuditLog::open(&path).unwrap();
-        log.append("credentials_issued", Some("j-1"), fields! {"repository" => "acme/web", "role_arn" => "arn:aws:iam::1:role/deploy"}).unwrap();
-        log.append("credentials_issued", Some("j-2"), fields! {"repository" => "acme/api", "role_arn" => "arn:aws:iam::1:role/read"}).unwrap();
-        let f = Filter { role: Some("deploy".into()), ..Default::default() };
+        log.append(
+            "credentials_issued",
+            Some("j-1"),
+            fields! {"repository" => "acme/web", "role_arn" => "arn:aws:iam::1:role/deploy"},
+        )
+        .unwrap();
+        log.append(
+            "credentials_issued",
+            Some("j-2"),
+            fields! {"repository" => "acme/api", "role_arn" => "arn:aws:iam::1:role/read"},
+        )
+        .unwrap();
+        let f = Filter {
+            role: Some("deploy".into()),
+            ..Default::default()
+        };
         let hits = query(&path, &f).unwrap();
         assert_eq!(hits.len(), 1);
         assert_eq!(hits[0]["job"], "j-1");
-        let f = Filter { repository: Some("acme/api".into()), ..Default::default() };
+        let f = Filter {
+            repository: Some("acme/api".into()),
+            ..Default::default()
+        };
         assert_eq!(query(&path, &f).unwrap()[0]["job"], "j-2");
-        let f = Filter { since: Some(OffsetDateTime::now_utc() + time::Duration::hours(1)), ..Default::default() };
+        let f = Filter {
+            since: Some(OffsetDateTime::now_utc() + time::Duration::hours(1)),
+            ..Default::default()
+        };
         assert!(query(&path, &f).unwrap().is_empty());
     }
 }

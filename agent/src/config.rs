@@ -451,24 +451,33 @@ mod tests {
     fn defaults_are_the_documented_places() {
         let c = Config::parse(Path::new("a.toml"), "").unwrap();
         assert_eq!(c.audit.path, Path::new("/var/log/airlock/audit.jsonl"));
-        assert_eq!(c.agent.control_socket, Path::new("/run/airlock/control.sock"));
+        assert_eq!(
+            c.agent.control_socket,
+            Path::new("/run/airlock/control.sock")
+        );
         assert_eq!(c.sts.endpoint_url(), "https://sts.us-east-1.amazonaws.com");
     }
 
     #[test]
     fn unknown_key_names_line_and_column() {
-        let err = Config::parse(Path::new("a.toml"), "[sts]\nregion = \"eu-west-1\"\nendpont = \"x\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse(
+            Path::new("a.toml"),
+            "[sts]\nregion = \"eu-west-1\"\nendpont = \"x\"\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("config a.toml:3:1:"), "{err}");
         assert!(err.contains("endpont"), "{err}");
     }
 
     #[test]
     fn plain_http_sts_needs_opt_in() {
-        let err = Config::parse(Path::new("a.toml"), "[sts]\nendpoint = \"http://127.0.0.1:5000\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse(
+            Path::new("a.toml"),
+            "[sts]\nendpoint = \"http://127.0.0.1:5000\"\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("allow_http"), "{err}");
         Config::parse(
             Path::new("a.toml"),
@@ -481,7 +490,11 @@ mod tests {
     fn relative_paths_are_next_to_the_config_file() {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("airlock.toml");
-        std::fs::write(&f, "[agent]\ncontrol_socket = \"run/control.sock\"\n[policy]\ndir = \"/abs/policies\"\n").unwrap();
+        std::fs::write(
+            &f,
+            "[agent]\ncontrol_socket = \"run/control.sock\"\n[policy]\ndir = \"/abs/policies\"\n",
+        )
+        .unwrap();
         let c = Config::load(&f).unwrap();
         assert_eq!(c.agent.control_socket, d.path().join("run/control.sock"));
         assert_eq!(c.policy.dir, Path::new("/abs/policies"));
@@ -489,7 +502,11 @@ mod tests {
 
     #[test]
     fn durations_accept_text_and_seconds() {
-        let c = Config::parse(Path::new("a.toml"), "[jobs]\nmax_lifetime = \"2h\"\n[sts]\ntimeout = 3\n").unwrap();
+        let c = Config::parse(
+            Path::new("a.toml"),
+            "[jobs]\nmax_lifetime = \"2h\"\n[sts]\ntimeout = 3\n",
+        )
+        .unwrap();
         assert_eq!(c.jobs.max_lifetime, Duration::from_secs(7200));
         assert_eq!(c.sts.timeout, Duration::from_secs(3));
     }

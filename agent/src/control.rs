@@ -155,7 +155,11 @@ pub trait Handler: Send + Sync + 'static {
         req: BindRequest,
         peer: Peer,
     ) -> impl Future<Output = Result<StartResponse, ApiError>> + Send;
-    fn end(&self, job: &str, peer: Peer) -> impl Future<Output = Result<EndResponse, ApiError>> + Send;
+    fn end(
+        &self,
+        job: &str,
+        peer: Peer,
+    ) -> impl Future<Output = Result<EndResponse, ApiError>> + Send;
     fn list(&self) -> Vec<JobSummary>;
 }
 
@@ -236,7 +240,13 @@ async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Resu
     let body = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
-        .map_err(|e| ApiError::new(413, "BadRequest", format!("request body unreadable or over {MAX_BODY} bytes: {e}")))?
+        .map_err(|e| {
+            ApiError::new(
+                413,
+                "BadRequest",
+                format!("request body unreadable or over {MAX_BODY} bytes: {e}"),
+            )
+        })?
         .to_bytes();
     serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(400, "BadRequest", format!("invalid request: {e}")))
@@ -249,15 +259,24 @@ async fn route<H: Handler>(req: Request<Incoming>, h: &H, peer: Peer) -> Respons
     let res = match (method, segs.as_slice()) {
         (Method::GET, ["v1", "jobs"]) => return reply(StatusCode::OK, &h.list()),
         (Method::POST, ["v1", "jobs"]) => match read_json(req).await {
-            Ok(r) => h.start(r, peer).await.map(|r| reply(StatusCode::CREATED, &r)),
+            Ok(r) => h
+                .start(r, peer)
+                .await
+                .map(|r| reply(StatusCode::CREATED, &r)),
             Err(e) => Err(e),
         },
         (Method::POST, ["v1", "jobs", id, "bind"]) => match read_json(req).await {
             Ok(r) => h.bind(id, r, peer).await.map(|r| reply(StatusCode::OK, &r)),
             Err(e) => Err(e),
         },
-        (Method::DELETE, ["v1", "jobs", id]) => h.end(id, peer).await.map(|r| reply(StatusCode::OK, &r)),
-        _ => Err(ApiError::new(404, "NotFound", format!("no control route {path}"))),
+        (Method::DELETE, ["v1", "jobs", id]) => {
+            h.end(id, peer).await.map(|r| reply(StatusCode::OK, &r))
+        }
+        _ => Err(ApiError::new(
+            404,
+            "NotFound",
+            format!("no control route {path}"),
+        )),
     };
     res.unwrap_or_else(api_error)
 }
@@ -317,7 +336,8 @@ impl Client {
                     .unwrap_or_else(|| format!("airlockd answered {status}")),
             });
         }
-        serde_json::from_slice(&bytes).map_err(|e| ControlError::Protocol(format!("unexpected answer: {e}")))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ControlError::Protocol(format!("unexpected answer: {e}")))
     }
 
     pub async fn start(&self, req: &StartRequest) -> Result<StartResponse, ControlError> {
@@ -327,11 +347,13 @@ impl Client {
 
     pub async fn bind(&self, job: &str, req: &BindRequest) -> Result<StartResponse, ControlError> {
         let body = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
-        self.call(Method::POST, &format!("/v1/jobs/{job}/bind"), Some(body)).await
+        self.call(Method::POST, &format!("/v1/jobs/{job}/bind"), Some(body))
+            .await
     }
 
     pub async fn end(&self, job: &str) -> Result<EndResponse, ControlError> {
-        self.call(Method::DELETE, &format!("/v1/jobs/{job}"), None).await
+        self.call(Method::DELETE, &format!("/v1/jobs/{job}"), None)
+            .await
     }
 
     pub async fn list(&self) -> Result<Vec<JobSummary>, ControlError> {
@@ -351,7 +373,9 @@ mod secret_opt {
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret<String>>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Secret<String>>, D::Error> {
         Ok(Option::<String>::deserialize(d)?.map(Secret::new))
     }
 }
@@ -374,11 +398,16 @@ mod secret_env {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
     use std::collections::BTreeMap;
 
-    pub fn serialize<S: Serializer>(v: &Secret<BTreeMap<String, String>>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(
+        v: &Secret<BTreeMap<String, String>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         v.expose().serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Secret<BTreeMap<String, String>>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Secret<BTreeMap<String, String>>, D::Error> {
         Ok(Secret::new(BTreeMap::deserialize(d)?))
     }
 }

@@ -102,7 +102,13 @@ pub struct Daemon {
 }
 
 /// Audit, or log loudly and count: used where the action has already happened.
-fn audit_best_effort(audit: &AuditLog, metrics: &Metrics, event: &str, job: Option<&str>, f: serde_json::Map<String, Value>) {
+fn audit_best_effort(
+    audit: &AuditLog,
+    metrics: &Metrics,
+    event: &str,
+    job: Option<&str>,
+    f: serde_json::Map<String, Value>,
+) {
     if let Err(e) = audit.append(event, job, f) {
         metrics.audit_failures.inc();
         tracing::error!(error = %e, event, "audit write failed");
@@ -131,7 +137,9 @@ impl Daemon {
             .unwrap_or(Path::new("/run/airlock"))
             .join("tokens");
         std::fs::create_dir_all(&token_dir)
-            .and_then(|()| std::fs::set_permissions(&token_dir, std::fs::Permissions::from_mode(0o711)))
+            .and_then(|()| {
+                std::fs::set_permissions(&token_dir, std::fs::Permissions::from_mode(0o711))
+            })
             .map_err(|e| jobs::JobsError::CreateDir(token_dir.clone(), e))?;
         let source = Arc::new(BrokerSource {
             broker: broker.clone(),
@@ -170,7 +178,10 @@ impl Daemon {
     }
 
     fn policies(&self) -> Arc<PolicySet> {
-        self.policies.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn job_count(&self) -> usize {
@@ -187,12 +198,24 @@ impl Daemon {
                 }
                 *self.policies.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(p);
                 tracing::info!(rules = n, "policies reloaded");
-                audit_best_effort(&self.audit, &self.metrics, "policy_reloaded", None, crate::fields! {"rules" => n});
+                audit_best_effort(
+                    &self.audit,
+                    &self.metrics,
+                    "policy_reloaded",
+                    None,
+                    crate::fields! {"rules" => n},
+                );
                 Ok(n)
             }
             Err(e) => {
                 tracing::error!("policy reload failed, keeping the previous policies: {e}");
-                audit_best_effort(&self.audit, &self.metrics, "policy_reload_failed", None, crate::fields! {"error" => e.to_string()});
+                audit_best_effort(
+                    &self.audit,
+                    &self.metrics,
+                    "policy_reload_failed",
+                    None,
+                    crate::fields! {"error" => e.to_string()},
+                );
                 Err(e.to_string())
             }
         }
@@ -204,15 +227,30 @@ impl Daemon {
         claims: Option<serde_json::Map<String, Value>>,
     ) -> Result<JobIdentity, ApiError> {
         match (token, claims) {
-            (Some(t), None) => self
-                .verifier
-                .verify(t.expose().trim())
-                .await
-                .map_err(|e| ApiError::new(403, "InvalidIdentityToken", format!("identity token refused: {e}"))),
-            (None, Some(c)) => crate::identity::from_attested(c)
-                .map_err(|e| ApiError::new(400, "InvalidClaims", format!("attested claims refused: {e}"))),
-            (Some(_), Some(_)) => Err(ApiError::new(400, "BadRequest", "give an OIDC token or attested claims, not both")),
-            (None, None) => Err(ApiError::new(400, "BadRequest", "an OIDC token or attested claims are required (or bind_later)")),
+            (Some(t), None) => self.verifier.verify(t.expose().trim()).await.map_err(|e| {
+                ApiError::new(
+                    403,
+                    "InvalidIdentityToken",
+                    format!("identity token refused: {e}"),
+                )
+            }),
+            (None, Some(c)) => crate::identity::from_attested(c).map_err(|e| {
+                ApiError::new(
+                    400,
+                    "InvalidClaims",
+                    format!("attested claims refused: {e}"),
+                )
+            }),
+            (Some(_), Some(_)) => Err(ApiError::new(
+                400,
+                "BadRequest",
+                "give an OIDC token or attested claims, not both",
+            )),
+            (None, None) => Err(ApiError::new(
+                400,
+                "BadRequest",
+                "an OIDC token or attested claims are required (or bind_later)",
+            )),
         }
     }
 
@@ -225,14 +263,28 @@ impl Daemon {
     }
 
     /// Apply a decision to a job: refusal reason for the endpoint, or grants for the broker.
-    fn apply(&self, rec: &mut JobRecord, identity: &JobIdentity, token: Option<Secret<String>>, d: &Decision) {
+    fn apply(
+        &self,
+        rec: &mut JobRecord,
+        identity: &JobIdentity,
+        token: Option<Secret<String>>,
+        d: &Decision,
+    ) {
         rec.rule = d.rule.clone();
         rec.aliases = d.grants.iter().map(|g| g.alias.clone()).collect();
         rec.refused = d.refused.clone();
         rec.flags = d.flags.clone();
-        self.source.refused.lock().unwrap_or_else(|p| p.into_inner()).remove(&rec.id);
+        self.source
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&rec.id);
         if let Some(why) = &d.refused {
-            self.refuse_reason(&rec.id, "AccessDenied", format!("no credentials for this job: {why}"));
+            self.refuse_reason(
+                &rec.id,
+                "AccessDenied",
+                format!("no credentials for this job: {why}"),
+            );
         } else {
             self.broker.start_job(JobGrants {
                 job_id: rec.id.clone(),
@@ -245,7 +297,10 @@ impl Daemon {
         }
     }
 
-    fn decision_fields(rec: &JobRecord, identity: Option<&JobIdentity>) -> serde_json::Map<String, Value> {
+    fn decision_fields(
+        rec: &JobRecord,
+        identity: Option<&JobIdentity>,
+    ) -> serde_json::Map<String, Value> {
         let mut f = crate::fields! {
             "runner" => rec.runner,
             "rule" => rec.rule,
@@ -288,12 +343,32 @@ impl Daemon {
         let base = format!("http://{}", rec.endpoint);
         let region = &self.cfg.endpoint.region;
         let mut env = BTreeMap::new();
-        env.insert("AWS_CONTAINER_CREDENTIALS_FULL_URI".into(), format!("{base}{CONTAINER_PATH}"));
-        env.insert("AWS_CONTAINER_AUTHORIZATION_TOKEN".into(), token.to_string());
-        env.insert("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE".into(), token_file.display().to_string());
+        env.insert(
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI".into(),
+            format!("{base}{CONTAINER_PATH}"),
+        );
+        env.insert(
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN".into(),
+            token.to_string(),
+        );
+        env.insert(
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE".into(),
+            token_file.display().to_string(),
+        );
         if self.cfg.endpoint.imds {
-            env.insert("AWS_EC2_METADATA_SERVICE_ENDPOINT".into(), format!("{base}/"));
-            env.insert("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE".into(), if rec.endpoint.is_ipv6() { "IPv6" } else { "IPv4" }.into());
+            env.insert(
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT".into(),
+                format!("{base}/"),
+            );
+            env.insert(
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE".into(),
+                if rec.endpoint.is_ipv6() {
+                    "IPv6"
+                } else {
+                    "IPv4"
+                }
+                .into(),
+            );
         }
         env.insert("AWS_REGION".into(), region.clone());
         env.insert("AWS_DEFAULT_REGION".into(), region.clone());
@@ -304,7 +379,12 @@ impl Daemon {
         env
     }
 
-    fn spawn_endpoint(&self, listener: TcpListener, rec: &JobRecord, token_sha256: [u8; 32]) -> (Arc<JobEndpoint>, JoinHandle<()>) {
+    fn spawn_endpoint(
+        &self,
+        listener: TcpListener,
+        rec: &JobRecord,
+        token_sha256: [u8; 32],
+    ) -> (Arc<JobEndpoint>, JoinHandle<()>) {
         let ep = Arc::new(JobEndpoint::new(
             rec.id.clone(),
             token_sha256,
@@ -316,7 +396,12 @@ impl Daemon {
         (ep, task)
     }
 
-    fn response(&self, rec: &JobRecord, token: Secret<String>, token_file: PathBuf) -> StartResponse {
+    fn response(
+        &self,
+        rec: &JobRecord,
+        token: Secret<String>,
+        token_file: PathBuf,
+    ) -> StartResponse {
         let env = self.job_env(rec, token.expose(), &token_file);
         StartResponse {
             job_id: rec.id.clone(),
@@ -332,23 +417,44 @@ impl Daemon {
         }
     }
 
-    pub async fn start_job(&self, req: StartRequest, peer: Peer) -> Result<StartResponse, ApiError> {
+    pub async fn start_job(
+        &self,
+        req: StartRequest,
+        peer: Peer,
+    ) -> Result<StartResponse, ApiError> {
         if let Some(r) = &req.runner {
             if r.len() > 128 || r.chars().any(char::is_control) {
-                return Err(ApiError::new(400, "BadRequest", "runner name: at most 128 printable characters"));
+                return Err(ApiError::new(
+                    400,
+                    "BadRequest",
+                    "runner name: at most 128 printable characters",
+                ));
             }
         }
         let identity = if req.bind_later {
             if req.oidc_token.is_some() || req.claims.is_some() {
-                return Err(ApiError::new(400, "BadRequest", "bind_later: give the identity with bind, not with start"));
+                return Err(ApiError::new(
+                    400,
+                    "BadRequest",
+                    "bind_later: give the identity with bind, not with start",
+                ));
             }
             None
         } else {
-            match self.resolve_identity(req.oidc_token.as_ref(), req.claims).await {
+            match self
+                .resolve_identity(req.oidc_token.as_ref(), req.claims)
+                .await
+            {
                 Ok(id) => Some(id),
                 Err(e) => {
                     tracing::warn!(runner = ?req.runner, "job refused: {}", e.message);
-                    audit_best_effort(&self.audit, &self.metrics, "job_refused", None, crate::fields! {"runner" => req.runner, "reason" => e.message});
+                    audit_best_effort(
+                        &self.audit,
+                        &self.metrics,
+                        "job_refused",
+                        None,
+                        crate::fields! {"runner" => req.runner, "reason" => e.message},
+                    );
                     return Err(e);
                 }
             }
@@ -363,7 +469,10 @@ impl Daemon {
             .map_err(|e| internal(format!("cannot open the job's endpoint listener: {e}")))?;
         let addr = listener.local_addr().map_err(internal)?;
         let token = Secret::new(endpoint::random_token());
-        let token_sha256: [u8; 32] = sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(token.expose())).into();
+        let token_sha256: [u8; 32] = sha2::Digest::finalize(
+            <sha2::Sha256 as sha2::Digest>::new_with_prefix(token.expose()),
+        )
+        .into();
         let mut rec = JobRecord {
             id: jobs::new_job_id(),
             runner: req.runner,
@@ -387,10 +496,18 @@ impl Daemon {
         }
         self.store.save(&rec).map_err(internal)?;
         // The record of the start comes before anything is served for the job.
-        if let Err(e) = self.audit.append("job_started", Some(&rec.id), Self::decision_fields(&rec, identity.as_ref())) {
+        if let Err(e) = self.audit.append(
+            "job_started",
+            Some(&rec.id),
+            Self::decision_fields(&rec, identity.as_ref()),
+        ) {
             self.metrics.audit_failures.inc();
             let _ = self.store.remove(&rec.id);
-            return Err(ApiError::new(503, "AuditUnavailable", format!("the audit log cannot be written, so no job starts: {e}")));
+            return Err(ApiError::new(
+                503,
+                "AuditUnavailable",
+                format!("the audit log cannot be written, so no job starts: {e}"),
+            ));
         }
         let token_file = match self.write_token_file(&rec.id, token.expose(), peer.uid) {
             Ok(p) => p,
@@ -401,42 +518,83 @@ impl Daemon {
         };
         match (&identity, &decision) {
             (Some(id), Some(d)) => self.apply(&mut rec, id, req.oidc_token, d),
-            _ => self.refuse_reason(&rec.id, "IdentityNotBound", "this job has not bound its identity yet".into()),
+            _ => self.refuse_reason(
+                &rec.id,
+                "IdentityNotBound",
+                "this job has not bound its identity yet".into(),
+            ),
         }
         let (ep, task) = self.spawn_endpoint(listener, &rec, token_sha256);
         tracing::info!(job = %rec.id, identity = ?rec.identity.as_ref().map(JobIdentity::summary), rule = ?rec.rule, refused = ?rec.refused, "job started");
         let resp = self.response(&rec, token, token_file.clone());
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(
             rec.id.clone(),
-            LiveJob { record: rec, endpoint: ep, task, token_file },
+            LiveJob {
+                record: rec,
+                endpoint: ep,
+                task,
+                token_file,
+            },
         );
         self.metrics.active_jobs.set(self.job_count() as i64);
         Ok(resp)
     }
 
-    pub async fn bind_job(&self, job: &str, req: BindRequest, peer: Peer) -> Result<StartResponse, ApiError> {
+    pub async fn bind_job(
+        &self,
+        job: &str,
+        req: BindRequest,
+        peer: Peer,
+    ) -> Result<StartResponse, ApiError> {
         let bound = {
             let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-            let live = jobs.get(job).ok_or_else(|| ApiError::new(404, "NoSuchJob", format!("no job {job}")))?;
+            let live = jobs
+                .get(job)
+                .ok_or_else(|| ApiError::new(404, "NoSuchJob", format!("no job {job}")))?;
             live.record.identity.is_some()
         };
         if bound {
-            audit_best_effort(&self.audit, &self.metrics, "bind_refused", Some(job), crate::fields! {"reason" => "the job's identity is already bound", "uid" => peer.uid});
-            return Err(ApiError::new(409, "AlreadyBound", "this job's identity is already bound; a job binds once"));
+            audit_best_effort(
+                &self.audit,
+                &self.metrics,
+                "bind_refused",
+                Some(job),
+                crate::fields! {"reason" => "the job's identity is already bound", "uid" => peer.uid},
+            );
+            return Err(ApiError::new(
+                409,
+                "AlreadyBound",
+                "this job's identity is already bound; a job binds once",
+            ));
         }
-        let identity = match self.resolve_identity(req.oidc_token.as_ref(), req.claims).await {
+        let identity = match self
+            .resolve_identity(req.oidc_token.as_ref(), req.claims)
+            .await
+        {
             Ok(i) => i,
             Err(e) => {
-                audit_best_effort(&self.audit, &self.metrics, "bind_refused", Some(job), crate::fields! {"reason" => e.message});
+                audit_best_effort(
+                    &self.audit,
+                    &self.metrics,
+                    "bind_refused",
+                    Some(job),
+                    crate::fields! {"reason" => e.message},
+                );
                 return Err(e);
             }
         };
         let now = OffsetDateTime::now_utc();
         let decision = self.policies().decide(&identity, now);
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        let live = jobs.get_mut(job).ok_or_else(|| ApiError::new(404, "NoSuchJob", format!("no job {job}")))?;
+        let live = jobs
+            .get_mut(job)
+            .ok_or_else(|| ApiError::new(404, "NoSuchJob", format!("no job {job}")))?;
         if live.record.identity.is_some() {
-            return Err(ApiError::new(409, "AlreadyBound", "this job's identity is already bound; a job binds once"));
+            return Err(ApiError::new(
+                409,
+                "AlreadyBound",
+                "this job's identity is already bound; a job binds once",
+            ));
         }
         let mut rec = live.record.clone();
         rec.identity = Some(identity.clone());
@@ -446,8 +604,18 @@ impl Daemon {
         rec.flags = decision.flags.clone();
         self.store.save(&rec).map_err(internal)?;
         self.audit
-            .append("job_bound", Some(job), Self::decision_fields(&rec, Some(&identity)))
-            .map_err(|e| ApiError::new(503, "AuditUnavailable", format!("the audit log cannot be written: {e}")))?;
+            .append(
+                "job_bound",
+                Some(job),
+                Self::decision_fields(&rec, Some(&identity)),
+            )
+            .map_err(|e| {
+                ApiError::new(
+                    503,
+                    "AuditUnavailable",
+                    format!("the audit log cannot be written: {e}"),
+                )
+            })?;
         self.apply(&mut rec, &identity, req.oidc_token, &decision);
         live.record = rec.clone();
         // The token is not kept in memory; the caller already has it from start.
@@ -465,11 +633,17 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(job)
-            .ok_or_else(|| ApiError::new(404, "NoSuchJob", format!("no job {job} (already ended?)")))?;
+            .ok_or_else(|| {
+                ApiError::new(404, "NoSuchJob", format!("no job {job} (already ended?)"))
+            })?;
         live.endpoint.end();
         live.task.abort();
         self.broker.end_job(job);
-        self.source.refused.lock().unwrap_or_else(|p| p.into_inner()).remove(job);
+        self.source
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(job);
         let removed_token = std::fs::remove_file(&live.token_file).is_ok();
         let store = self.store.remove(job);
         audit_best_effort(
@@ -487,7 +661,10 @@ impl Daemon {
         self.metrics.active_jobs.set(self.job_count() as i64);
         tracing::info!(job, reason, "job ended");
         store.map_err(internal)?;
-        Ok(EndResponse { job_id: job.to_string(), ended: true })
+        Ok(EndResponse {
+            job_id: job.to_string(),
+            ended: true,
+        })
     }
 
     pub fn list_jobs(&self) -> Vec<JobSummary> {
@@ -544,7 +721,13 @@ impl Daemon {
         let (records, damaged) = self.store.load_all()?;
         for (path, why) in damaged {
             tracing::error!(file = %path.display(), "damaged job record left in place: {why}");
-            audit_best_effort(&self.audit, &self.metrics, "job_record_damaged", None, crate::fields! {"file" => path.display().to_string(), "error" => why});
+            audit_best_effort(
+                &self.audit,
+                &self.metrics,
+                "job_record_damaged",
+                None,
+                crate::fields! {"file" => path.display().to_string(), "error" => why},
+            );
         }
         let now = OffsetDateTime::now_utc();
         let mut n = 0;
@@ -554,20 +737,40 @@ impl Daemon {
                 tracing::warn!(job = %rec.id, "not recovered: {why}");
                 let _ = std::fs::remove_file(&token_file);
                 let _ = me.store.remove(&rec.id);
-                audit_best_effort(&me.audit, &me.metrics, "job_ended", Some(&rec.id), crate::fields! {"reason" => why});
+                audit_best_effort(
+                    &me.audit,
+                    &me.metrics,
+                    "job_ended",
+                    Some(&rec.id),
+                    crate::fields! {"reason" => why},
+                );
             };
             if rec.deadline <= now {
-                fail(self, &rec, "the job's lifetime ended while the agent was down".into());
+                fail(
+                    self,
+                    &rec,
+                    "the job's lifetime ended while the agent was down".into(),
+                );
                 continue;
             }
-            let Ok(sha) = hex::decode(&rec.token_sha256).map_err(|_| ()).and_then(|v| <[u8; 32]>::try_from(v).map_err(|_| ())) else {
+            let Ok(sha) = hex::decode(&rec.token_sha256)
+                .map_err(|_| ())
+                .and_then(|v| <[u8; 32]>::try_from(v).map_err(|_| ()))
+            else {
                 fail(self, &rec, "the job record's token hash is damaged".into());
                 continue;
             };
             let listener = match TcpListener::bind(rec.endpoint).await {
                 Ok(l) => l,
                 Err(e) => {
-                    fail(self, &rec, format!("cannot listen on the job's endpoint {} again: {e}", rec.endpoint));
+                    fail(
+                        self,
+                        &rec,
+                        format!(
+                            "cannot listen on the job's endpoint {} again: {e}",
+                            rec.endpoint
+                        ),
+                    );
                     continue;
                 }
             };
@@ -577,15 +780,30 @@ impl Daemon {
                 // cannot be renewed and report that clearly.
                 self.apply(&mut rec, &id, None, &d);
             } else {
-                self.refuse_reason(&rec.id, "IdentityNotBound", "this job has not bound its identity yet".into());
+                self.refuse_reason(
+                    &rec.id,
+                    "IdentityNotBound",
+                    "this job has not bound its identity yet".into(),
+                );
             }
             let _ = self.store.save(&rec);
             let (ep, task) = self.spawn_endpoint(listener, &rec, sha);
-            audit_best_effort(&self.audit, &self.metrics, "job_recovered", Some(&rec.id), Self::decision_fields(&rec, rec.identity.as_ref()));
-            self.jobs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(rec.id.clone(), LiveJob { record: rec, endpoint: ep, task, token_file });
+            audit_best_effort(
+                &self.audit,
+                &self.metrics,
+                "job_recovered",
+                Some(&rec.id),
+                Self::decision_fields(&rec, rec.identity.as_ref()),
+            );
+            self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                rec.id.clone(),
+                LiveJob {
+                    record: rec,
+                    endpoint: ep,
+                    task,
+                    token_file,
+                },
+            );
             n += 1;
         }
         self.metrics.active_jobs.set(self.job_count() as i64);
@@ -602,7 +820,12 @@ impl Handler for Control {
         self.0.start_job(req, peer).await
     }
 
-    async fn bind(&self, job: &str, req: BindRequest, peer: Peer) -> Result<StartResponse, ApiError> {
+    async fn bind(
+        &self,
+        job: &str,
+        req: BindRequest,
+        peer: Peer,
+    ) -> Result<StartResponse, ApiError> {
         if !jobs::valid_job_id(job) {
             return Err(ApiError::new(400, "BadRequest", "not a job id"));
         }
@@ -613,7 +836,8 @@ impl Handler for Control {
         if !jobs::valid_job_id(job) {
             return Err(ApiError::new(400, "BadRequest", "not a job id"));
         }
-        self.0.end_job(job, &format!("ended by request (uid {})", peer.uid))
+        self.0
+            .end_job(job, &format!("ended by request (uid {})", peer.uid))
     }
 
     fn list(&self) -> Vec<JobSummary> {

@@ -318,7 +318,11 @@ async fn route<S: CredentialSource>(
     }
     if path.starts_with("/latest/") {
         if !job.imds {
-            return error(StatusCode::NOT_FOUND, "NotFound", "IMDS emulation is disabled");
+            return error(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "IMDS emulation is disabled",
+            );
         }
         return imds(req, path, job, shared).await;
     }
@@ -335,7 +339,10 @@ fn refuse<S>(
 ) -> Resp {
     if job.may_audit_refusal() {
         let rec = crate::fields! {"reason" => why, "code" => code};
-        if let Err(e) = shared.audit.append("token_rejected", Some(&job.job_id), rec) {
+        if let Err(e) = shared
+            .audit
+            .append("token_rejected", Some(&job.job_id), rec)
+        {
             tracing::error!(error = %e, "cannot audit a refused endpoint request");
             shared.metrics.audit_failures.inc();
         }
@@ -410,7 +417,11 @@ async fn imds<S: CredentialSource>(
 ) -> Resp {
     if path == "/latest/api/token" {
         if req.method() != Method::PUT {
-            return error(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "use PUT");
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "use PUT",
+            );
         }
         if req.headers().contains_key("x-forwarded-for") {
             // A proxied request: the real IMDS refuses these so a misconfigured proxy in the
@@ -445,7 +456,11 @@ async fn imds<S: CredentialSource>(
             .expect("static response parts are valid");
     }
     if req.method() != Method::GET {
-        return error(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "use GET");
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "use GET",
+        );
     }
     let tok = header_bytes(req.headers(), "x-aws-ec2-metadata-token");
     if !tok.is_some_and(|t| job.imds_token_valid(t)) {
@@ -462,11 +477,13 @@ async fn imds<S: CredentialSource>(
     const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
     match path {
         "/latest/meta-data/iam/security-credentials" | CREDS => {
-            let aliases = shared.source.aliases(&job.job_id);
-            if aliases.is_empty() {
-                return error(StatusCode::NOT_FOUND, "NotFound", "this job has no roles");
+            // Real IMDS lists exactly one role, and every SDK reads the whole body as one
+            // role name: list the default grant only. The other aliases are still served
+            // by name below.
+            match shared.source.aliases(&job.job_id).into_iter().next() {
+                Some(default) => text(StatusCode::OK, default),
+                None => error(StatusCode::NOT_FOUND, "NotFound", "this job has no roles"),
             }
-            text(StatusCode::OK, aliases.join("\n"))
         }
         "/latest/meta-data/placement/region" => text(StatusCode::OK, job.region.clone()),
         "/latest/meta-data/placement/availability-zone" => {
@@ -484,8 +501,17 @@ async fn imds<S: CredentialSource>(
         ),
         p if p.starts_with(CREDS) => {
             let alias = &p[CREDS.len()..];
-            if !shared.source.aliases(&job.job_id).iter().any(|a| a == alias) {
-                return error(StatusCode::NOT_FOUND, "NotFound", "no such role for this job");
+            if !shared
+                .source
+                .aliases(&job.job_id)
+                .iter()
+                .any(|a| a == alias)
+            {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    "no such role for this job",
+                );
             }
             match shared.source.credentials(&job.job_id, Some(alias)).await {
                 Ok(c) => json_ok(
@@ -521,7 +547,7 @@ mod tests {
     impl CredentialSource for Fake {
         async fn credentials(&self, job: &str, alias: Option<&str>) -> Result<Served, Refusal> {
             match alias.unwrap_or("deploy") {
-                "deploy" => Ok(Served {
+                "deploy" | "readonly" => Ok(Served {
                     access_key_id: format!("ASIA{job}"),
                     secret_access_key: Secret::new("SECRETKEY".into()),
                     session_token: Secret::new("SESSIONTOKEN".into()),
@@ -571,26 +597,48 @@ mod tests {
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
         let text = String::from_utf8_lossy(&out).to_string();
-        let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         (status, text)
     }
 
     fn get(addr: SocketAddr, path: &str, extra: &str) -> Vec<u8> {
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n").into_bytes()
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n")
+            .into_bytes()
     }
 
     #[tokio::test]
     async fn container_protocol_serves_the_sdk_shape() {
         let (addr, _job, _d) = start().await;
-        let (st, body) = raw(addr, &get(addr, "/v1/credentials", &format!("Authorization: {TOKEN}\r\n"))).await;
+        let (st, body) = raw(
+            addr,
+            &get(
+                addr,
+                "/v1/credentials",
+                &format!("Authorization: {TOKEN}\r\n"),
+            ),
+        )
+        .await;
         assert_eq!(st, 200, "{body}");
-        let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap()).unwrap();
         assert_eq!(json["AccessKeyId"], "ASIAj1");
         assert_eq!(json["SecretAccessKey"], "SECRETKEY");
         assert_eq!(json["Token"], "SESSIONTOKEN");
         assert_eq!(json["Expiration"], "2030-01-02T03:04:05Z");
         assert_eq!(json["AccountId"], "123456789012");
-        let (st, body) = raw(addr, &get(addr, "/v1/credentials/nope", &format!("Authorization: {TOKEN}\r\n"))).await;
+        let (st, body) = raw(
+            addr,
+            &get(
+                addr,
+                "/v1/credentials/nope",
+                &format!("Authorization: {TOKEN}\r\n"),
+            ),
+        )
+        .await;
         assert_eq!(st, 404, "{body}");
         assert!(body.contains("\"Code\":\"NoSuchRole\""), "{body}");
     }
@@ -601,12 +649,32 @@ mod tests {
         let (st, body) = raw(addr, &get(addr, "/v1/credentials", "")).await;
         assert_eq!(st, 401, "{body}");
         assert!(body.contains("MissingAuthorization"));
-        let (st, _) = raw(addr, &get(addr, "/v1/credentials", "Authorization: job-token-abd\r\n")).await;
+        let (st, _) = raw(
+            addr,
+            &get(addr, "/v1/credentials", "Authorization: job-token-abd\r\n"),
+        )
+        .await;
         assert_eq!(st, 403);
-        let (st, _) = raw(addr, &get(addr, "/v1/credentials", &format!("Authorization: Bearer {TOKEN}\r\n"))).await;
+        let (st, _) = raw(
+            addr,
+            &get(
+                addr,
+                "/v1/credentials",
+                &format!("Authorization: Bearer {TOKEN}\r\n"),
+            ),
+        )
+        .await;
         assert_eq!(st, 403, "a Bearer prefix is not the raw token");
         job.end();
-        let (st, body) = raw(addr, &get(addr, "/v1/credentials", &format!("Authorization: {TOKEN}\r\n"))).await;
+        let (st, body) = raw(
+            addr,
+            &get(
+                addr,
+                "/v1/credentials",
+                &format!("Authorization: {TOKEN}\r\n"),
+            ),
+        )
+        .await;
         assert_eq!(st, 403);
         assert!(body.contains("JobEnded"), "{body}");
     }
@@ -630,26 +698,106 @@ mod tests {
         };
         let (st, resp) = raw(addr, &put("x-aws-ec2-metadata-token-ttl-seconds: 300\r\n")).await;
         assert_eq!(st, 200, "{resp}");
-        assert!(resp.to_ascii_lowercase().contains("x-aws-ec2-metadata-token-ttl-seconds: 300"), "{resp}");
+        assert!(
+            resp.to_ascii_lowercase()
+                .contains("x-aws-ec2-metadata-token-ttl-seconds: 300"),
+            "{resp}"
+        );
         let token = resp.split("\r\n\r\n").nth(1).unwrap().to_string();
         let h = format!("x-aws-ec2-metadata-token: {token}\r\n");
-        let (st, body) = raw(addr, &get(addr, "/latest/meta-data/iam/security-credentials/", &h)).await;
+        let (st, body) = raw(
+            addr,
+            &get(addr, "/latest/meta-data/iam/security-credentials/", &h),
+        )
+        .await;
         assert_eq!(st, 200);
-        assert!(body.ends_with("deploy\nreadonly"), "{body}");
-        let (st, body) = raw(addr, &get(addr, "/latest/meta-data/iam/security-credentials/deploy", &h)).await;
+        assert!(
+            body.ends_with("\r\n\r\ndeploy"),
+            "only the default role is listed: {body}"
+        );
+        let (st, body) = raw(
+            addr,
+            &get(
+                addr,
+                "/latest/meta-data/iam/security-credentials/readonly",
+                &h,
+            ),
+        )
+        .await;
+        assert_eq!(st, 200, "other aliases are served by name: {body}");
+        let (st, body) = raw(
+            addr,
+            &get(
+                addr,
+                "/latest/meta-data/iam/security-credentials/deploy",
+                &h,
+            ),
+        )
+        .await;
         assert_eq!(st, 200, "{body}");
-        assert!(body.contains("\"Code\":\"Success\"") && body.contains("\"Type\":\"AWS-HMAC\""), "{body}");
+        assert!(
+            body.contains("\"Code\":\"Success\"") && body.contains("\"Type\":\"AWS-HMAC\""),
+            "{body}"
+        );
         let (st, body) = raw(addr, &get(addr, "/latest/meta-data/placement/region", &h)).await;
         assert_eq!(st, 200);
         assert!(body.ends_with("eu-west-1"));
-        let (st, body) = raw(addr, &get(addr, "/latest/dynamic/instance-identity/document", &h)).await;
-        assert!(st == 200 && body.contains("\"region\":\"eu-west-1\""), "{body}");
+        let (st, body) = raw(
+            addr,
+            &get(addr, "/latest/dynamic/instance-identity/document", &h),
+        )
+        .await;
+        assert!(
+            st == 200 && body.contains("\"region\":\"eu-west-1\""),
+            "{body}"
+        );
         // IMDSv1, a made-up token, a proxied PUT and a bad TTL are all refused.
-        assert_eq!(raw(addr, &get(addr, "/latest/meta-data/iam/security-credentials/", "")).await.0, 401);
-        assert_eq!(raw(addr, &get(addr, "/latest/meta-data/iam/security-credentials/", "x-aws-ec2-metadata-token: forged\r\n")).await.0, 401);
-        assert_eq!(raw(addr, &put("x-aws-ec2-metadata-token-ttl-seconds: 300\r\nX-Forwarded-For: 10.0.0.1\r\n")).await.0, 403);
-        assert_eq!(raw(addr, &put("x-aws-ec2-metadata-token-ttl-seconds: 0\r\n")).await.0, 400);
-        assert_eq!(raw(addr, &put("x-aws-ec2-metadata-token-ttl-seconds: 21601\r\n")).await.0, 400);
+        assert_eq!(
+            raw(
+                addr,
+                &get(addr, "/latest/meta-data/iam/security-credentials/", "")
+            )
+            .await
+            .0,
+            401
+        );
+        assert_eq!(
+            raw(
+                addr,
+                &get(
+                    addr,
+                    "/latest/meta-data/iam/security-credentials/",
+                    "x-aws-ec2-metadata-token: forged\r\n"
+                )
+            )
+            .await
+            .0,
+            401
+        );
+        assert_eq!(
+            raw(
+                addr,
+                &put("x-aws-ec2-metadata-token-ttl-seconds: 300\r\nX-Forwarded-For: 10.0.0.1\r\n")
+            )
+            .await
+            .0,
+            403
+        );
+        assert_eq!(
+            raw(addr, &put("x-aws-ec2-metadata-token-ttl-seconds: 0\r\n"))
+                .await
+                .0,
+            400
+        );
+        assert_eq!(
+            raw(
+                addr,
+                &put("x-aws-ec2-metadata-token-ttl-seconds: 21601\r\n")
+            )
+            .await
+            .0,
+            400
+        );
         assert_eq!(raw(addr, &put("")).await.0, 400);
     }
 
@@ -658,14 +806,25 @@ mod tests {
         let (addr, _job, _d) = start().await;
         let (st, _) = raw(addr, b"\x16\x03\x01garbage\r\n\r\n").await;
         assert_eq!(st, 400);
-        let huge = format!("GET /v1/credentials HTTP/1.1\r\nHost: {addr}\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
+        let huge = format!(
+            "GET /v1/credentials HTTP/1.1\r\nHost: {addr}\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(64 * 1024)
+        );
         let (st, _) = raw(addr, huge.as_bytes()).await;
         assert!(st == 431 || st == 400 || st == 0, "status {st}");
         let (st, _) = raw(addr, &format!("POST /v1/credentials HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()).await;
         assert_eq!(st, 405);
         let (st, _) = raw(addr, &get(addr, "/etc/passwd", "")).await;
         assert_eq!(st, 404);
-        let (st, _) = raw(addr, &get(addr, "/v1/credentials", &format!("Authorization: {TOKEN}\r\n"))).await;
+        let (st, _) = raw(
+            addr,
+            &get(
+                addr,
+                "/v1/credentials",
+                &format!("Authorization: {TOKEN}\r\n"),
+            ),
+        )
+        .await;
         assert_eq!(st, 200);
     }
 
@@ -673,7 +832,15 @@ mod tests {
     async fn refusals_are_audited_without_the_token_and_rate_limited() {
         let (addr, _job, dir) = start().await;
         for _ in 0..30 {
-            raw(addr, &get(addr, "/v1/credentials", "Authorization: stolen-token-value\r\n")).await;
+            raw(
+                addr,
+                &get(
+                    addr,
+                    "/v1/credentials",
+                    "Authorization: stolen-token-value\r\n",
+                ),
+            )
+            .await;
         }
         let audit = std::fs::read_to_string(dir.path().join("a.jsonl")).unwrap();
         assert_eq!(audit.lines().count(), AUDIT_REFUSALS_PER_MINUTE as usize);

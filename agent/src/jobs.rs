@@ -181,7 +181,11 @@ mod tests {
         let (good, bad) = s.load_all().unwrap();
         assert_eq!(good, vec![rec(&id)]);
         assert!(bad.is_empty());
-        let mode = fs::metadata(d.path().join("jobs")).unwrap().permissions().mode() & 0o777;
+        let mode = fs::metadata(d.path().join("jobs"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o700);
         s.remove(&id).unwrap();
         assert!(s.load_all().unwrap().0.is_empty());
@@ -197,7 +201,11 @@ mod tests {
         let mut r = rec("j-0000000000000002");
         s.save(&r).unwrap();
         r.id = "j-0000000000000003".into();
-        fs::write(d.path().join("jobs/j-0000000000000004.json"), serde_json::to_vec(&r).unwrap()).unwrap();
+        fs::write(
+            d.path().join("jobs/j-0000000000000004.json"),
+            serde_json::to_vec(&r).unwrap(),
+        )
+        .unwrap();
         let (good, bad) = s.load_all().unwrap();
         assert_eq!(good.len(), 1);
         assert_eq!(bad.len(), 2);

@@ -4,9 +4,9 @@
 //! [`policy`] (pure) → [`broker`] → [`endpoint`] → the job's SDK. [`audit`] is a sink that
 //! everyone writes to and that nothing reads back.
 
+pub mod admin;
 pub mod audit;
 pub mod broker;
-pub mod admin;
 pub mod config;
 pub mod control;
 pub mod daemon;

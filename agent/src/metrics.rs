@@ -54,7 +54,11 @@ impl Metrics {
             "Credential endpoint requests by outcome",
             requests.clone(),
         );
-        registry.register("sts_calls", "STS calls by action and outcome", sts_calls.clone());
+        registry.register(
+            "sts_calls",
+            "STS calls by action and outcome",
+            sts_calls.clone(),
+        );
         registry.register(
             "sts_latency_seconds",
             "STS call latency in seconds",
@@ -70,7 +74,11 @@ impl Metrics {
             "Credential requests that had to wait for STS",
             cache_misses.clone(),
         );
-        registry.register("active_jobs", "Jobs currently known to the agent", active_jobs.clone());
+        registry.register(
+            "active_jobs",
+            "Jobs currently known to the agent",
+            active_jobs.clone(),
+        );
         registry.register(
             "audit_write_failures",
             "Audit records that could not be written (nothing was issued for them)",
@@ -127,8 +135,14 @@ mod tests {
         m.sts_call("AssumeRole", "ok", Duration::from_millis(20));
         m.active_jobs.set(3);
         let text = m.encode();
-        assert!(text.contains("airlock_endpoint_requests_total{outcome=\"ok\"} 2"), "{text}");
-        assert!(text.contains("airlock_sts_calls_total{action=\"AssumeRole\",outcome=\"ok\"} 1"), "{text}");
+        assert!(
+            text.contains("airlock_endpoint_requests_total{outcome=\"ok\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("airlock_sts_calls_total{action=\"AssumeRole\",outcome=\"ok\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("airlock_active_jobs 3"), "{text}");
     }
 }

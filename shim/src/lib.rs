@@ -67,14 +67,23 @@ mod tests {
             uid: 60000,
             gid: 60000,
             netns: None,
-            tmpfs: vec![TmpfsMount { target: "/tmp".into(), size_bytes: 1 << 30, mode: 0o1777 }],
+            tmpfs: vec![TmpfsMount {
+                target: "/tmp".into(),
+                size_bytes: 1 << 30,
+                mode: 0o1777,
+            }],
             hide: vec!["/etc/airlock".into()],
-            rlimits: Rlimits { nofile: Some(4096), ..Default::default() },
+            rlimits: Rlimits {
+                nofile: Some(4096),
+                ..Default::default()
+            },
         };
         let text = serde_json::to_string(&spec).unwrap();
         assert_eq!(serde_json::from_str::<SandboxSpec>(&text).unwrap(), spec);
         let bad = text.replacen("\"uid\"", "\"evil\":1,\"uid\"", 1);
-        let err = serde_json::from_str::<SandboxSpec>(&bad).unwrap_err().to_string();
+        let err = serde_json::from_str::<SandboxSpec>(&bad)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `evil`"), "{err}");
     }
 }

@@ -150,9 +150,13 @@ impl<E: std::fmt::Display> From<(i32, E)> for Fail {
 fn control_fail(e: ControlError) -> Fail {
     let code = match &e {
         ControlError::Connect(..) => exit::UNAVAILABLE,
-        ControlError::Refused { status: 401 | 403, .. } => exit::NOPERM,
+        ControlError::Refused {
+            status: 401 | 403, ..
+        } => exit::NOPERM,
         ControlError::Refused { status: 404, .. } => exit::NOINPUT,
-        ControlError::Refused { status: 400..=499, .. } => exit::DATAERR,
+        ControlError::Refused {
+            status: 400..=499, ..
+        } => exit::DATAERR,
         ControlError::Refused { .. } => exit::UNAVAILABLE,
         _ => exit::SOFTWARE,
     };
@@ -162,7 +166,10 @@ fn control_fail(e: ControlError) -> Fail {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     airlock::logging::init(airlock::logging::LogFormat::Plain);
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("airlock: cannot start: {e}");
@@ -187,11 +194,24 @@ fn config(path: &Path) -> Result<Config, Fail> {
 }
 
 fn read_input(path: &Path, what: &str) -> Result<String, Fail> {
-    let meta = std::fs::metadata(path).map_err(|e| Fail(exit::NOINPUT, format!("cannot read {what} {}: {e}", path.display())))?;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        Fail(
+            exit::NOINPUT,
+            format!("cannot read {what} {}: {e}", path.display()),
+        )
+    })?;
     if meta.len() > 64 * 1024 {
-        return Err(Fail(exit::DATAERR, format!("{what} {} is larger than 64 KiB", path.display())));
+        return Err(Fail(
+            exit::DATAERR,
+            format!("{what} {} is larger than 64 KiB", path.display()),
+        ));
     }
-    std::fs::read_to_string(path).map_err(|e| Fail(exit::NOINPUT, format!("cannot read {what} {}: {e}", path.display())))
+    std::fs::read_to_string(path).map_err(|e| {
+        Fail(
+            exit::NOINPUT,
+            format!("cannot read {what} {}: {e}", path.display()),
+        )
+    })
 }
 
 type Claims = serde_json::Map<String, serde_json::Value>;
@@ -201,14 +221,21 @@ fn identity_input(id: &IdentityArgs) -> Result<(Option<Secret<String>>, Option<C
         let t = read_input(p, "token file")?;
         let t = t.trim();
         if t.is_empty() {
-            return Err(Fail(exit::DATAERR, format!("token file {} is empty", p.display())));
+            return Err(Fail(
+                exit::DATAERR,
+                format!("token file {} is empty", p.display()),
+            ));
         }
         return Ok((Some(Secret::new(t.to_string())), None));
     }
     if let Some(p) = &id.claims_file {
         let text = read_input(p, "claims file")?;
-        let claims: Claims = serde_json::from_str(&text)
-            .map_err(|e| Fail(exit::DATAERR, format!("claims file {} is not a JSON object: {e}", p.display())))?;
+        let claims: Claims = serde_json::from_str(&text).map_err(|e| {
+            Fail(
+                exit::DATAERR,
+                format!("claims file {} is not a JSON object: {e}", p.display()),
+            )
+        })?;
         return Ok((None, Some(claims)));
     }
     Ok((None, None))
@@ -225,32 +252,67 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
         Cmd::Run { id, runner, cmd } => {
             let (oidc_token, claims) = identity_input(&id)?;
             if oidc_token.is_none() && claims.is_none() {
-                return Err(Fail(exit::USAGE, "give --oidc-token-file or --claims-file".into()));
+                return Err(Fail(
+                    exit::USAGE,
+                    "give --oidc-token-file or --claims-file".into(),
+                ));
             }
             let client = socket(&cli.socket, &cli.config)?;
-            run_job(&client, StartRequest { oidc_token, claims, runner, ..Default::default() }, &cmd).await
+            run_job(
+                &client,
+                StartRequest {
+                    oidc_token,
+                    claims,
+                    runner,
+                    ..Default::default()
+                },
+                &cmd,
+            )
+            .await
         }
-        Cmd::Job(JobCmd::Start { id, runner, bind_later }) => {
+        Cmd::Job(JobCmd::Start {
+            id,
+            runner,
+            bind_later,
+        }) => {
             let (oidc_token, claims) = identity_input(&id)?;
             if !bind_later && oidc_token.is_none() && claims.is_none() {
-                return Err(Fail(exit::USAGE, "give --oidc-token-file, --claims-file or --bind-later".into()));
+                return Err(Fail(
+                    exit::USAGE,
+                    "give --oidc-token-file, --claims-file or --bind-later".into(),
+                ));
             }
             let client = socket(&cli.socket, &cli.config)?;
             let resp = client
-                .start(&StartRequest { oidc_token, claims, runner, bind_later, max_lifetime_secs: None })
+                .start(&StartRequest {
+                    oidc_token,
+                    claims,
+                    runner,
+                    bind_later,
+                    max_lifetime_secs: None,
+                })
                 .await
                 .map_err(control_fail)?;
-            println!("{}", serde_json::to_string_pretty(&resp).map_err(|e| (exit::SOFTWARE, e))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&resp).map_err(|e| (exit::SOFTWARE, e))?
+            );
             Ok(exit::OK)
         }
         Cmd::Job(JobCmd::Bind { job_id, id }) => {
             let (oidc_token, claims) = identity_input(&id)?;
             let client = socket(&cli.socket, &cli.config)?;
             let resp = client
-                .bind(&job_id, &airlock::control::BindRequest { oidc_token, claims })
+                .bind(
+                    &job_id,
+                    &airlock::control::BindRequest { oidc_token, claims },
+                )
                 .await
                 .map_err(control_fail)?;
-            println!("{}", serde_json::to_string_pretty(&resp).map_err(|e| (exit::SOFTWARE, e))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&resp).map_err(|e| (exit::SOFTWARE, e))?
+            );
             Ok(exit::OK)
         }
         Cmd::Job(JobCmd::End { job_id }) => {
@@ -263,11 +325,21 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
             let client = socket(&cli.socket, &cli.config)?;
             let jobs = client.list().await.map_err(control_fail)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&jobs).map_err(|e| (exit::SOFTWARE, e))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&jobs).map_err(|e| (exit::SOFTWARE, e))?
+                );
             } else {
-                println!("{:<18}  {:<20}  {:<22}  {:<24}  IDENTITY", "JOB", "CREATED", "RULE", "GRANTS");
+                println!(
+                    "{:<18}  {:<20}  {:<22}  {:<24}  IDENTITY",
+                    "JOB", "CREATED", "RULE", "GRANTS"
+                );
                 for j in jobs {
-                    let grants = if j.grants.is_empty() { "-".to_string() } else { j.grants.join(",") };
+                    let grants = if j.grants.is_empty() {
+                        "-".to_string()
+                    } else {
+                        j.grants.join(",")
+                    };
                     println!(
                         "{:<18}  {:<20}  {:<22}  {:<24}  {}",
                         j.job_id,
@@ -296,7 +368,9 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
                 Err(e) => Err(Fail(exit::DATAERR, e.to_string())),
             }
         }
-        Cmd::Policy(PolicyCmd::Explain { id, dir, json }) => explain(&cli.config, id, dir, json).await,
+        Cmd::Policy(PolicyCmd::Explain { id, dir, json }) => {
+            explain(&cli.config, id, dir, json).await
+        }
         Cmd::Audit(AuditCmd::Verify { file }) => {
             let file = match file {
                 Some(f) => f,
@@ -304,19 +378,39 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
             };
             match airlock::audit::verify(&file) {
                 Ok(r) => {
-                    println!("{}: {} record(s), chain intact, last hash {}", file.display(), r.records, r.last_hash);
+                    println!(
+                        "{}: {} record(s), chain intact, last hash {}",
+                        file.display(),
+                        r.records,
+                        r.last_hash
+                    );
                     Ok(exit::OK)
                 }
-                Err(e @ airlock::audit::VerifyError::Read(..)) => Err(Fail(exit::NOINPUT, e.to_string())),
-                Err(e) => Err(Fail(exit::DATAERR, format!("{}: chain broken at {e}", file.display()))),
+                Err(e @ airlock::audit::VerifyError::Read(..)) => {
+                    Err(Fail(exit::NOINPUT, e.to_string()))
+                }
+                Err(e) => Err(Fail(
+                    exit::DATAERR,
+                    format!("{}: chain broken at {e}", file.display()),
+                )),
             }
         }
-        Cmd::Audit(AuditCmd::Query { file, repository, role, job, event, since, until }) => {
+        Cmd::Audit(AuditCmd::Query {
+            file,
+            repository,
+            role,
+            job,
+            event,
+            since,
+            until,
+        }) => {
             let file = match file {
                 Some(f) => f,
                 None => config(&cli.config)?.audit.path,
             };
-            let time = |s: Option<String>, what: &str| -> Result<Option<time::OffsetDateTime>, Fail> {
+            let time = |s: Option<String>,
+                        what: &str|
+             -> Result<Option<time::OffsetDateTime>, Fail> {
                 s.map(|s| {
                     time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
                         .map_err(|e| Fail(exit::USAGE, format!("--{what} {s:?} is not an RFC 3339 time (e.g. 2026-11-26T09:00:00Z): {e}")))
@@ -331,7 +425,8 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
                 since: time(since, "since")?,
                 until: time(until, "until")?,
             };
-            let recs = airlock::audit::query(&file, &filter).map_err(|e| Fail(exit::NOINPUT, e.to_string()))?;
+            let recs = airlock::audit::query(&file, &filter)
+                .map_err(|e| Fail(exit::NOINPUT, e.to_string()))?;
             for r in recs {
                 println!("{}", serde_json::Value::Object(r));
             }
@@ -340,22 +435,40 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
     }
 }
 
-async fn explain(cfg_path: &Path, id: IdentityArgs, dir: Option<PathBuf>, json: bool) -> Result<i32, Fail> {
+async fn explain(
+    cfg_path: &Path,
+    id: IdentityArgs,
+    dir: Option<PathBuf>,
+    json: bool,
+) -> Result<i32, Fail> {
     let cfg = config(cfg_path)?;
     let dir = dir.unwrap_or(cfg.policy.dir.clone());
-    let policies = airlock::policy::load_dir(&dir).map_err(|e| Fail(exit::DATAERR, e.to_string()))?;
+    let policies =
+        airlock::policy::load_dir(&dir).map_err(|e| Fail(exit::DATAERR, e.to_string()))?;
     let identity = match identity_input(&id)? {
         (Some(token), None) => {
             let http = airlock::http_client::HttpClient::new().map_err(|e| (exit::SOFTWARE, e))?;
-            let v = airlock::identity::Verifier::new(&cfg.issuers, http).map_err(|e| (exit::CONFIG, e))?;
-            v.verify(token.expose()).await.map_err(|e| Fail(exit::DATAERR, format!("identity token refused: {e}")))?
+            let v = airlock::identity::Verifier::new(&cfg.issuers, http)
+                .map_err(|e| (exit::CONFIG, e))?;
+            v.verify(token.expose())
+                .await
+                .map_err(|e| Fail(exit::DATAERR, format!("identity token refused: {e}")))?
         }
-        (None, Some(claims)) => airlock::identity::from_attested(claims).map_err(|e| Fail(exit::DATAERR, format!("attested claims refused: {e}")))?,
-        _ => return Err(Fail(exit::USAGE, "give --oidc-token-file or --claims-file".into())),
+        (None, Some(claims)) => airlock::identity::from_attested(claims)
+            .map_err(|e| Fail(exit::DATAERR, format!("attested claims refused: {e}")))?,
+        _ => {
+            return Err(Fail(
+                exit::USAGE,
+                "give --oidc-token-file or --claims-file".into(),
+            ))
+        }
     };
     let ex = policies.explain(&identity, time::OffsetDateTime::now_utc());
     if json {
-        println!("{}", serde_json::to_string_pretty(&ex).map_err(|e| (exit::SOFTWARE, e))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&ex).map_err(|e| (exit::SOFTWARE, e))?
+        );
         return Ok(exit::OK);
     }
     println!("identity: {}", identity.summary());
@@ -379,7 +492,11 @@ async fn explain(cfg_path: &Path, id: IdentityArgs, dir: Option<PathBuf>, json: 
                     g.role_arn,
                     g.method,
                     g.duration_secs,
-                    if g.session_policy.is_some() { ", with a session policy" } else { "" }
+                    if g.session_policy.is_some() {
+                        ", with a session policy"
+                    } else {
+                        ""
+                    }
                 );
             }
             for f in &d.flags {
@@ -460,5 +577,7 @@ async fn run_job(client: &Client, req: StartRequest, cmd: &[String]) -> Result<i
     }
     let status = status?;
     use std::os::unix::process::ExitStatusExt;
-    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(1)))
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(1)))
 }

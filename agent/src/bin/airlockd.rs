@@ -69,7 +69,10 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(exit::OSERR, format!("cannot start the runtime: {e}")),
     };
@@ -98,10 +101,22 @@ async fn run(args: Args, cfg: Config, policies: airlock::policy::PolicySet) -> E
         None => None,
         Some(name) => match nix::unistd::Group::from_name(name) {
             Ok(Some(g)) => Some(g.gid.as_raw()),
-            _ => return fail(exit::CONFIG, format!("[agent] control_group {name:?} does not exist")),
+            _ => {
+                return fail(
+                    exit::CONFIG,
+                    format!("[agent] control_group {name:?} does not exist"),
+                )
+            }
         },
     };
-    let daemon = match Daemon::new(cfg.clone(), policies, verifier, broker, audit.clone(), metrics) {
+    let daemon = match Daemon::new(
+        cfg.clone(),
+        policies,
+        verifier,
+        broker,
+        audit.clone(),
+        metrics,
+    ) {
         Ok(d) => d,
         Err(e) => return fail(exit::CANTCREAT, e),
     };
@@ -115,14 +130,23 @@ async fn run(args: Args, cfg: Config, policies: airlock::policy::PolicySet) -> E
             Ok(l) => {
                 tokio::spawn(airlock::admin::serve(l, daemon.clone()));
             }
-            Err(e) => return fail(exit::OSERR, format!("cannot listen on [admin] {}: {e}", cfg.admin.listen)),
+            Err(e) => {
+                return fail(
+                    exit::OSERR,
+                    format!("cannot listen on [admin] {}: {e}", cfg.admin.listen),
+                )
+            }
         }
     }
     let control = match airlock::control::bind(&cfg.agent.control_socket, group) {
         Ok(l) => l,
         Err(e) => return fail(exit::OSERR, e),
     };
-    tokio::spawn(airlock::control::serve(control, Arc::new(Control(daemon.clone())), group));
+    tokio::spawn(airlock::control::serve(
+        control,
+        Arc::new(Control(daemon.clone())),
+        group,
+    ));
     if let Err(e) = audit.append(
         "agent_started",
         None,
@@ -163,8 +187,15 @@ async fn run(args: Args, cfg: Config, policies: airlock::policy::PolicySet) -> E
         }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    tracing::info!(jobs = daemon.job_count(), "airlockd stopping; job records are kept for the next start");
-    let _ = audit.append("agent_stopped", None, airlock::fields! {"jobs" => daemon.job_count()});
+    tracing::info!(
+        jobs = daemon.job_count(),
+        "airlockd stopping; job records are kept for the next start"
+    );
+    let _ = audit.append(
+        "agent_stopped",
+        None,
+        airlock::fields! {"jobs" => daemon.job_count()},
+    );
     let _ = std::fs::remove_file(&cfg.agent.control_socket);
     ExitCode::SUCCESS
 }

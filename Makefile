@@ -1,0 +1,54 @@
+# airlock: build, test and demo entry points. `make test` is what CI runs (.ci/run).
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: all build deps test lint fmt-check clippy unit e2e demo bench clean-demo help
+
+all: build
+
+help:
+	@echo "make build   - cargo build --bins (airlockd, airlock, airlock-testkit, ...)"
+	@echo "make deps    - install the pinned test clients (python venv + node modules)"
+	@echo "make lint    - cargo fmt --check and clippy -D warnings"
+	@echo "make test    - deps, lint, build, every test (unit + end-to-end)"
+	@echo "make demo    - a production job gets credentials, a feature branch is refused"
+	@echo "make bench   - the performance benchmark (release build)"
+
+build:
+	$(CARGO) build --bins
+
+deps:
+	scripts/setup-test-deps.sh
+
+fmt-check:
+	$(CARGO) fmt --all --check
+
+clippy:
+	$(CARGO) clippy --all-targets -- -D warnings
+
+lint: fmt-check clippy
+
+# The end-to-end tests run the binaries built here; `cargo test` alone does not build them
+# for another crate's tests.
+test: deps lint build
+	@if command -v cargo-nextest >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		echo "cargo-nextest not found: falling back to cargo test"; \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+unit:
+	$(CARGO) test --workspace --lib --bins
+
+e2e: deps build
+	$(CARGO) test -p airlock-tests --tests
+
+demo: deps build
+	scripts/demo.sh
+
+# Release builds of the agent, measured against a bare hyper server in the same run.
+BENCH_BIN_DIR = $(if $(CARGO_TARGET_DIR),$(abspath $(CARGO_TARGET_DIR)),$(CURDIR)/target)/release
+bench: deps
+	$(CARGO) build --release -p airlock-agent --bins
+	AIRLOCK_BIN_DIR=$(BENCH_BIN_DIR) $(CARGO) run -p airlock-tests --bin airlock-bench --release

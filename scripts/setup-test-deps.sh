@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Installs what airlock's end-to-end tests and demo run against, pinned:
+#   - a Python venv at ${AIRLOCK_VENV:-$HOME/.cache/airlock/venv} with moto[server] (the STS
+#     stand-in), boto3 and the AWS CLI, from tests/clients/requirements.txt;
+#   - the AWS SDK for JavaScript v3 in tests/node (npm ci from package-lock.json).
+# Idempotent: a stamp holding the hash of the pins makes a second run a no-op.
+# Needs python3 (with venv), node >= 20 and npm. As root on Debian it installs python3-venv
+# when missing; it never uses sudo.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${AIRLOCK_VENV:-$HOME/.cache/airlock/venv}"
+reqs="$repo/tests/clients/requirements.txt"
+node_dir="$repo/tests/node"
+
+say() { printf 'setup-test-deps: %s\n' "$*"; }
+die() { printf 'setup-test-deps: error: %s\n' "$*" >&2; exit 1; }
+
+hash_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
+
+# --- Python venv -------------------------------------------------------------------------
+command -v python3 >/dev/null || die "python3 not found: install it (Debian: apt-get install python3 python3-venv)"
+want="$(hash_of "$reqs")-$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+stamp="$venv/.airlock-stamp"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -x "$venv/bin/moto_server" && -x "$venv/bin/aws" ]]; then
+    say "python venv $venv is up to date (moto, boto3, awscli)"
+else
+    if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+        if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+            say "installing python3-venv with apt-get"
+            DEBIAN_FRONTEND=noninteractive apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+        else
+            die "python3 has no venv/ensurepip module: install python3-venv"
+        fi
+    fi
+    say "creating python venv $venv"
+    rm -rf "$venv"
+    mkdir -p "$(dirname "$venv")"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$reqs"
+    echo "$want" > "$stamp"
+    say "installed $("$venv/bin/python" -m pip freeze | grep -iE '^(moto|boto3|awscli)==' | tr '\n' ' ')"
+fi
+
+# --- Node: AWS SDK for JavaScript v3 --------------------------------------------------------
+command -v node >/dev/null || die "node not found: install Node.js >= 20 (Debian: apt-get install nodejs npm)"
+command -v npm >/dev/null || die "npm not found: install npm"
+node_major="$(node -p 'process.versions.node.split(".")[0]')"
+[[ "$node_major" -ge 20 ]] || die "node $(node --version) is too old: the AWS SDK v3 needs >= 20"
+nwant="$(hash_of "$node_dir/package.json" "$node_dir/package-lock.json")-$node_major"
+nstamp="$node_dir/node_modules/.airlock-stamp"
+if [[ -f "$nstamp" && "$(cat "$nstamp")" == "$nwant" ]]; then
+    say "node modules in tests/node are up to date"
+else
+    say "npm ci in tests/node"
+    (cd "$node_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    echo "$nwant" > "$nstamp"
+    say "installed $(cd "$node_dir" && npm ls --depth=0 --parseable --long 2>/dev/null | grep -o '@aws-sdk/[^:]*@[0-9.]*' | tr '\n' ' ')"
+fi
+
+say "done (venv: $venv)"
