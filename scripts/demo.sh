@@ -161,6 +161,11 @@ for line in sys.stdin:
 }
 note "\$ airlock audit query --repository acme/web   (summarised)"
 airlock audit query --repository acme/web | summarise
+if airlock audit query --repository acme/web --event sts_error | grep -q readonly; then
+    note "(The sts_error is the production rule's second grant, \"readonly\", which uses"
+    note " AssumeRoleWithWebIdentity: moto 5.2.1 answers that unsigned call with HTTP 500 while it"
+    note " checks signatures. Real STS accepts it; the job's default role is unaffected.)"
+fi
 note "\$ airlock audit query --repository other-org/tool   (summarised)"
 airlock audit query --repository other-org/tool | summarise
 note "\$ airlock audit verify"

@@ -31,6 +31,8 @@ use crate::secret::Secret;
 
 /// How often the agent looks for jobs past their deadline.
 const REAP_INTERVAL: Duration = Duration::from_secs(5);
+/// The shortest lifetime a start request may ask for.
+const MIN_JOB_LIFETIME_SECS: u64 = 10;
 
 /// The broker as the endpoint sees it, plus why refused jobs get nothing.
 #[derive(Debug)]
@@ -462,7 +464,7 @@ impl Daemon {
         let now = OffsetDateTime::now_utc();
         let mut lifetime = self.cfg.jobs.max_lifetime;
         if let Some(s) = req.max_lifetime_secs {
-            lifetime = lifetime.min(Duration::from_secs(s.max(60)));
+            lifetime = lifetime.min(Duration::from_secs(s.max(MIN_JOB_LIFETIME_SECS)));
         }
         let listener = TcpListener::bind(SocketAddr::new(self.cfg.endpoint.bind, 0))
             .await

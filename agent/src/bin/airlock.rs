@@ -34,6 +34,10 @@ enum Cmd {
         /// Name of the runner (shown in the audit log).
         #[arg(long)]
         runner: Option<String>,
+        /// End the job (and its credentials) after this long even if CMD still runs,
+        /// e.g. "30m" (at most the agent's [jobs] max_lifetime).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_lifetime: Option<std::time::Duration>,
         /// The command and its arguments.
         #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
         cmd: Vec<String>,
@@ -67,11 +71,15 @@ enum JobCmd {
     Start {
         #[command(flatten)]
         id: IdentityArgs,
+        /// Name of the runner (shown in the audit log).
         #[arg(long)]
         runner: Option<String>,
         /// Start without an identity; bind it later with `airlock job bind`.
         #[arg(long)]
         bind_later: bool,
+        /// End the job after this long, e.g. "30m" (at most the agent's [jobs] max_lifetime).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_lifetime: Option<std::time::Duration>,
     },
     /// Bind the identity of a job started with --bind-later (once).
     Bind {
@@ -249,7 +257,12 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
         }))
     };
     match cli.cmd {
-        Cmd::Run { id, runner, cmd } => {
+        Cmd::Run {
+            id,
+            runner,
+            max_lifetime,
+            cmd,
+        } => {
             let (oidc_token, claims) = identity_input(&id)?;
             if oidc_token.is_none() && claims.is_none() {
                 return Err(Fail(
@@ -264,6 +277,7 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
                     oidc_token,
                     claims,
                     runner,
+                    max_lifetime_secs: max_lifetime.map(|d| d.as_secs()),
                     ..Default::default()
                 },
                 &cmd,
@@ -274,6 +288,7 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
             id,
             runner,
             bind_later,
+            max_lifetime,
         }) => {
             let (oidc_token, claims) = identity_input(&id)?;
             if !bind_later && oidc_token.is_none() && claims.is_none() {
@@ -289,7 +304,7 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
                     claims,
                     runner,
                     bind_later,
-                    max_lifetime_secs: None,
+                    max_lifetime_secs: max_lifetime.map(|d| d.as_secs()),
                 })
                 .await
                 .map_err(control_fail)?;
