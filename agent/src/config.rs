@@ -401,6 +401,13 @@ impl Config {
         if !sts.starts_with("http://") && !sts.starts_with("https://") {
             return bad(format!("[sts] endpoint {sts:?} must be an https:// URL"));
         }
+        if !self.endpoint.bind.is_loopback() {
+            // Jobs are not sandboxed yet: a job's listener is only as private as loopback.
+            return bad(format!(
+                "[endpoint] bind = \"{}\" is not a loopback address; job credentials would be reachable from the network",
+                self.endpoint.bind
+            ));
+        }
         if self.sts.max_attempts == 0 {
             return bad("[sts] max_attempts must be at least 1".into());
         }
@@ -498,6 +505,15 @@ mod tests {
         let c = Config::load(&f).unwrap();
         assert_eq!(c.agent.control_socket, d.path().join("run/control.sock"));
         assert_eq!(c.policy.dir, Path::new("/abs/policies"));
+    }
+
+    #[test]
+    fn the_endpoint_never_listens_beyond_loopback() {
+        let err = Config::parse(Path::new("a.toml"), "[endpoint]\nbind = \"0.0.0.0\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a loopback address"), "{err}");
+        Config::parse(Path::new("a.toml"), "[endpoint]\nbind = \"::1\"\n").unwrap();
     }
 
     #[test]

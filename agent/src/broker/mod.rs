@@ -96,7 +96,8 @@ pub enum BrokerError {
         code: String,
         message: String,
     },
-    #[error("STS is unavailable for role {role_arn}: {reason}")]
+    /// `reason` is the whole STS error, which already names the role.
+    #[error("{reason}")]
     StsUnavailable { role_arn: String, reason: String },
     #[error("role {role_arn} is granted through web identity but job {job} has no OIDC token; start the job with its CI OIDC token, or grant the role with method = \"assume-role\"")]
     NoWebIdentityToken { job: String, role_arn: String },

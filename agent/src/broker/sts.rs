@@ -246,7 +246,11 @@ impl StsClient {
         });
         let message = scrub(&message, secrets);
         if is_retryable(status, &code) {
-            return Attempt::Retry(format!("HTTP {status} {code}: {message}"));
+            return Attempt::Retry(if code == format!("HTTP{status}") {
+                message
+            } else {
+                format!("HTTP {status} {code}: {message}")
+            });
         }
         Attempt::Fail(StsError::Refused {
             action,
