@@ -44,12 +44,7 @@ pub struct BrokerSource {
 
 impl CredentialSource for BrokerSource {
     async fn credentials(&self, job: &str, alias: Option<&str>) -> Result<Served, Refusal> {
-        let refused = self
-            .refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(job)
-            .cloned();
+        let refused = lock(&self.refused).get(job).cloned();
         if let Some((code, why)) = refused {
             return Err(Refusal {
                 status: 403,
@@ -101,6 +96,11 @@ pub struct Daemon {
     store: Store,
     token_dir: PathBuf,
     jobs: Mutex<HashMap<String, LiveJob>>,
+}
+
+/// A poisoned lock only means another task panicked mid-update of plain data; keep serving.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Audit, or log loudly and count: used where the action has already happened.
@@ -186,8 +186,27 @@ impl Daemon {
             .clone()
     }
 
+    fn insert_live(
+        &self,
+        record: JobRecord,
+        endpoint: Arc<JobEndpoint>,
+        task: JoinHandle<()>,
+        token_file: PathBuf,
+    ) {
+        lock(&self.jobs).insert(
+            record.id.clone(),
+            LiveJob {
+                record,
+                endpoint,
+                task,
+                token_file,
+            },
+        );
+        self.metrics.active_jobs.set(self.job_count() as i64);
+    }
+
     pub fn job_count(&self) -> usize {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).len()
+        lock(&self.jobs).len()
     }
 
     /// Load the policy directory again; a bad policy keeps the old one.
@@ -257,11 +276,7 @@ impl Daemon {
     }
 
     fn refuse_reason(&self, job: &str, code: &str, why: String) {
-        self.source
-            .refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(job.to_string(), (code.to_string(), why));
+        lock(&self.source.refused).insert(job.to_string(), (code.to_string(), why));
     }
 
     /// Apply a decision to a job: refusal reason for the endpoint, or grants for the broker.
@@ -276,11 +291,7 @@ impl Daemon {
         rec.aliases = d.grants.iter().map(|g| g.alias.clone()).collect();
         rec.refused = d.refused.clone();
         rec.flags = d.flags.clone();
-        self.source
-            .refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&rec.id);
+        lock(&self.source.refused).remove(&rec.id);
         if let Some(why) = &d.refused {
             self.refuse_reason(
                 &rec.id,
@@ -529,16 +540,7 @@ impl Daemon {
         let (ep, task) = self.spawn_endpoint(listener, &rec, token_sha256);
         tracing::info!(job = %rec.id, identity = ?rec.identity.as_ref().map(JobIdentity::summary), rule = ?rec.rule, refused = ?rec.refused, "job started");
         let resp = self.response(&rec, token, token_file.clone());
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            rec.id.clone(),
-            LiveJob {
-                record: rec,
-                endpoint: ep,
-                task,
-                token_file,
-            },
-        );
-        self.metrics.active_jobs.set(self.job_count() as i64);
+        self.insert_live(rec, ep, task, token_file);
         Ok(resp)
     }
 
@@ -549,7 +551,7 @@ impl Daemon {
         peer: Peer,
     ) -> Result<StartResponse, ApiError> {
         let bound = {
-            let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let jobs = lock(&self.jobs);
             let live = jobs
                 .get(job)
                 .ok_or_else(|| ApiError::new(404, "NoSuchJob", format!("no job {job}")))?;
@@ -587,7 +589,7 @@ impl Daemon {
         };
         let now = OffsetDateTime::now_utc();
         let decision = self.policies().decide(&identity, now);
-        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut jobs = lock(&self.jobs);
         let live = jobs
             .get_mut(job)
             .ok_or_else(|| ApiError::new(404, "NoSuchJob", format!("no job {job}")))?;
@@ -630,22 +632,13 @@ impl Daemon {
 
     /// End a job: nothing of it is served from this moment on.
     pub fn end_job(&self, job: &str, reason: &str) -> Result<EndResponse, ApiError> {
-        let live = self
-            .jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(job)
-            .ok_or_else(|| {
-                ApiError::new(404, "NoSuchJob", format!("no job {job} (already ended?)"))
-            })?;
+        let live = lock(&self.jobs).remove(job).ok_or_else(|| {
+            ApiError::new(404, "NoSuchJob", format!("no job {job} (already ended?)"))
+        })?;
         live.endpoint.end();
         live.task.abort();
         self.broker.end_job(job);
-        self.source
-            .refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(job);
+        lock(&self.source.refused).remove(job);
         let removed_token = std::fs::remove_file(&live.token_file).is_ok();
         let store = self.store.remove(job);
         audit_best_effort(
@@ -670,7 +663,7 @@ impl Daemon {
     }
 
     pub fn list_jobs(&self) -> Vec<JobSummary> {
-        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let jobs = lock(&self.jobs);
         let mut v: Vec<JobSummary> = jobs
             .values()
             .map(|j| JobSummary {
@@ -692,10 +685,7 @@ impl Daemon {
     /// End every job past its deadline.
     pub fn reap_expired(&self) {
         let now = OffsetDateTime::now_utc();
-        let expired: Vec<String> = self
-            .jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let expired: Vec<String> = lock(&self.jobs)
             .values()
             .filter(|j| j.record.deadline <= now)
             .map(|j| j.record.id.clone())
@@ -797,18 +787,9 @@ impl Daemon {
                 Some(&rec.id),
                 Self::decision_fields(&rec, rec.identity.as_ref()),
             );
-            self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(
-                rec.id.clone(),
-                LiveJob {
-                    record: rec,
-                    endpoint: ep,
-                    task,
-                    token_file,
-                },
-            );
+            self.insert_live(rec, ep, task, token_file);
             n += 1;
         }
-        self.metrics.active_jobs.set(self.job_count() as i64);
         Ok(n)
     }
 }

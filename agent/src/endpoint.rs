@@ -389,20 +389,31 @@ async fn container<S: CredentialSource>(
     };
     match shared.source.credentials(&job.job_id, alias).await {
         Ok(c) => {
-            let mut body = json!({
-                "AccessKeyId": c.access_key_id,
-                "SecretAccessKey": c.secret_access_key.expose(),
-                "Token": c.session_token.expose(),
-                "Expiration": aws_time(c.expiration),
-                "RoleArn": c.role_arn,
-            });
-            if let Some(acct) = &c.account_id {
-                body["AccountId"] = json!(acct);
-            }
-            json_ok(body.to_string())
+            let body = ContainerCredentials {
+                access_key_id: &c.access_key_id,
+                secret_access_key: c.secret_access_key.expose(),
+                token: c.session_token.expose(),
+                expiration: aws_time(c.expiration),
+                role_arn: &c.role_arn,
+                account_id: c.account_id.as_deref(),
+            };
+            json_ok(serde_json::to_string(&body).expect("plain strings always serialise"))
         }
         Err(r) => error(status(r.status), &r.code, &r.message),
     }
+}
+
+/// The container-credentials answer, in the field order the SDKs document.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct ContainerCredentials<'a> {
+    access_key_id: &'a str,
+    secret_access_key: &'a str,
+    token: &'a str,
+    expiration: String,
+    role_arn: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account_id: Option<&'a str>,
 }
 
 fn status(code: u16) -> StatusCode {

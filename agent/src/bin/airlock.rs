@@ -308,11 +308,7 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
                 })
                 .await
                 .map_err(control_fail)?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&resp).map_err(|e| (exit::SOFTWARE, e))?
-            );
-            Ok(exit::OK)
+            print_json(&resp)
         }
         Cmd::Job(JobCmd::Bind { job_id, id }) => {
             let (oidc_token, claims) = identity_input(&id)?;
@@ -324,11 +320,7 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
                 )
                 .await
                 .map_err(control_fail)?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&resp).map_err(|e| (exit::SOFTWARE, e))?
-            );
-            Ok(exit::OK)
+            print_json(&resp)
         }
         Cmd::Job(JobCmd::End { job_id }) => {
             let client = socket(&cli.socket, &cli.config)?;
@@ -340,10 +332,7 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
             let client = socket(&cli.socket, &cli.config)?;
             let jobs = client.list().await.map_err(control_fail)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&jobs).map_err(|e| (exit::SOFTWARE, e))?
-                );
+                return print_json(&jobs);
             } else {
                 println!(
                     "{:<18}  {:<20}  {:<22}  {:<24}  IDENTITY",
@@ -480,11 +469,7 @@ async fn explain(
     };
     let ex = policies.explain(&identity, time::OffsetDateTime::now_utc());
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&ex).map_err(|e| (exit::SOFTWARE, e))?
-        );
-        return Ok(exit::OK);
+        return print_json(&ex);
     }
     println!("identity: {}", identity.summary());
     for v in &ex.rules {
@@ -520,6 +505,12 @@ async fn explain(
         }
         (None, None) => println!("decision: nothing granted"),
     }
+    Ok(exit::OK)
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<i32, Fail> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| (exit::SOFTWARE, e))?;
+    println!("{text}");
     Ok(exit::OK)
 }
 
