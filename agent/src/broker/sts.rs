@@ -172,6 +172,8 @@ impl StsClient {
             let outcome = self.attempt(action, role_arn, &body, signer, secrets).await;
             let label = match &outcome {
                 Attempt::Done(_) => "ok",
+                // The last attempt's failure is final: it counts as an error.
+                Attempt::Retry(_) if attempt == self.max_attempts => "error",
                 Attempt::Retry(_) => "retryable",
                 Attempt::Fail(StsError::Refused { .. }) => "refused",
                 Attempt::Fail(_) => "error",
