@@ -156,6 +156,12 @@ impl fmt::Debug for Verifier {
     }
 }
 
+/// Keys fetched from a URL are fetched again after this long, so a key the issuer has
+/// rotated out stops being trusted even if no token ever names an unknown `kid`.
+pub const JWKS_REFRESH_AFTER: Duration = Duration::from_secs(3600);
+/// While the issuer cannot be reached, keys fetched before are used up to this age.
+pub const JWKS_STALE_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Debug)]
 struct Issuer {
     name: String,
@@ -165,6 +171,8 @@ struct Issuer {
     source: JwksSource,
     /// Swapped whole on a refetch, so a reader never sees half a key set.
     keys: RwLock<Arc<KeySet>>,
+    /// When `keys` were last loaded from a URL (never set for a file).
+    loaded_at: RwLock<Option<Instant>>,
     /// Held across a fetch: concurrent verifications wait for the one fetch in flight
     /// instead of each hitting the JWKS URL.
     fetch: tokio::sync::Mutex<FetchState>,
@@ -208,6 +216,28 @@ impl Issuer {
     fn replace_keys(&self, set: KeySet) {
         let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
         *keys = Arc::new(set);
+        if !matches!(self.source, JwksSource::File(_)) {
+            *self.loaded_at.write().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+    }
+
+    /// How long ago the keys were fetched; `None` for a file (read once, at start).
+    fn keys_age(&self) -> Option<Duration> {
+        let at = *self.loaded_at.read().unwrap_or_else(|p| p.into_inner());
+        at.map(|t| t.elapsed())
+    }
+
+    /// A cached key that may be used without asking the issuer again.
+    fn fresh(&self, kid: &str) -> Option<Arc<Key>> {
+        self.cached(kid)
+            .filter(|_| self.keys_age().is_none_or(|a| a < JWKS_REFRESH_AFTER))
+    }
+
+    /// A cached key still usable when the issuer cannot be reached: not older than
+    /// [`JWKS_STALE_LIMIT`], so a key the issuer has dropped is not trusted for long.
+    fn usable_stale(&self, kid: &str) -> Option<Arc<Key>> {
+        self.cached(kid)
+            .filter(|_| self.keys_age().is_none_or(|a| a < JWKS_STALE_LIMIT))
     }
 
     fn check_url(&self, url: &str) -> Result<(), IdentityError> {
@@ -287,6 +317,7 @@ impl Verifier {
             allow_http: cfg.allow_http,
             source,
             keys: RwLock::new(Arc::new(KeySet::new())),
+            loaded_at: RwLock::new(None),
             fetch: tokio::sync::Mutex::new(FetchState::default()),
         };
         match &issuer.source {
@@ -359,12 +390,12 @@ impl Verifier {
     /// The key `kid` of `issuer`, refetching the issuer's JWKS when it is unknown (at most
     /// once per refetch interval, and one fetch at a time).
     async fn key_for(&self, issuer: &Issuer, kid: &str) -> Result<Arc<Key>, IdentityError> {
-        if let Some(key) = issuer.cached(kid) {
+        if let Some(key) = issuer.fresh(kid) {
             return Ok(key);
         }
         let mut state = issuer.fetch.lock().await;
         // Whoever held the lock before us may have fetched the key already.
-        if let Some(key) = issuer.cached(kid) {
+        if let Some(key) = issuer.fresh(kid) {
             return Ok(key);
         }
         let unknown = || IdentityError::UnknownKid {
@@ -374,6 +405,9 @@ impl Verifier {
         };
         if let Some(last) = state.last_attempt {
             if last.elapsed() < self.refetch_interval {
+                if let Some(key) = issuer.usable_stale(kid) {
+                    return Ok(key);
+                }
                 return Err(match &state.last_error {
                     Some(reason) => IdentityError::JwksFetch {
                         issuer: issuer.name.clone(),
@@ -392,11 +426,15 @@ impl Verifier {
                 issuer.replace_keys(set);
             }
             Err(e) => {
-                tracing::warn!(issuer = %issuer.name, error = %e, "JWKS fetch failed");
                 state.last_error = Some(match &e {
                     IdentityError::JwksFetch { reason, .. } => reason.clone(),
                     other => other.to_string(),
                 });
+                if let Some(key) = issuer.usable_stale(kid) {
+                    tracing::warn!(issuer = %issuer.name, error = %e, "JWKS refresh failed; using the keys fetched before");
+                    return Ok(key);
+                }
+                tracing::warn!(issuer = %issuer.name, error = %e, "JWKS fetch failed");
                 return Err(e);
             }
         }
@@ -1298,6 +1336,43 @@ mod tests {
             assert!(err.to_string().contains("404"), "{err}");
         }
         assert_eq!(server.hits("/keys"), 1);
+    }
+
+    /// Pretend the issuer's keys were fetched `age` ago.
+    fn age_keys(v: &Verifier, age: Duration) {
+        let issuer = v.issuers.get(ISS).unwrap();
+        *issuer.loaded_at.write().unwrap() = Some(Instant::now() - age);
+    }
+
+    #[tokio::test]
+    async fn keys_are_fetched_again_after_an_hour_and_stale_keys_expire() {
+        let server = TestServer::start(Duration::ZERO).await;
+        server.set("/keys", jwks("jwks.json"));
+        let v = url_verifier(&server, Duration::ZERO);
+        let token = rsa(&claims());
+        v.verify_at(&token, NOW).await.unwrap();
+        age_keys(&v, JWKS_REFRESH_AFTER + Duration::from_secs(1));
+        v.verify_at(&token, NOW).await.unwrap();
+        assert_eq!(server.hits("/keys"), 2, "old keys are refreshed");
+        // The issuer dropped test-rsa-1: after the refresh it is no longer trusted.
+        let mut only_ec: Value = serde_json::from_str(&jwks("jwks.json")).unwrap();
+        only_ec["keys"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|k| k["kid"] == "test-ec-1");
+        server.set("/keys", only_ec.to_string());
+        age_keys(&v, JWKS_REFRESH_AFTER + Duration::from_secs(1));
+        let err = rejected(&v, &token).await;
+        assert!(matches!(err, IdentityError::UnknownKid { .. }), "{err}");
+        // The issuer is down: keys fetched before are used for a while, then not.
+        server.set("/keys", jwks("jwks.json"));
+        v.verify_at(&token, NOW).await.unwrap();
+        server.routes.lock().unwrap().clear();
+        age_keys(&v, JWKS_REFRESH_AFTER + Duration::from_secs(1));
+        v.verify_at(&token, NOW).await.unwrap();
+        age_keys(&v, JWKS_STALE_LIMIT + Duration::from_secs(1));
+        let err = rejected(&v, &token).await;
+        assert!(matches!(err, IdentityError::JwksFetch { .. }), "{err}");
     }
 
     #[test]
