@@ -438,7 +438,10 @@ impl Agent {
 
     /// Writes `token` to a file in the agent's tree and returns the path.
     pub fn token_file(&self, token: &str) -> PathBuf {
-        let n = std::fs::read_dir(self.dir.path()).map_or(0, |d| d.count());
+        // A process-wide counter, not a directory listing: concurrent callers (tests that
+        // start jobs from several threads) must never get the same file.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = self.dir.path().join(format!("oidc-{n}.jwt"));
         if let Err(e) = std::fs::write(&path, token) {
             panic!("cannot write {}: {e}", path.display());
