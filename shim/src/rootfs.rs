@@ -1,0 +1,370 @@
+//! The job's root filesystem, assembled in the job's own mount namespace at `root_dir`:
+//! the host's `/` bound read-only (recursively, nosuid, nodev), a fresh `/proc` for its pid
+//! namespace, a fresh read-only `/sys` (with its own cgroup2 view), a minimal `/dev`,
+//! size-capped tmpfs mounts owned by the job, hidden paths covered, then `pivot_root` and
+//! the old root detached. Never writes to the host's filesystem: every mount is made after
+//! all mounts were made private, and mount points are created only inside the job's own
+//! tmpfs mounts.
+
+use crate::TmpfsMount;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+/// Device nodes bound from the host's `/dev`; everything else of `/dev` is hidden.
+pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+/// Size of the job's `/dev/shm` (Docker's default).
+pub const SHM_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("mounting {what} at {target:?} failed: {source}")]
+    Mount {
+        what: &'static str,
+        target: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("making {0:?} read-only, nosuid and nodev recursively (mount_setattr) failed: {1}; the kernel must be 5.12 or newer")]
+    SetAttr(PathBuf, #[source] std::io::Error),
+    #[error("cannot prepare {0:?} in the job's root: {1}")]
+    Prepare(PathBuf, #[source] std::io::Error),
+    #[error("mount point {0:?} does not exist: it must exist on the host (the agent creates it) or lie under another tmpfs of the job")]
+    MountPoint(PathBuf, #[source] std::io::Error),
+    #[error("cannot resolve {0:?} on the host: {1}")]
+    Resolve(PathBuf, #[source] std::io::Error),
+    #[error("pivot_root into {0:?} failed at {1}: {2}")]
+    Pivot(PathBuf, &'static str, #[source] nix::Error),
+    #[error("cannot open {0:?} for pivot_root: {1}")]
+    Open(PathBuf, #[source] std::io::Error),
+}
+
+fn mnt(
+    what: &'static str,
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), Error> {
+    mount(source, target, fstype, flags, data).map_err(|source| Error::Mount {
+        what,
+        target: target.to_path_buf(),
+        source,
+    })
+}
+
+/// Every mount of the new mount namespace becomes private: nothing the shim mounts
+/// propagates back to the host, and nothing the host mounts later appears in the job.
+pub fn make_private() -> Result<(), Error> {
+    mnt(
+        "private propagation",
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )
+}
+
+/// Binds the host's `/` (with every submount) at `root_dir`, then makes the whole tree
+/// read-only, nosuid and nodev in one atomic call.
+pub fn bind_host_root(root_dir: &Path) -> Result<(), Error> {
+    mnt(
+        "the host's / (rbind)",
+        Some(Path::new("/")),
+        root_dir,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    set_attr_recursive(root_dir)
+}
+
+/// `struct mount_attr` of `<linux/mount.h>`.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+
+/// mount_setattr(AT_FDCWD, path, AT_RECURSIVE, RDONLY|NOSUID|NODEV): unlike a remount per
+/// submount, this covers every submount at once and cannot miss one.
+#[allow(unsafe_code)]
+fn set_attr_recursive(path: &Path) -> Result<(), Error> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        Error::SetAttr(
+            path.to_path_buf(),
+            std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        )
+    })?;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `c` is a valid NUL-terminated path and `attr` a properly laid out, initialised
+    // `struct mount_attr` whose size is passed; both outlive the call, and the kernel only
+    // reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_RECURSIVE as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::SetAttr(
+            path.to_path_buf(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Where a host path lies in the job's root: its canonical host path (symlinks resolved on
+/// the host, where they point) under `root_dir`. The part of `path` that does not exist on
+/// the host is appended as is.
+pub fn inside(root_dir: &Path, path: &Path) -> Result<PathBuf, Error> {
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    let canonical = loop {
+        match std::fs::canonicalize(&existing) {
+            Ok(c) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match (existing.file_name(), existing.parent()) {
+                    (Some(name), Some(parent)) => {
+                        rest.push(name.to_os_string());
+                        existing = parent.to_path_buf();
+                    }
+                    _ => return Err(Error::Resolve(path.to_path_buf(), e)),
+                }
+            }
+            Err(e) => return Err(Error::Resolve(path.to_path_buf(), e)),
+        }
+    };
+    let mut out = root_dir.join(canonical.strip_prefix("/").unwrap_or(&canonical));
+    for name in rest.into_iter().rev() {
+        out.push(name);
+    }
+    Ok(out)
+}
+
+/// Fresh `/proc` (for the job's pid namespace: it shows only the job's processes) and a
+/// fresh read-only `/sys` with a read-only cgroup2 view rooted at the job's cgroup.
+pub fn mount_proc_sys(root_dir: &Path) -> Result<(), Error> {
+    let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let proc_ = root_dir.join("proc");
+    mnt(
+        "proc",
+        Some(Path::new("proc")),
+        &proc_,
+        Some("proc"),
+        safe,
+        None,
+    )?;
+    let sys = root_dir.join("sys");
+    mnt(
+        "sysfs",
+        Some(Path::new("sysfs")),
+        &sys,
+        Some("sysfs"),
+        safe | MsFlags::MS_RDONLY,
+        None,
+    )?;
+    mnt(
+        "cgroup2",
+        Some(Path::new("cgroup2")),
+        &sys.join("fs/cgroup"),
+        Some("cgroup2"),
+        safe | MsFlags::MS_RDONLY,
+        None,
+    )
+}
+
+/// A minimal `/dev`: a small tmpfs with the harmless device nodes bound from the host, a
+/// private devpts instance, a `/dev/shm` tmpfs and the usual symlinks.
+pub fn build_dev(root_dir: &Path) -> Result<(), Error> {
+    let dev = root_dir.join("dev");
+    mnt(
+        "the /dev tmpfs",
+        Some(Path::new("tmpfs")),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=65536"),
+    )?;
+    let prep = |p: &Path, r: std::io::Result<()>| r.map_err(|e| Error::Prepare(p.to_path_buf(), e));
+    for name in DEVICES {
+        let node = dev.join(name);
+        prep(&node, std::fs::File::create(&node).map(drop))?;
+        mnt(
+            "a device node",
+            Some(&Path::new("/dev").join(name)),
+            &node,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+    }
+    let pts = dev.join("pts");
+    prep(&pts, std::fs::create_dir(&pts))?;
+    mnt(
+        "devpts",
+        Some(Path::new("devpts")),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    let shm = dev.join("shm");
+    prep(&shm, std::fs::create_dir(&shm))?;
+    mnt(
+        "/dev/shm",
+        Some(Path::new("tmpfs")),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(&format!("mode=1777,size={SHM_BYTES}")),
+    )?;
+    for (link, to) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let l = dev.join(link);
+        prep(&l, symlink(to, &l))?;
+    }
+    Ok(())
+}
+
+/// One of the job's writable tmpfs mounts, owned by the job's user.
+pub fn mount_tmpfs(root_dir: &Path, m: &TmpfsMount, uid: u32, gid: u32) -> Result<(), Error> {
+    let target = inside(root_dir, &m.target)?;
+    if !target.is_dir() {
+        // Only possible under an earlier tmpfs of the job; on the read-only host tree this
+        // fails (EROFS), which is what we want: the shim never writes the host's disk.
+        std::fs::create_dir_all(&target).map_err(|e| Error::MountPoint(m.target.clone(), e))?;
+    }
+    mnt(
+        "a job tmpfs",
+        Some(Path::new("tmpfs")),
+        &target,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(&format!(
+            "size={},mode={:o},uid={uid},gid={gid}",
+            m.size_bytes, m.mode
+        )),
+    )
+}
+
+/// Hides a host path from the job: a directory under an empty read-only tmpfs, anything
+/// else (file, socket, device) under a read-only `/dev/null`. Returns `false` when there is
+/// nothing to hide (absent on the host, or not visible in the job's root).
+pub fn hide(root_dir: &Path, path: &Path) -> Result<bool, Error> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::Resolve(path.to_path_buf(), e)),
+        Ok(_) => {}
+    }
+    let target = inside(root_dir, path)?;
+    let meta = match std::fs::metadata(&target) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::Resolve(target, e)),
+    };
+    let ro = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
+    if meta.is_dir() {
+        mnt(
+            "an empty tmpfs over a hidden directory",
+            Some(Path::new("tmpfs")),
+            &target,
+            Some("tmpfs"),
+            ro,
+            Some("size=4096,mode=0755"),
+        )?;
+    } else {
+        mnt(
+            "/dev/null over a hidden file",
+            Some(Path::new("/dev/null")),
+            &target,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+        mnt(
+            "/dev/null over a hidden file (read-only)",
+            None,
+            &target,
+            None,
+            // Not nodev: the cover is /dev/null itself, which must stay openable.
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NOEXEC,
+            None,
+        )?;
+    }
+    Ok(true)
+}
+
+/// `pivot_root(".", ".")` in `root_dir` and lazy unmount of the old root stacked on top (the
+/// way runc does it: no put_old directory is needed in a read-only root). Afterwards no
+/// path leads to the host's filesystem.
+pub fn pivot(root_dir: &Path) -> Result<(), Error> {
+    use std::os::fd::AsRawFd;
+    let open = |p: &Path| std::fs::File::open(p).map_err(|e| Error::Open(p.to_path_buf(), e));
+    let old = open(Path::new("/"))?;
+    let new = open(root_dir)?;
+    let err = |at: &'static str| move |e| Error::Pivot(root_dir.to_path_buf(), at, e);
+    nix::unistd::fchdir(new.as_raw_fd()).map_err(err("fchdir(new root)"))?;
+    nix::unistd::pivot_root(".", ".").map_err(err("pivot_root"))?;
+    nix::unistd::fchdir(old.as_raw_fd()).map_err(err("fchdir(old root)"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(err("umount2(old root, MNT_DETACH)"))?;
+    nix::unistd::chdir("/").map_err(err("chdir(/)"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inside_resolves_symlinks_on_the_host_and_keeps_missing_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        symlink(&real, dir.path().join("link")).unwrap();
+        let root = Path::new("/jobroot");
+        let canon = std::fs::canonicalize(&real).unwrap();
+        let want = root.join(canon.strip_prefix("/").unwrap());
+        assert_eq!(inside(root, &dir.path().join("link")).unwrap(), want);
+        assert_eq!(
+            inside(root, &dir.path().join("link/a/b")).unwrap(),
+            want.join("a/b")
+        );
+        assert_eq!(inside(root, Path::new("/")).unwrap(), root);
+    }
+
+    #[test]
+    fn hide_skips_what_the_host_does_not_have() {
+        let root = tempfile::tempdir().unwrap();
+        assert!(!hide(root.path(), Path::new("/nonexistent/al-hide")).unwrap());
+        // Present on the host but not in this (empty) root: nothing to cover.
+        assert!(!hide(root.path(), Path::new("/etc")).unwrap());
+    }
+}
