@@ -62,6 +62,10 @@ pub struct SandboxSpec {
     pub cgroups: Vec<PathBuf>,
     /// Writable, size-capped tmpfs mounts of the job (home, /tmp, workspace, /run).
     pub tmpfs: Vec<TmpfsMount>,
+    /// Files written into the job's tmpfs before it starts (its endpoint token), owned by the
+    /// job's user. Each must lie under one of `tmpfs`, so it goes when the job does.
+    #[serde(default)]
+    pub files: Vec<SpecFile>,
     /// Host paths hidden from the job: a directory is covered by an empty read-only tmpfs,
     /// anything else by a read-only `/dev/null`. Paths absent on the host are skipped.
     pub hide: Vec<PathBuf>,
@@ -80,6 +84,26 @@ pub struct TmpfsMount {
     pub target: PathBuf,
     pub size_bytes: u64,
     pub mode: u32,
+}
+
+/// A file the shim writes into the job's tmpfs. Its contents may be a secret: `Debug` shows
+/// only the length.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecFile {
+    pub path: PathBuf,
+    pub contents: String,
+    pub mode: u32,
+}
+
+impl std::fmt::Debug for SpecFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpecFile")
+            .field("path", &self.path)
+            .field("contents", &format_args!("<{} bytes>", self.contents.len()))
+            .field("mode", &format_args!("{:o}", self.mode))
+            .finish()
+    }
 }
 
 /// Per-process limits; `None` keeps the host's value, except `core`, which is 0 unless
@@ -111,6 +135,10 @@ pub enum SpecError {
     DuplicateTmpfs(PathBuf),
     #[error("hostname {0:?} must be 1 to 64 bytes of letters, digits, '-' and '.'")]
     BadHostname(String),
+    #[error(
+        "file {0:?} must lie under one of the job's tmpfs mounts and have a mode of at most 0o777"
+    )]
+    BadFile(PathBuf),
 }
 
 impl SandboxSpec {
@@ -164,6 +192,16 @@ impl SandboxSpec {
                 return Err(SpecError::DuplicateTmpfs(t.target.clone()));
             }
             seen.push(&t.target);
+        }
+        for f in &self.files {
+            absolute("file", &f.path)?;
+            let under_tmpfs = self
+                .tmpfs
+                .iter()
+                .any(|t| f.path.starts_with(&t.target) && f.path != t.target);
+            if !under_tmpfs || f.mode > 0o777 {
+                return Err(SpecError::BadFile(f.path.clone()));
+            }
         }
         Ok(())
     }
@@ -235,6 +273,11 @@ pub(crate) mod testutil {
                 size_bytes: 1 << 30,
                 mode: 0o1777,
             }],
+            files: vec![SpecFile {
+                path: "/tmp/airlock/token".into(),
+                contents: "secret-token".into(),
+                mode: 0o400,
+            }],
             hide: vec!["/etc/airlock".into()],
             rlimits: Rlimits {
                 nofile: Some(4096),
@@ -248,6 +291,22 @@ pub(crate) mod testutil {
 mod tests {
     use super::testutil::spec;
     use super::*;
+
+    #[test]
+    fn files_must_lie_in_a_job_tmpfs_and_their_contents_never_show_in_debug() {
+        let mut s = spec();
+        s.check().unwrap();
+        assert!(!format!("{s:?}").contains("secret-token"));
+        s.files[0].path = "/etc/cron.d/evil".into();
+        assert_eq!(
+            s.check(),
+            Err(SpecError::BadFile("/etc/cron.d/evil".into()))
+        );
+        s.files[0].path = "/tmp".into();
+        assert!(matches!(s.check(), Err(SpecError::BadFile(_))));
+        s.files[0].path = "/tmp/../etc/x".into();
+        assert!(matches!(s.check(), Err(SpecError::NotAbsolute { .. })));
+    }
 
     #[test]
     fn spec_round_trips_and_rejects_unknown_fields() {

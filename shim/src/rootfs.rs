@@ -6,7 +6,7 @@
 //! all mounts were made private, and mount points are created only inside the job's own
 //! tmpfs mounts.
 
-use crate::TmpfsMount;
+use crate::{SpecFile, TmpfsMount};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::symlink;
@@ -32,6 +32,8 @@ pub enum Error {
     Prepare(PathBuf, #[source] std::io::Error),
     #[error("mount point {0:?} does not exist: it must exist on the host (the agent creates it) or lie under another tmpfs of the job")]
     MountPoint(PathBuf, #[source] std::io::Error),
+    #[error("cannot write the job's file {0:?}: {1}")]
+    WriteFile(PathBuf, #[source] std::io::Error),
     #[error("cannot resolve {0:?} on the host: {1}")]
     Resolve(PathBuf, #[source] std::io::Error),
     #[error("pivot_root into {0:?} failed at {1}: {2}")]
@@ -269,6 +271,32 @@ pub fn mount_tmpfs(root_dir: &Path, m: &TmpfsMount, uid: u32, gid: u32) -> Resul
             m.size_bytes, m.mode
         )),
     )
+}
+
+/// One of the job's files, written into its tmpfs (the spec check keeps it there) and
+/// owned by the job's user. Created with its final mode, never readable by others first.
+pub fn write_file(root_dir: &Path, f: &SpecFile, uid: u32, gid: u32) -> Result<(), Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let target = inside(root_dir, &f.path)?;
+    let err = |e| Error::WriteFile(f.path.clone(), e);
+    if let Some(dir) = target.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(f.mode)
+        .open(&target)
+        .map_err(err)?;
+    file.write_all(f.contents.as_bytes()).map_err(err)?;
+    nix::unistd::fchown(
+        std::os::fd::AsRawFd::as_raw_fd(&file),
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .map_err(|e| err(e.into()))?;
+    Ok(())
 }
 
 /// Hides a host path from the job: a directory under an empty read-only tmpfs, anything

@@ -25,6 +25,7 @@ pub enum Step {
     ProcSys,
     Dev,
     Tmpfs,
+    Files,
     Hide,
     PivotRoot,
     Hostname,
@@ -59,6 +60,7 @@ impl fmt::Display for Step {
             Step::ProcSys => "mount /proc and /sys",
             Step::Dev => "build /dev",
             Step::Tmpfs => "mount the job's tmpfs",
+            Step::Files => "write the job's files",
             Step::Hide => "hide host paths",
             Step::PivotRoot => "pivot_root and detach the old root",
             Step::Hostname => "set the hostname",
@@ -154,6 +156,10 @@ fn child<S: Syscalls>(
     for m in tmpfs {
         sys.mount_tmpfs(root, m, spec.uid, spec.gid)
             .at(Step::Tmpfs)?;
+    }
+    for f in &spec.files {
+        sys.write_file(root, f, spec.uid, spec.gid)
+            .at(Step::Files)?;
     }
     for path in &spec.hide {
         sys.hide(root, path).at(Step::Hide)?;
@@ -271,6 +277,15 @@ mod tests {
         ) -> Result<(), SetupError> {
             self.call("mount_tmpfs", format!("{} uid={uid}", m.target.display()))
         }
+        fn write_file(
+            &mut self,
+            _: &Path,
+            file: &crate::SpecFile,
+            uid: u32,
+            _: u32,
+        ) -> Result<(), SetupError> {
+            self.call("write_file", format!("{} uid={uid}", file.path.display()))
+        }
         fn hide(&mut self, _: &Path, path: &Path) -> Result<(), SetupError> {
             self.call("hide", path.display().to_string())
         }
@@ -368,6 +383,7 @@ mod tests {
                 "mount_tmpfs",
                 "mount_tmpfs",
                 "mount_tmpfs",
+                "write_file",
                 "hide",
                 "pivot_root",
                 "set_hostname",

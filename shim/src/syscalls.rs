@@ -4,7 +4,7 @@
 
 use crate::process::Forked;
 use crate::{capabilities, cgroup, env, fds, namespaces, process, rlimits, rootfs};
-use crate::{seccomp, user, SetupError, TmpfsMount};
+use crate::{seccomp, user, SetupError, SpecFile, TmpfsMount};
 use nix::sched::CloneFlags;
 use nix::sys::resource::Resource;
 use seccompiler::BpfProgram;
@@ -25,6 +25,13 @@ pub trait Syscalls {
         &mut self,
         root_dir: &Path,
         m: &TmpfsMount,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), SetupError>;
+    fn write_file(
+        &mut self,
+        root_dir: &Path,
+        file: &SpecFile,
         uid: u32,
         gid: u32,
     ) -> Result<(), SetupError>;
@@ -102,6 +109,15 @@ impl Syscalls for Linux {
         gid: u32,
     ) -> Result<(), SetupError> {
         Ok(rootfs::mount_tmpfs(root_dir, m, uid, gid)?)
+    }
+    fn write_file(
+        &mut self,
+        root_dir: &Path,
+        file: &SpecFile,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), SetupError> {
+        Ok(rootfs::write_file(root_dir, file, uid, gid)?)
     }
     fn hide(&mut self, root_dir: &Path, path: &Path) -> Result<(), SetupError> {
         rootfs::hide(root_dir, path)?;

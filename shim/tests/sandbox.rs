@@ -5,7 +5,7 @@
 //! with it; the directories, cgroups and helper processes the tests create are removed by
 //! Drop guards, also on failure.
 
-use airlock_shim::{Rlimits, SandboxSpec, TmpfsMount};
+use airlock_shim::{Rlimits, SandboxSpec, SpecFile, TmpfsMount};
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -67,6 +67,7 @@ impl Sandbox {
                 tmpfs(Path::new("/run"), 0o755),
                 tmpfs(&home, 0o700),
             ],
+            files: vec![],
             hide: vec![],
             rlimits: Rlimits {
                 nofile: Some(1024),
@@ -265,6 +266,37 @@ fn a_setuid_root_binary_does_not_escalate() {
     sb.spec.argv = vec![suid.display().to_string(), "euid".into()];
     let r = sb.report();
     assert_eq!(get(&r, "euid"), JOB_UID.to_string());
+}
+
+#[test]
+fn the_jobs_files_are_written_into_its_tmpfs_for_it_alone() {
+    let mut sb = Sandbox::new(&[
+        "/bin/sh",
+        "-c",
+        "stat -c '%a %u' /run/airlock/token && cat /run/airlock/token",
+    ]);
+    sb.spec.files.push(SpecFile {
+        path: "/run/airlock/token".into(),
+        contents: "job-endpoint-token".into(),
+        mode: 0o400,
+    });
+    let out = sb.run();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("400 {JOB_UID}\njob-endpoint-token")
+    );
+    // Nothing reached the host's /run.
+    assert!(!Path::new("/run/airlock/token").exists());
+    // A file outside the job's tmpfs is refused before anything runs.
+    sb.spec.files[0].path = "/etc/cron.d/al-evil".into();
+    let out = sb.run();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(!Path::new("/etc/cron.d/al-evil").exists());
 }
 
 #[test]
