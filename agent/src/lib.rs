@@ -18,4 +18,5 @@ pub mod jobs;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
+pub mod sandbox;
 pub mod secret;

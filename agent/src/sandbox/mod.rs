@@ -1,0 +1,7 @@
+//! The host side of a job's sandbox: its cgroup, its network namespace and its user. The
+//! inside (namespaces, mounts, capabilities, seccomp) is `airlock-shim`'s job.
+
+pub mod addr_pool;
+pub mod cgroup;
+pub mod netns;
+pub mod users;

@@ -1,0 +1,839 @@
+//! A job's network: its own named network namespace (`/run/netns/airlock-<job>`, made the
+//! way iproute2 makes one, so `ip netns list` shows it), a veth pair with a /30 from the
+//! address pool, the two metadata addresses the SDKs use on its loopback, and the sockets of
+//! the job's credential endpoint bound *inside* it — so the listener a request arrives on
+//! identifies the job.
+//!
+//! Everything is done over rtnetlink and plain syscalls; this module never runs `ip`. Every
+//! namespace switch (`unshare`, `setns`) happens on a dedicated OS thread that exits right
+//! after, never on a tokio worker: a worker left in a job's namespace would serve the next
+//! task in the wrong network. This module owns kernel objects named `airlock-*` (namespace
+//! files) and `al-*` (host links); it never touches anything else on the host.
+
+use super::addr_pool;
+pub use addr_pool::{AddressPool, Cidr, PoolError, Subnet, DEFAULT_POOL};
+
+use futures_util::TryStreamExt;
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
+use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::jobs::valid_job_id;
+
+/// Where iproute2 keeps named network namespaces.
+pub const NETNS_DIR: &str = "/run/netns";
+/// Namespace files of jobs are `airlock-<job id>`.
+pub const NETNS_PREFIX: &str = "airlock-";
+/// Host ends of job veths are `al-<10 hex digits>h` (link names have at most 15 bytes).
+pub const LINK_PREFIX: &str = "al-";
+/// The host end's alias names its job, so crash recovery can tell whose link it is.
+const LINK_ALIAS_PREFIX: &str = "airlock job ";
+/// The job's end of the veth, inside its namespace.
+pub const JOB_LINK: &str = "eth0";
+/// Container credentials endpoint (`AWS_CONTAINER_CREDENTIALS_FULL_URI`).
+pub const CONTAINER_ENDPOINT: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(169, 254, 170, 2), 80));
+/// IMDSv2 endpoint.
+pub const IMDS_ENDPOINT: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80));
+/// Both endpoint sockets of a job, as [`bind_in_netns`] takes them.
+pub const ENDPOINT_ADDRS: [SocketAddr; 2] = [CONTAINER_ENDPOINT, IMDS_ENDPOINT];
+
+/// Errors of the per-job network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("{0:?} is not an airlock job id (\"j-\" and 16 hex digits)")]
+    InvalidJobId(String),
+    #[error("the network manager must be created inside a tokio runtime")]
+    NoRuntime,
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(
+        "cannot prepare {path} as a shared mount for network namespaces: {source}; airlockd must run as root (CAP_SYS_ADMIN)"
+    )]
+    NetnsDir { path: PathBuf, source: nix::Error },
+    #[error(
+        "network namespace {0} already exists: a job with this id runs or was not cleaned up; reap orphans first"
+    )]
+    Exists(PathBuf),
+    #[error("cannot create namespace file {path}: {source}")]
+    NamespaceFile { path: PathBuf, source: io::Error },
+    #[error("cannot create a network namespace (unshare CLONE_NEWNET): {0}; airlockd must run as root (CAP_SYS_ADMIN)")]
+    Unshare(nix::Error),
+    #[error("cannot set {path} in the job's namespace: {source}")]
+    Sysctl { path: PathBuf, source: io::Error },
+    #[error("cannot bind-mount the new network namespace on {path}: {source}")]
+    Mount { path: PathBuf, source: nix::Error },
+    #[error("cannot unmount network namespace {path}: {source}")]
+    Unmount { path: PathBuf, source: nix::Error },
+    #[error("cannot remove {path}: {source}")]
+    Remove { path: PathBuf, source: io::Error },
+    #[error("cannot open network namespace {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot enter network namespace {path}: {source}; is it a network namespace file?")]
+    Enter { path: PathBuf, source: nix::Error },
+    #[error("cannot open a netlink socket: {0}")]
+    NetlinkSocket(io::Error),
+    #[error("netlink: cannot {what}: {source}")]
+    Netlink {
+        what: String,
+        source: rtnetlink::Error,
+    },
+    #[error("link {0} does not exist")]
+    NoLink(String),
+    #[error("cannot bind {addr} inside network namespace {path}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("the helper thread for network namespace {0} could not start or panicked")]
+    Thread(PathBuf),
+    #[error("{0:?} is not an airlock-owned object (only {NETNS_PREFIX}* namespaces and {LINK_PREFIX}* links are)")]
+    NotOurs(String),
+}
+
+fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetnsError {
+    let what = what.into();
+    move |source| NetnsError::Netlink { what, source }
+}
+
+/// What a job's network lets it reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum NetMode {
+    /// The job reaches its own endpoint and nothing else: no route leaves its namespace, and
+    /// the host end of its veth stays down without an address, so not even the host's own
+    /// addresses or a broadcast reach the host. ("outbound" arrives with the egress filter;
+    /// see docs/network.md.)
+    EndpointOnly,
+}
+
+/// Where the per-job network lives; paths are parameters so tests can move them.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Directory of named namespaces; `ip netns` only sees `/run/netns`.
+    pub netns_dir: PathBuf,
+    /// The range jobs' /30s come from.
+    pub pool: Cidr,
+    /// procfs, for the leftover-process check.
+    pub proc_dir: PathBuf,
+}
+
+impl Default for NetConfig {
+    fn default() -> NetConfig {
+        NetConfig {
+            netns_dir: NETNS_DIR.into(),
+            pool: DEFAULT_POOL.parse().expect("DEFAULT_POOL parses"),
+            proc_dir: "/proc".into(),
+        }
+    }
+}
+
+/// Name of the job's namespace (`ip netns exec <name>`).
+pub fn netns_name(job: &str) -> String {
+    format!("{NETNS_PREFIX}{job}")
+}
+
+/// Name of the host end of the job's veth: `al-` + 10 hex digits of SHA-256(job) + `h`.
+pub fn host_link_name(job: &str) -> String {
+    let digest = hex::encode(Sha256::digest(job.as_bytes()));
+    format!("{LINK_PREFIX}{}h", &digest[..10])
+}
+
+fn check_job(job: &str) -> Result<(), NetnsError> {
+    if valid_job_id(job) {
+        Ok(())
+    } else {
+        Err(NetnsError::InvalidJobId(job.to_string()))
+    }
+}
+
+/// One job's network, as built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobNet {
+    pub job_id: String,
+    pub mode: NetMode,
+    /// `/run/netns/airlock-<job>`: what the shim joins and [`bind_in_netns`] enters.
+    pub ns_path: PathBuf,
+    /// Host end of the veth (in the host namespace).
+    pub host_link: String,
+    pub subnet: Subnet,
+    /// Inode of the namespace (as in `/proc/<pid>/ns/net` → `net:[inode]`).
+    pub ns_inode: u64,
+}
+
+impl JobNet {
+    /// The job's own address on its `eth0`.
+    pub fn job_addr(&self) -> Ipv4Addr {
+        self.subnet.job_addr()
+    }
+}
+
+/// Something of a job that is still there after its teardown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leftover {
+    Link(String),
+    NamespaceFile(PathBuf),
+    NamespaceMount(PathBuf),
+    /// A process still in the job's namespace (it keeps the namespace alive).
+    Process(i32),
+}
+
+impl fmt::Display for Leftover {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Leftover::Link(name) => write!(f, "link {name}"),
+            Leftover::NamespaceFile(p) => write!(f, "namespace file {}", p.display()),
+            Leftover::NamespaceMount(p) => write!(f, "namespace mount {}", p.display()),
+            Leftover::Process(pid) => write!(f, "process {pid} in the job's network namespace"),
+        }
+    }
+}
+
+/// Airlock-owned network objects that no job of this manager holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Orphans {
+    pub namespaces: Vec<OrphanNamespace>,
+    pub links: Vec<OrphanLink>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrphanNamespace {
+    /// File name under the namespace directory (`airlock-…`).
+    pub name: String,
+    /// The job it was made for, if the name holds a valid job id.
+    pub job_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrphanLink {
+    pub name: String,
+    /// The job named by the link's alias, if any.
+    pub job_id: Option<String>,
+}
+
+#[derive(Debug)]
+struct State {
+    pool: AddressPool,
+    /// Namespace inodes of jobs not yet verified gone.
+    inodes: HashMap<String, u64>,
+}
+
+/// Builds and removes jobs' networks. One per agent; cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct NetManager {
+    cfg: NetConfig,
+    /// rtnetlink in the host namespace.
+    handle: rtnetlink::Handle,
+    conn: tokio::task::JoinHandle<()>,
+    state: Mutex<State>,
+}
+
+impl Drop for NetManager {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+/// Aborts a netlink connection task when the request that needed it is done.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What the namespace thread hands back.
+struct NewNamespace {
+    inode: u64,
+    conn: rtnetlink::proto::Connection<rtnetlink::packet_route::RouteNetlinkMessage>,
+    handle: rtnetlink::Handle,
+}
+
+impl NetManager {
+    /// Must be called inside a tokio runtime (it spawns the netlink connection task).
+    pub fn new(cfg: NetConfig) -> Result<NetManager, NetnsError> {
+        let rt = tokio::runtime::Handle::try_current().map_err(|_| NetnsError::NoRuntime)?;
+        let pool = AddressPool::new(cfg.pool)?;
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetnsError::NetlinkSocket)?;
+        let conn = rt.spawn(conn);
+        Ok(NetManager {
+            cfg,
+            handle,
+            conn,
+            state: Mutex::new(State {
+                pool,
+                inodes: HashMap::new(),
+            }),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic elsewhere while holding the lock leaves plain bookkeeping behind; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Path of the job's namespace file.
+    pub fn ns_path(&self, job: &str) -> PathBuf {
+        self.cfg.netns_dir.join(netns_name(job))
+    }
+
+    /// Free subnets left in the pool.
+    pub fn available_subnets(&self) -> usize {
+        self.state().pool.available()
+    }
+
+    /// Builds the job's network: namespace, veth, addresses. On failure everything made so
+    /// far is removed again.
+    pub async fn create(&self, job: &str, mode: NetMode) -> Result<JobNet, NetnsError> {
+        check_job(job)?;
+        ensure_netns_dir(&self.cfg.netns_dir)?;
+        let subnet = self.state().pool.allocate(job)?;
+        match self.build(job, mode, subnet).await {
+            Ok(net) => {
+                self.state().inodes.insert(job.to_string(), net.ns_inode);
+                Ok(net)
+            }
+            Err(e) => {
+                if !matches!(e, NetnsError::Exists(_)) {
+                    // Best effort: the original error is the one to report.
+                    let _ = self.remove_objects(job).await;
+                }
+                self.state().pool.release(job);
+                Err(e)
+            }
+        }
+    }
+
+    async fn build(&self, job: &str, mode: NetMode, subnet: Subnet) -> Result<JobNet, NetnsError> {
+        let ns_path = self.ns_path(job);
+        let rt = tokio::runtime::Handle::current();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let thread_path = ns_path.clone();
+        std::thread::Builder::new()
+            .name("airlock-netns".into())
+            .spawn(move || {
+                let _ = tx.send(new_namespace(&thread_path, &rt));
+            })
+            .map_err(|_| NetnsError::Thread(ns_path.clone()))?;
+        let ns = rx
+            .await
+            .map_err(|_| NetnsError::Thread(ns_path.clone()))??;
+        let _conn = AbortOnDrop(tokio::spawn(ns.conn));
+        let inside = ns.handle;
+
+        // The veth, with its job end made directly inside the namespace as eth0: it never
+        // exists in the host namespace under a name that could clash.
+        let host_link = host_link_name(job);
+        let ns_file = File::open(&ns_path).map_err(|source| NetnsError::Open {
+            path: ns_path.clone(),
+            source,
+        })?;
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(JOB_LINK)
+            .setns_by_fd(ns_file.as_raw_fd())
+            .build();
+        let veth = LinkVeth::new(&host_link, JOB_LINK)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        self.handle
+            .link()
+            .add(veth)
+            .execute()
+            .await
+            .map_err(netlink(format!("create veth {host_link}")))?;
+        drop(ns_file);
+        let host_index = link_index(&self.handle, &host_link)
+            .await?
+            .ok_or_else(|| NetnsError::NoLink(host_link.clone()))?;
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(host_index)
+                    .alias(format!("{LINK_ALIAS_PREFIX}{job}"))
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(netlink(format!("set the alias of {host_link}")))?;
+        // EndpointOnly: the host end stays down and has no address (see NetMode).
+
+        // Inside: lo up with the two metadata addresses, eth0 up with the job's address.
+        let lo = link_index(&inside, "lo")
+            .await?
+            .ok_or_else(|| NetnsError::NoLink("lo".into()))?;
+        for ep in ENDPOINT_ADDRS {
+            inside
+                .address()
+                .add(lo, ep.ip(), 32)
+                .execute()
+                .await
+                .map_err(netlink(format!("add {}/32 to lo", ep.ip())))?;
+        }
+        set_up(&inside, lo, "lo").await?;
+        let eth0 = link_index(&inside, JOB_LINK)
+            .await?
+            .ok_or_else(|| NetnsError::NoLink(JOB_LINK.into()))?;
+        inside
+            .address()
+            .add(eth0, IpAddr::V4(subnet.job_addr()), addr_pool::JOB_PREFIX)
+            .execute()
+            .await
+            .map_err(netlink(format!("add {} to {JOB_LINK}", subnet.job_addr())))?;
+        set_up(&inside, eth0, JOB_LINK).await?;
+
+        Ok(JobNet {
+            job_id: job.to_string(),
+            mode,
+            ns_path,
+            host_link,
+            subnet,
+            ns_inode: ns.inode,
+        })
+    }
+
+    /// Removes the job's veth and namespace file and gives its subnet back. Idempotent: what
+    /// is already gone is skipped. The namespace itself dies once nothing holds it: the
+    /// job's processes (kill its cgroup first) and the endpoint sockets (close them first).
+    pub async fn teardown(&self, job: &str) -> Result<(), NetnsError> {
+        check_job(job)?;
+        self.remove_objects(job).await?;
+        self.state().pool.release(job);
+        Ok(())
+    }
+
+    async fn remove_objects(&self, job: &str) -> Result<(), NetnsError> {
+        // Deleting the host end deletes the job's end too, wherever it is.
+        self.remove_link_named(&host_link_name(job)).await?;
+        remove_namespace_file(&self.ns_path(job))
+    }
+
+    async fn remove_link_named(&self, name: &str) -> Result<(), NetnsError> {
+        if let Some(index) = link_index(&self.handle, name).await? {
+            match self.handle.link().del(index).execute().await {
+                Err(e) if netlink_errno(&e) == Some(Errno::ENODEV) => {}
+                r => r.map_err(netlink(format!("delete link {name}")))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// What of the job's network is still there: its link, its namespace file or mount, and
+    /// (if this manager built it) any process still in its namespace. Empty: all gone.
+    pub async fn verify_gone(&self, job: &str) -> Result<Vec<Leftover>, NetnsError> {
+        check_job(job)?;
+        let mut left = Vec::new();
+        let link = host_link_name(job);
+        if link_index(&self.handle, &link).await?.is_some() {
+            left.push(Leftover::Link(link));
+        }
+        let path = self.ns_path(job);
+        if path.symlink_metadata().is_ok() {
+            left.push(Leftover::NamespaceFile(path.clone()));
+        }
+        let mountinfo = self.cfg.proc_dir.join("self/mountinfo");
+        let mounts = std::fs::read_to_string(&mountinfo).map_err(|source| NetnsError::Read {
+            path: mountinfo,
+            source,
+        })?;
+        if mount_points(&mounts).any(|m| Path::new(&m) == path) {
+            left.push(Leftover::NamespaceMount(path));
+        }
+        let inode = self.state().inodes.get(job).copied();
+        if let Some(inode) = inode {
+            for pid in processes_in_netns(&self.cfg.proc_dir, inode)? {
+                left.push(Leftover::Process(pid));
+            }
+        }
+        if left.is_empty() {
+            self.state().inodes.remove(job);
+        }
+        Ok(left)
+    }
+
+    /// Airlock-owned namespaces (`airlock-*` in the namespace directory) and host links
+    /// (`al-*`) that belong to no job of this manager: what a crash left behind.
+    pub async fn list_orphans(&self) -> Result<Orphans, NetnsError> {
+        let live = |job: &Option<String>| {
+            job.as_deref()
+                .is_some_and(|j| self.state().pool.get(j).is_some())
+        };
+        let mut orphans = Orphans::default();
+        let dir = &self.cfg.netns_dir;
+        match std::fs::read_dir(dir) {
+            Ok(entries) => {
+                for entry in entries {
+                    let entry = entry.map_err(|source| NetnsError::Read {
+                        path: dir.clone(),
+                        source,
+                    })?;
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let Some(rest) = name.strip_prefix(NETNS_PREFIX) else {
+                        continue;
+                    };
+                    let job_id = valid_job_id(rest).then(|| rest.to_string());
+                    if !live(&job_id) {
+                        orphans.namespaces.push(OrphanNamespace { name, job_id });
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(NetnsError::Read {
+                    path: dir.clone(),
+                    source,
+                })
+            }
+        }
+        let mut links = self.handle.link().get().execute();
+        while let Some(msg) = links.try_next().await.map_err(netlink("list links"))? {
+            let mut name = None;
+            let mut alias = None;
+            for attr in msg.attributes {
+                match attr {
+                    LinkAttribute::IfName(n) => name = Some(n),
+                    LinkAttribute::IfAlias(a) => alias = Some(a),
+                    _ => {}
+                }
+            }
+            let Some(name) = name.filter(|n| n.starts_with(LINK_PREFIX)) else {
+                continue;
+            };
+            let job_id = alias
+                .as_deref()
+                .and_then(|a| a.strip_prefix(LINK_ALIAS_PREFIX))
+                .filter(|j| valid_job_id(j))
+                .map(str::to_string);
+            if !live(&job_id) {
+                orphans.links.push(OrphanLink { name, job_id });
+            }
+        }
+        Ok(orphans)
+    }
+
+    /// Removes an orphaned `al-*` link (one whose job is unknown; with a job id, use
+    /// [`NetManager::teardown`]).
+    pub async fn remove_orphan_link(&self, name: &str) -> Result<(), NetnsError> {
+        if !name.starts_with(LINK_PREFIX) {
+            return Err(NetnsError::NotOurs(name.to_string()));
+        }
+        self.remove_link_named(name).await
+    }
+
+    /// Removes an orphaned `airlock-*` namespace file.
+    pub fn remove_orphan_namespace(&self, name: &str) -> Result<(), NetnsError> {
+        if !name.starts_with(NETNS_PREFIX) || name.contains('/') || name.contains("..") {
+            return Err(NetnsError::NotOurs(name.to_string()));
+        }
+        remove_namespace_file(&self.cfg.netns_dir.join(name))
+    }
+}
+
+/// Binds TCP listeners on `addrs` inside the network namespace at `ns_path`, from a
+/// dedicated thread that enters it and exits. The sockets stay in that namespace wherever
+/// they are used: serve them with `tokio::net::TcpListener::from_std` from the host
+/// namespace. They are non-blocking. Blocks briefly (one thread spawn and join).
+pub fn bind_in_netns(ns_path: &Path, addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, NetnsError> {
+    let path = ns_path.to_path_buf();
+    let addrs = addrs.to_vec();
+    let thread = std::thread::Builder::new()
+        .name("airlock-bind".into())
+        .spawn(move || {
+            let ns = File::open(&path).map_err(|source| NetnsError::Open {
+                path: path.clone(),
+                source,
+            })?;
+            nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|source| {
+                NetnsError::Enter {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            addrs
+                .iter()
+                .map(|&addr| {
+                    let bind_err = |source| NetnsError::Bind {
+                        addr,
+                        path: path.clone(),
+                        source,
+                    };
+                    let listener = TcpListener::bind(addr).map_err(bind_err)?;
+                    listener.set_nonblocking(true).map_err(bind_err)?;
+                    Ok(listener)
+                })
+                .collect::<Result<Vec<_>, NetnsError>>()
+        })
+        .map_err(|_| NetnsError::Thread(ns_path.to_path_buf()))?;
+    thread
+        .join()
+        .map_err(|_| NetnsError::Thread(ns_path.to_path_buf()))?
+}
+
+/// Runs on a fresh thread: makes the namespace, pins it on `path`, and opens a netlink socket
+/// inside it. The thread exits afterwards; the bind mount and the socket keep the namespace.
+fn new_namespace(path: &Path, rt: &tokio::runtime::Handle) -> Result<NewNamespace, NetnsError> {
+    // Like iproute2: an empty file, mode 0, that the namespace is bind-mounted on.
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o000)
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(NetnsError::Exists(path.to_path_buf()))
+        }
+        Err(source) => {
+            return Err(NetnsError::NamespaceFile {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    }
+    let pinned = (|| {
+        nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(NetnsError::Unshare)?;
+        let own = format!("/proc/self/task/{}/ns/net", nix::unistd::gettid());
+        nix::mount::mount(
+            Some(own.as_str()),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|source| NetnsError::Mount {
+            path: path.to_path_buf(),
+            source,
+        })
+    })();
+    if let Err(e) = pinned {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    // From here the caller's cleanup removes the namespace on any failure.
+    let inode = std::fs::metadata(path)
+        .map_err(|source| NetnsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .ino();
+    // No IPv6 in the job's network: IPv4 is all the endpoint needs, and IPv6 link-local
+    // addresses on the veth would give the job a path the IPv4 rules do not cover.
+    // (/proc/sys/net shows the namespace of the thread that opens it.)
+    for knob in ["all", "default"] {
+        let p = PathBuf::from(format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6"));
+        match std::fs::write(&p, "1") {
+            Ok(()) => {}
+            // A kernel without IPv6 has nothing to disable.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(NetnsError::Sysctl { path: p, source }),
+        }
+    }
+    let _rt = rt.enter();
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(NetnsError::NetlinkSocket)?;
+    Ok(NewNamespace {
+        inode,
+        conn,
+        handle,
+    })
+}
+
+/// Makes `dir` exist and be a shared mount point, as iproute2 does, so that namespace
+/// mounts made in it propagate to mount namespaces cloned later.
+fn ensure_netns_dir(dir: &Path) -> Result<(), NetnsError> {
+    let err = |source| NetnsError::NetnsDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(|source| NetnsError::NamespaceFile {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let shared = || {
+        nix::mount::mount(
+            None::<&str>,
+            dir,
+            Some("none"),
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    match shared() {
+        Ok(()) => Ok(()),
+        // Not a mount point yet: bind it onto itself, then make it shared.
+        Err(Errno::EINVAL) => {
+            nix::mount::mount(
+                Some(dir),
+                dir,
+                Some("none"),
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(err)?;
+            shared().map_err(err)
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+fn remove_namespace_file(path: &Path) -> Result<(), NetnsError> {
+    match nix::mount::umount2(path, MntFlags::MNT_DETACH) {
+        // EINVAL: not a mount point (already unmounted); ENOENT: no file.
+        Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
+        Err(source) => {
+            return Err(NetnsError::Unmount {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(NetnsError::Remove {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn netlink_errno(e: &rtnetlink::Error) -> Option<Errno> {
+    match e {
+        rtnetlink::Error::NetlinkError(msg) => msg.code.map(|c| Errno::from_raw(-c.get())),
+        _ => None,
+    }
+}
+
+/// Index of the link called `name`, or `None` if there is none.
+async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>, NetnsError> {
+    let mut links = handle.link().get().match_name(name).execute();
+    match links.try_next().await {
+        Ok(Some(msg)) => Ok(Some(msg.header.index)),
+        Ok(None) => Ok(None),
+        Err(e) if netlink_errno(&e) == Some(Errno::ENODEV) => Ok(None),
+        Err(e) => Err(netlink(format!("look up link {name}"))(e)),
+    }
+}
+
+async fn set_up(handle: &rtnetlink::Handle, index: u32, name: &str) -> Result<(), NetnsError> {
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(netlink(format!("set {name} up")))
+}
+
+/// Mount points in a mountinfo text (field 5, with `\040`-style escapes undone).
+fn mount_points(mountinfo: &str) -> impl Iterator<Item = String> + '_ {
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_octal)
+}
+
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Pids whose network namespace has inode `inode`.
+fn processes_in_netns(proc_dir: &Path, inode: u64) -> Result<Vec<i32>, NetnsError> {
+    let want = format!("net:[{inode}]");
+    let entries = std::fs::read_dir(proc_dir).map_err(|source| NetnsError::Read {
+        path: proc_dir.to_path_buf(),
+        source,
+    })?;
+    let mut pids = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // A process may exit while we look: that is not a leftover.
+        if let Ok(target) = std::fs::read_link(entry.path().join("ns/net")) {
+            if target.as_os_str() == want.as_str() {
+                pids.push(pid);
+            }
+        }
+    }
+    Ok(pids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_the_kernel_and_iproute2() {
+        let job = "j-0123456789abcdef";
+        assert_eq!(netns_name(job), "airlock-j-0123456789abcdef");
+        let link = host_link_name(job);
+        assert!(link.len() <= 15, "{link}: IFNAMSIZ is 16 with the NUL");
+        assert!(link.starts_with("al-") && link.ends_with('h'), "{link}");
+        assert_eq!(
+            link,
+            host_link_name(job),
+            "deterministic, for crash recovery"
+        );
+        assert_ne!(link, host_link_name("j-0123456789abcdee"));
+        assert!(matches!(
+            check_job("../etc"),
+            Err(NetnsError::InvalidJobId(_))
+        ));
+        assert!(check_job(job).is_ok());
+    }
+
+    #[test]
+    fn mountinfo_mount_points_are_unescaped() {
+        let text = "42 27 254:0 /run/netns /run/netns rw,relatime shared:1 - ext4 /dev/vda rw\n\
+                    99 42 0:4 net:[4026532] /run/netns/airlock-j-1 rw shared:1 - nsfs nsfs rw\n\
+                    100 42 0:4 / /mnt/with\\040space rw - tmpfs tmpfs rw\n";
+        let points: Vec<String> = mount_points(text).collect();
+        assert_eq!(
+            points,
+            ["/run/netns", "/run/netns/airlock-j-1", "/mnt/with space"]
+        );
+    }
+
+    #[test]
+    fn endpoint_addresses_are_the_ones_the_sdks_use() {
+        assert_eq!(CONTAINER_ENDPOINT.to_string(), "169.254.170.2:80");
+        assert_eq!(IMDS_ENDPOINT.to_string(), "169.254.169.254:80");
+        assert_eq!(
+            serde_json::to_string(&NetMode::EndpointOnly).unwrap(),
+            "\"endpoint-only\""
+        );
+    }
+}

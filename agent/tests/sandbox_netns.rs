@@ -1,0 +1,551 @@
+//! Privileged tests of the per-job network (root; they never skip: a missing prerequisite
+//! fails with what is missing). Every kernel object they make is named `airlock-<job>` or
+//! `al-*` with a fresh random job id, and a guard removes it with `ip` even if a test fails.
+//! Traffic stays inside namespaces the tests create, or on test links they create.
+
+use airlock::jobs::new_job_id;
+use airlock::sandbox::netns::{
+    bind_in_netns, host_link_name, netns_name, Leftover, NetConfig, NetManager, NetMode,
+    OrphanLink, OrphanNamespace, CONTAINER_ENDPOINT, ENDPOINT_ADDRS, IMDS_ENDPOINT,
+};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+
+fn prerequisites() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the sandbox network tests need root (CAP_SYS_ADMIN, CAP_NET_ADMIN); run them as root"
+    );
+    for (tool, package) in [
+        ("ip", "iproute2"),
+        ("python3", "python3"),
+        ("setpriv", "util-linux"),
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            found,
+            "the sandbox network tests need `{tool}` (Debian package {package})"
+        );
+    }
+}
+
+fn config(pool: &str) -> NetConfig {
+    NetConfig {
+        pool: pool.parse().unwrap(),
+        ..NetConfig::default()
+    }
+}
+
+/// Removes what a test made, with `ip`, whatever the code under test did.
+#[derive(Default)]
+struct Cleanup {
+    links: Vec<String>,
+    jobs: Vec<String>,
+}
+
+impl Cleanup {
+    fn job(&mut self, job: &str) {
+        self.jobs.push(job.to_string());
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let quiet = |args: &[&str]| {
+            let _ = Command::new("ip")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        };
+        for job in &self.jobs {
+            quiet(&["link", "del", &host_link_name(job)]);
+            quiet(&["netns", "del", &netns_name(job)]);
+        }
+        for link in &self.links {
+            quiet(&["link", "del", link]);
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn in_ns(job: &str, cmd: &[&str]) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", &netns_name(job)])
+        .args(cmd)
+        .output()
+        .unwrap()
+}
+
+/// A test link in the host namespace, `al-t<hex><suffix>`: a veth pair (the kernel may
+/// have no dummy driver) whose peer has the same name plus `p`. Deleting either end
+/// deletes both.
+fn test_link(cleanup: &mut Cleanup, suffix: char) -> String {
+    let name = format!("al-t{:08x}{suffix}", rand::random::<u32>());
+    cleanup.links.push(name.clone());
+    let peer = format!("{name}p");
+    ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]);
+    name
+}
+
+/// Answers every connection with `HTTP/1.0 200` and `body`.
+fn serve(listener: std::net::TcpListener, body: String) -> JoinHandle<()> {
+    listener.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf).await;
+                let reply = format!(
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+            });
+        }
+    })
+}
+
+async fn stop(servers: Vec<JoinHandle<()>>) {
+    for s in servers {
+        s.abort();
+        let _ = s.await; // the listener is closed once the task is gone
+    }
+}
+
+/// Connects to each target and prints `<target> ok <body>` or `<target> err <ERRNO>`.
+const PROBE: &str = r#"
+import errno, socket, sys
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    try:
+        s = socket.create_connection((host, int(port)), timeout=3)
+        s.sendall(b"GET / HTTP/1.0\r\nHost: " + host.encode() + b"\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        print(target, "ok", data.split(b"\r\n\r\n", 1)[-1].decode())
+    except socket.timeout:
+        print(target, "err", "TIMEOUT")
+    except OSError as e:
+        print(target, "err", errno.errorcode.get(e.errno, str(e)))
+"#;
+
+/// Runs [`PROBE`] inside the job's namespace; one result per target, in order.
+async fn probe(job: &str, targets: &[String]) -> Vec<String> {
+    let out = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &netns_name(job), "python3", "-c", PROBE])
+        .args(targets)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "probe failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<String> = stdout
+        .lines()
+        .map(|l| l.split_once(' ').unwrap().1.to_string())
+        .collect();
+    assert_eq!(lines.len(), targets.len(), "{stdout}");
+    lines
+}
+
+async fn host_get(addr: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_job_reaches_only_its_own_endpoint() {
+    prerequisites();
+    let mut cleanup = Cleanup::default();
+    let mgr = NetManager::new(config("10.200.16.0/24")).unwrap();
+    let (a, b) = (new_job_id(), new_job_id());
+    cleanup.job(&a);
+    cleanup.job(&b);
+    let net_a = mgr.create(&a, NetMode::EndpointOnly).await.unwrap();
+    let net_b = mgr.create(&b, NetMode::EndpointOnly).await.unwrap();
+    assert_eq!(mgr.available_subnets(), 62);
+    assert_ne!(net_a.job_addr(), net_b.job_addr());
+
+    let mut servers = Vec::new();
+    for (job, net) in [(&a, &net_a), (&b, &net_b)] {
+        let listeners = bind_in_netns(&net.ns_path, &ENDPOINT_ADDRS).unwrap();
+        assert_eq!(listeners.len(), 2);
+        for l in listeners {
+            let addr = l.local_addr().unwrap();
+            servers.push(serve(l, format!("job={job} listener={addr}")));
+        }
+    }
+    // The host's own services: one on loopback, one on every address, and a fake
+    // "metadata service" on an address of a test link in the host namespace.
+    let host_lo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host_lo_addr = host_lo.local_addr().unwrap();
+    servers.push(serve(host_lo, "host loopback".into()));
+    let host_any = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let any_port = host_any.local_addr().unwrap().port();
+    servers.push(serve(host_any, "host any".into()));
+    let fake = test_link(&mut cleanup, 'm');
+    let meta_ip = format!("10.200.255.{}", 1 + rand::random::<u8>() % 250);
+    ip(&["addr", "add", &format!("{meta_ip}/32"), "dev", &fake]);
+    ip(&["link", "set", &fake, "up"]);
+    let meta = std::net::TcpListener::bind(format!("{meta_ip}:0")).unwrap();
+    let meta_addr = meta.local_addr().unwrap();
+    servers.push(serve(meta, "host metadata".into()));
+    let any_on_host: SocketAddr = format!("{meta_ip}:{any_port}").parse().unwrap();
+    // Control: from the host, each of them answers.
+    assert_eq!(host_get(host_lo_addr).await, "host loopback");
+    assert_eq!(host_get(meta_addr).await, "host metadata");
+    assert_eq!(host_get(any_on_host).await, "host any");
+
+    for (me, other) in [(&net_a, &net_b), (&net_b, &net_a)] {
+        let targets = [
+            CONTAINER_ENDPOINT.to_string(),
+            IMDS_ENDPOINT.to_string(),
+            format!("{}:80", other.job_addr()),
+            host_lo_addr.to_string(),
+            meta_addr.to_string(),
+            any_on_host.to_string(),
+        ];
+        let got = probe(&me.job_id, &targets).await;
+        let own = |ep: SocketAddr| format!("ok job={} listener={ep}", me.job_id);
+        assert_eq!(
+            got,
+            [
+                own(CONTAINER_ENDPOINT),
+                own(IMDS_ENDPOINT),
+                // No route to the other job, nor to any address of the host; the job's
+                // 127.0.0.1 is its own loopback, where nothing listens.
+                "err ENETUNREACH".into(),
+                "err ECONNREFUSED".into(),
+                "err ENETUNREACH".into(),
+                "err ENETUNREACH".into(),
+            ],
+            "job {}",
+            me.job_id
+        );
+    }
+
+    stop(servers).await;
+    for job in [&a, &b] {
+        mgr.teardown(job).await.unwrap();
+        assert_eq!(mgr.verify_gone(job).await.unwrap(), []);
+    }
+    assert_eq!(mgr.available_subnets(), 64);
+    let namespaces = ip(&["netns", "list"]);
+    let links = ip(&["-o", "link", "show"]);
+    for job in [&a, &b] {
+        assert!(!namespaces.contains(&netns_name(job)), "{namespaces}");
+        assert!(!links.contains(&host_link_name(job)), "{links}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_namespace_is_built_as_specified_and_the_job_cannot_change_it() {
+    prerequisites();
+    let mut cleanup = Cleanup::default();
+    let mgr = NetManager::new(config("10.200.17.0/24")).unwrap();
+    let job = new_job_id();
+    cleanup.job(&job);
+    let net = mgr.create(&job, NetMode::EndpointOnly).await.unwrap();
+    assert_eq!(
+        net.ns_path,
+        std::path::Path::new("/run/netns").join(netns_name(&job))
+    );
+    assert_eq!(net.subnet.to_string(), "10.200.17.0/30");
+
+    assert!(ip(&["netns", "list"]).contains(&netns_name(&job)));
+    let addrs = String::from_utf8(in_ns(&job, &["ip", "-o", "-4", "addr", "show"]).stdout).unwrap();
+    for want in [
+        "lo    inet 127.0.0.1/8",
+        "lo    inet 169.254.170.2/32",
+        "lo    inet 169.254.169.254/32",
+        "eth0    inet 10.200.17.2/30",
+    ] {
+        assert!(addrs.contains(want), "{want:?} not in\n{addrs}");
+    }
+    let routes = String::from_utf8(in_ns(&job, &["ip", "-4", "route", "show"]).stdout).unwrap();
+    assert!(
+        !routes.contains("default"),
+        "endpoint-only has no default route:\n{routes}"
+    );
+    let v6 = in_ns(&job, &["cat", "/proc/sys/net/ipv6/conf/all/disable_ipv6"]);
+    assert_eq!(
+        String::from_utf8_lossy(&v6.stdout).trim(),
+        "1",
+        "IPv6 off in the job"
+    );
+    // The host end: down, no address, named for the job in its alias.
+    let host = ip(&["-o", "link", "show", &net.host_link]);
+    assert!(host.contains("state DOWN"), "{host}");
+    assert!(host.contains(&format!("alias airlock job {job}")), "{host}");
+    assert!(!ip(&["-o", "addr", "show", "dev", &net.host_link]).contains("inet"));
+
+    // As an unprivileged user inside the namespace, nothing of it can be changed.
+    let attempts: [&[&str]; 4] = [
+        &["ip", "addr", "add", "10.9.9.9/32", "dev", "lo"],
+        &["ip", "addr", "del", "169.254.170.2/32", "dev", "lo"],
+        &["ip", "route", "add", "default", "dev", "eth0"],
+        &["ip", "link", "set", "eth0", "down"],
+    ];
+    for cmd in attempts {
+        let mut full = vec![
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ];
+        full.extend_from_slice(cmd);
+        let out = in_ns(&job, &full);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cmd:?} succeeded unprivileged");
+        assert!(
+            stderr.contains("Operation not permitted"),
+            "{cmd:?}: {stderr}"
+        );
+    }
+    // Control: the same change as root does work, so the refusal above is the privilege.
+    let out = in_ns(&job, attempts[0]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    mgr.teardown(&job).await.unwrap();
+    assert_eq!(mgr.verify_gone(&job).await.unwrap(), []);
+    assert!(!ip(&["netns", "list"]).contains(&netns_name(&job)));
+    assert!(!ip(&["-o", "link", "show"]).contains(&net.host_link));
+    // Teardown is idempotent.
+    mgr.teardown(&job).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_leaves_orphans_that_are_found_and_reaped() {
+    prerequisites();
+    let mut cleanup = Cleanup::default();
+    let job = new_job_id();
+    cleanup.job(&job);
+    {
+        let first = NetManager::new(config("10.200.18.0/24")).unwrap();
+        let net = first.create(&job, NetMode::EndpointOnly).await.unwrap();
+        drop(bind_in_netns(&net.ns_path, &ENDPOINT_ADDRS).unwrap());
+        // The agent dies here: no teardown.
+    }
+    let stray = test_link(&mut cleanup, 'o');
+
+    let mgr = NetManager::new(config("10.200.18.0/24")).unwrap();
+    let orphans = mgr.list_orphans().await.unwrap();
+    assert!(
+        orphans.namespaces.contains(&OrphanNamespace {
+            name: netns_name(&job),
+            job_id: Some(job.clone()),
+        }),
+        "{orphans:?}"
+    );
+    assert!(
+        orphans.links.contains(&OrphanLink {
+            name: host_link_name(&job),
+            job_id: Some(job.clone()),
+        }),
+        "{orphans:?}"
+    );
+    assert!(
+        orphans.links.contains(&OrphanLink {
+            name: stray.clone(),
+            job_id: None,
+        }),
+        "{orphans:?}"
+    );
+    let ns_path = mgr.ns_path(&job);
+    assert_eq!(
+        mgr.verify_gone(&job).await.unwrap(),
+        [
+            Leftover::Link(host_link_name(&job)),
+            Leftover::NamespaceFile(ns_path.clone()),
+            Leftover::NamespaceMount(ns_path),
+        ]
+    );
+    // A new job with the same id does not reuse or clobber the leftovers.
+    let err = mgr.create(&job, NetMode::EndpointOnly).await.unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    assert_eq!(
+        mgr.available_subnets(),
+        64,
+        "the failed create gave its subnet back"
+    );
+    assert_eq!(mgr.verify_gone(&job).await.unwrap().len(), 3);
+
+    mgr.teardown(&job).await.unwrap();
+    mgr.remove_orphan_link(&stray).await.unwrap();
+    assert!(
+        mgr.remove_orphan_link("lo").await.is_err(),
+        "only al-* links"
+    );
+    assert!(mgr.remove_orphan_namespace("../x").is_err());
+    assert_eq!(mgr.verify_gone(&job).await.unwrap(), []);
+    let orphans = mgr.list_orphans().await.unwrap();
+    assert!(
+        !orphans
+            .namespaces
+            .iter()
+            .any(|n| n.name == netns_name(&job)),
+        "{orphans:?}"
+    );
+    assert!(
+        !orphans
+            .links
+            .iter()
+            .any(|l| l.name == host_link_name(&job) || l.name.starts_with(&stray)),
+        "{orphans:?}"
+    );
+    assert!(!ip(&["netns", "list"]).contains(&netns_name(&job)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_gone_reports_a_process_left_in_the_namespace() {
+    prerequisites();
+    let mut cleanup = Cleanup::default();
+    let mgr = NetManager::new(config("10.200.19.0/24")).unwrap();
+    let job = new_job_id();
+    cleanup.job(&job);
+    let net = mgr.create(&job, NetMode::EndpointOnly).await.unwrap();
+    let mut child = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &netns_name(&job), "sleep", "60"])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap() as i32;
+    let want = format!("net:[{}]", net.ns_inode);
+    let mut entered = false;
+    for _ in 0..100 {
+        let now = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+        if now.as_os_str() == want.as_str() {
+            entered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(entered, "the child never entered the job's namespace");
+
+    mgr.teardown(&job).await.unwrap();
+    assert_eq!(
+        mgr.verify_gone(&job).await.unwrap(),
+        [Leftover::Process(pid)]
+    );
+    child.kill().await.unwrap();
+    assert_eq!(mgr.verify_gone(&job).await.unwrap(), []);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binding_in_something_that_is_not_a_network_namespace_fails() {
+    prerequisites();
+    let dir = tempfile::tempdir().unwrap();
+    let not_ns = dir.path().join("plain");
+    std::fs::write(&not_ns, "").unwrap();
+    let err = bind_in_netns(&not_ns, &ENDPOINT_ADDRS).unwrap_err();
+    assert!(
+        err.to_string().contains("cannot enter network namespace"),
+        "{err}"
+    );
+    let err = bind_in_netns(&dir.path().join("missing"), &ENDPOINT_ADDRS).unwrap_err();
+    assert!(
+        err.to_string().contains("cannot open network namespace"),
+        "{err}"
+    );
+    let mgr = NetManager::new(config("10.200.20.0/24")).unwrap();
+    let err = mgr
+        .create("../../etc", NetMode::EndpointOnly)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not an airlock job id"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_jobs_at_once_each_get_their_own_network() {
+    prerequisites();
+    let mut cleanup = Cleanup::default();
+    let mgr = std::sync::Arc::new(NetManager::new(config("10.200.21.0/24")).unwrap());
+    let jobs: Vec<String> = (0..16).map(|_| new_job_id()).collect();
+    for job in &jobs {
+        cleanup.job(job);
+    }
+    let started = std::time::Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for job in jobs.clone() {
+        let mgr = mgr.clone();
+        set.spawn(async move { mgr.create(&job, NetMode::EndpointOnly).await });
+    }
+    let mut nets = Vec::new();
+    while let Some(net) = set.join_next().await {
+        nets.push(net.unwrap().unwrap());
+    }
+    eprintln!("16 job networks created in {:?}", started.elapsed());
+    let mut subnets: Vec<_> = nets.iter().map(|n| n.subnet).collect();
+    subnets.sort_by_key(|s| s.network());
+    subnets.dedup();
+    assert_eq!(subnets.len(), 16);
+
+    let mut servers = Vec::new();
+    for net in &nets {
+        for l in bind_in_netns(&net.ns_path, &[CONTAINER_ENDPOINT]).unwrap() {
+            servers.push(serve(l, format!("job={}", net.job_id)));
+        }
+    }
+    let mut probes = tokio::task::JoinSet::new();
+    for net in &nets {
+        let job = net.job_id.clone();
+        probes.spawn(async move {
+            let got = probe(&job, &[CONTAINER_ENDPOINT.to_string()]).await;
+            (job, got)
+        });
+    }
+    while let Some(res) = probes.join_next().await {
+        let (job, got) = res.unwrap();
+        assert_eq!(got, [format!("ok job={job}")]);
+    }
+
+    stop(servers).await;
+    let started = std::time::Instant::now();
+    for job in &jobs {
+        mgr.teardown(job).await.unwrap();
+    }
+    eprintln!("16 job networks torn down in {:?}", started.elapsed());
+    for job in &jobs {
+        assert_eq!(mgr.verify_gone(job).await.unwrap(), []);
+    }
+    assert_eq!(mgr.available_subnets(), 64);
+}
