@@ -47,8 +47,12 @@ e2e: deps build
 demo: deps build
 	scripts/demo.sh
 
-# Release builds of the agent, measured against a bare hyper server in the same run.
+# Release builds of the agent, measured against a bare hyper server in the same run; then the
+# sandbox (root only), measured against bubblewrap in the same run.
 BENCH_BIN_DIR = $(if $(CARGO_TARGET_DIR),$(abspath $(CARGO_TARGET_DIR)),$(CURDIR)/target)/release
 bench: deps
 	$(CARGO) build --release -p airlock-agent --bins
 	AIRLOCK_BIN_DIR=$(BENCH_BIN_DIR) $(CARGO) run -p airlock-tests --bin airlock-bench --release
+	scripts/setup-bench-deps.sh
+	$(CARGO) build --release -p airlock-shim --bins
+	AIRLOCK_BIN_DIR=$(BENCH_BIN_DIR) $(CARGO) run -p airlock-tests --bin airlock-sandbox-bench --release

@@ -48,9 +48,9 @@ pub struct Config {
     /// Trusted OIDC issuers. No issuer: only attested identities can be used.
     #[serde(default, rename = "issuer")]
     pub issuers: Vec<IssuerConfig>,
-    /// Reserved for the sandbox issue; accepted and ignored for now.
+    /// Running jobs in sandboxes (`airlock run` with the shim).
     #[serde(default)]
-    pub sandbox: Option<toml::Table>,
+    pub sandbox: SandboxSection,
     /// Reserved for the egress issue; accepted and ignored for now.
     #[serde(default)]
     pub egress: Option<toml::Table>,
@@ -268,6 +268,93 @@ pub struct IssuerConfig {
     pub allow_http: bool,
 }
 
+/// `[sandbox]`: each job in its own namespaces, cgroup and network namespace.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSection {
+    /// Off for now: the sandbox is being wired in (issue 3); jobs then use loopback
+    /// endpoints as before.
+    #[serde(default)]
+    pub enabled: bool,
+    /// The sandbox init; default: `airlock-shim` next to `airlockd`.
+    #[serde(default)]
+    pub shim: Option<PathBuf>,
+    /// Per-job directories (the empty root the shim assembles in, the spec). Root only.
+    #[serde(default = "default_sandbox_runtime")]
+    pub runtime_dir: PathBuf,
+    #[serde(default = "default_cgroup_root")]
+    pub cgroup_root: PathBuf,
+    /// The agent's parent group under the cgroup root.
+    #[serde(default = "default_cgroup_parent")]
+    pub cgroup_parent: PathBuf,
+    #[serde(default = "default_netns_dir")]
+    pub netns_dir: PathBuf,
+    /// Where jobs' /30 subnets come from.
+    #[serde(default = "default_address_pool")]
+    pub address_pool: String,
+    #[serde(default)]
+    pub users: crate::sandbox::users::JobUsersConfig,
+    /// The runner's own uid and gid, which no job may have.
+    #[serde(default)]
+    pub runner_uid: Option<u32>,
+    #[serde(default)]
+    pub runner_gid: Option<u32>,
+    #[serde(default = "default_pids_max")]
+    pub pids_max: u64,
+    /// Bytes of memory per job.
+    #[serde(default = "default_memory_max")]
+    pub memory_max: u64,
+    /// CPU per job in thousandths of a CPU; none: no limit.
+    #[serde(default)]
+    pub cpu_millis: Option<u64>,
+    /// Size cap of each of the job's tmpfs mounts, in bytes.
+    #[serde(default = "default_tmpfs_size")]
+    pub tmpfs_size: u64,
+    /// More host paths to hide from jobs (airlock's own config, state, audit, control
+    /// socket, `/root` and the Docker and containerd sockets are always hidden).
+    #[serde(default)]
+    pub hide: Vec<PathBuf>,
+    /// Variables of the caller's environment a job may see; everything else is dropped.
+    #[serde(default = "default_pass_env")]
+    pub pass_env: Vec<String>,
+}
+
+impl Default for SandboxSection {
+    fn default() -> Self {
+        toml::from_str("").expect("the empty [sandbox] table has defaults for every key")
+    }
+}
+
+fn default_sandbox_runtime() -> PathBuf {
+    "/run/airlock/jobs".into()
+}
+fn default_cgroup_root() -> PathBuf {
+    "/sys/fs/cgroup".into()
+}
+fn default_cgroup_parent() -> PathBuf {
+    "airlock".into()
+}
+fn default_netns_dir() -> PathBuf {
+    "/run/netns".into()
+}
+fn default_address_pool() -> String {
+    crate::sandbox::addr_pool::DEFAULT_POOL.into()
+}
+fn default_pids_max() -> u64 {
+    4096
+}
+fn default_memory_max() -> u64 {
+    8 << 30
+}
+fn default_tmpfs_size() -> u64 {
+    4 << 30
+}
+fn default_pass_env() -> Vec<String> {
+    ["PATH", "LANG", "LC_ALL", "TERM", "TZ", "CI"]
+        .map(String::from)
+        .to_vec()
+}
+
 fn yes() -> bool {
     true
 }
@@ -366,6 +453,11 @@ impl Config {
         fix(&mut self.agent.control_socket);
         fix(&mut self.audit.path);
         fix(&mut self.policy.dir);
+        fix(&mut self.sandbox.runtime_dir);
+        fix(&mut self.sandbox.netns_dir);
+        if let Some(p) = &mut self.sandbox.shim {
+            fix(p);
+        }
         if let Some(p) = &mut self.credentials.web_identity_token_file {
             fix(p);
         }
@@ -400,6 +492,18 @@ impl Config {
         }
         if !sts.starts_with("http://") && !sts.starts_with("https://") {
             return bad(format!("[sts] endpoint {sts:?} must be an https:// URL"));
+        }
+        if self.sandbox.enabled {
+            if let Err(e) = self
+                .sandbox
+                .address_pool
+                .parse::<crate::sandbox::addr_pool::Cidr>()
+            {
+                return bad(format!("[sandbox] address_pool: {e}"));
+            }
+            if self.sandbox.tmpfs_size < (1 << 20) {
+                return bad("[sandbox] tmpfs_size must be at least 1 MiB".into());
+            }
         }
         if !self.endpoint.bind.is_loopback() {
             // Jobs are not sandboxed yet: a job's listener is only as private as loopback.

@@ -67,6 +67,35 @@ pub struct StartRequest {
     /// Shorter lifetime than the agent's `[jobs] max_lifetime`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lifetime_secs: Option<u64>,
+    /// The command the job runs (`airlock run`): with `[sandbox]` enabled the agent writes
+    /// the shim's spec for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<JobCommand>,
+}
+
+/// A job's command and the caller's environment (the agent keeps only the allowed part).
+#[derive(Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobCommand {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for JobCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The caller's environment may hold anything: only its names are shown.
+        f.debug_struct("JobCommand")
+            .field("argv", &self.argv)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// How to start a sandboxed job's command: `<shim> --spec <spec>`, as root.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxStart {
+    pub shim: PathBuf,
+    pub spec: PathBuf,
 }
 
 /// Bind the identity of a job started with `bind_later` (once).
@@ -95,6 +124,9 @@ pub struct StartResponse {
     pub grants: Vec<String>,
     pub refused: Option<String>,
     pub flags: Vec<String>,
+    /// Set when the job runs in a sandbox and a command was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxStart>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -27,6 +27,7 @@ use crate::identity::{JobIdentity, Verifier};
 use crate::jobs::{self, JobRecord, Store};
 use crate::metrics::Metrics;
 use crate::policy::{Decision, PolicySet};
+use crate::sandbox::job::{Sandboxes, JOB_TOKEN_FILE};
 use crate::secret::Secret;
 
 /// How often the agent looks for jobs past their deadline.
@@ -79,8 +80,9 @@ impl CredentialSource for BrokerSource {
 struct LiveJob {
     record: JobRecord,
     endpoint: Arc<JobEndpoint>,
-    task: JoinHandle<()>,
-    token_file: PathBuf,
+    tasks: Vec<JoinHandle<()>>,
+    /// The host-side token file of an unsandboxed job (a sandboxed job's lives in its tmpfs).
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -95,6 +97,7 @@ pub struct Daemon {
     metrics: Arc<Metrics>,
     store: Store,
     token_dir: PathBuf,
+    sandboxes: Option<Arc<Sandboxes>>,
     jobs: Mutex<HashMap<String, LiveJob>>,
 }
 
@@ -130,6 +133,7 @@ impl Daemon {
         broker: Arc<Broker>,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
+        sandboxes: Option<Sandboxes>,
     ) -> Result<Arc<Daemon>, jobs::JobsError> {
         let store = Store::open(&cfg.agent.state_dir)?;
         let token_dir = cfg
@@ -163,6 +167,7 @@ impl Daemon {
             metrics,
             store,
             token_dir,
+            sandboxes: sandboxes.map(Arc::new),
             jobs: Mutex::new(HashMap::new()),
         }))
     }
@@ -190,19 +195,27 @@ impl Daemon {
         &self,
         record: JobRecord,
         endpoint: Arc<JobEndpoint>,
-        task: JoinHandle<()>,
-        token_file: PathBuf,
+        tasks: Vec<JoinHandle<()>>,
+        token_file: Option<PathBuf>,
     ) {
         lock(&self.jobs).insert(
             record.id.clone(),
             LiveJob {
                 record,
                 endpoint,
-                task,
+                tasks,
                 token_file,
             },
         );
         self.metrics.active_jobs.set(self.job_count() as i64);
+    }
+
+    /// Called when the agent stops: with no job left, nothing of the agent stays in the
+    /// cgroup tree. Jobs that are still recorded keep everything for the next start.
+    pub fn shutdown(&self) {
+        if let (Some(sb), 0) = (&self.sandboxes, self.job_count()) {
+            sb.remove_parent();
+        }
     }
 
     pub fn job_count(&self) -> usize {
@@ -353,7 +366,15 @@ impl Daemon {
     }
 
     fn job_env(&self, rec: &JobRecord, token: &str, token_file: &Path) -> BTreeMap<String, String> {
-        let base = format!("http://{}", rec.endpoint);
+        let (base, imds_base) = if rec.sandbox_slot.is_some() {
+            // Inside the job's own namespace: the addresses the SDKs know, on port 80.
+            let ecs = crate::sandbox::netns::CONTAINER_ENDPOINT.ip();
+            let imds = crate::sandbox::netns::IMDS_ENDPOINT.ip();
+            (format!("http://{ecs}"), format!("http://{imds}"))
+        } else {
+            let b = format!("http://{}", rec.endpoint);
+            (b.clone(), b)
+        };
         let region = &self.cfg.endpoint.region;
         let mut env = BTreeMap::new();
         env.insert(
@@ -371,7 +392,7 @@ impl Daemon {
         if self.cfg.endpoint.imds {
             env.insert(
                 "AWS_EC2_METADATA_SERVICE_ENDPOINT".into(),
-                format!("{base}/"),
+                format!("{imds_base}/"),
             );
             env.insert(
                 "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE".into(),
@@ -394,19 +415,29 @@ impl Daemon {
 
     fn spawn_endpoint(
         &self,
-        listener: TcpListener,
+        listeners: Vec<TcpListener>,
         rec: &JobRecord,
         token_sha256: [u8; 32],
-    ) -> (Arc<JobEndpoint>, JoinHandle<()>) {
-        let ep = Arc::new(JobEndpoint::new(
+    ) -> (Arc<JobEndpoint>, Vec<JoinHandle<()>>) {
+        let mut ep = JobEndpoint::new(
             rec.id.clone(),
             token_sha256,
             rec.endpoint,
             self.cfg.endpoint.region.clone(),
             self.cfg.endpoint.imds,
-        ));
-        let task = tokio::spawn(endpoint::serve(listener, ep.clone(), self.shared.clone()));
-        (ep, task)
+        );
+        if rec.sandbox_slot.is_some() {
+            // Inside the job's namespace the SDKs use the IMDS address too, on port 80.
+            let imds = crate::sandbox::netns::IMDS_ENDPOINT;
+            ep.allow_host(imds.to_string());
+            ep.allow_host(imds.ip().to_string());
+        }
+        let ep = Arc::new(ep);
+        let tasks = listeners
+            .into_iter()
+            .map(|l| tokio::spawn(endpoint::serve(l, ep.clone(), self.shared.clone())))
+            .collect();
+        (ep, tasks)
     }
 
     fn response(
@@ -427,6 +458,7 @@ impl Daemon {
             grants: rec.aliases.clone(),
             refused: rec.refused.clone(),
             flags: rec.flags.clone(),
+            sandbox: None,
         }
     }
 
@@ -477,17 +509,46 @@ impl Daemon {
         if let Some(s) = req.max_lifetime_secs {
             lifetime = lifetime.min(Duration::from_secs(s.max(MIN_JOB_LIFETIME_SECS)));
         }
-        let listener = TcpListener::bind(SocketAddr::new(self.cfg.endpoint.bind, 0))
-            .await
-            .map_err(|e| internal(format!("cannot open the job's endpoint listener: {e}")))?;
-        let addr = listener.local_addr().map_err(internal)?;
+        let job_id = jobs::new_job_id();
+        // A sandboxed job's endpoint lives inside its own network namespace; an
+        // unsandboxed job's on a loopback port of its own.
+        let (listeners, addr, prepared) = match &self.sandboxes {
+            Some(sb) => {
+                let p = sb.prepare(&job_id).await.map_err(|e| {
+                    tracing::error!(job = %job_id, "cannot build the job's sandbox: {e}");
+                    ApiError::new(
+                        503,
+                        "SandboxUnavailable",
+                        format!("cannot build the job's sandbox: {e}"),
+                    )
+                })?;
+                let mut ls = Vec::new();
+                for l in &p.listeners {
+                    let l = l
+                        .try_clone()
+                        .and_then(TcpListener::from_std)
+                        .map_err(internal)?;
+                    ls.push(l);
+                }
+                (ls, crate::sandbox::netns::CONTAINER_ENDPOINT, Some(p))
+            }
+            None => {
+                let l = TcpListener::bind(SocketAddr::new(self.cfg.endpoint.bind, 0))
+                    .await
+                    .map_err(|e| {
+                        internal(format!("cannot open the job's endpoint listener: {e}"))
+                    })?;
+                let addr = l.local_addr().map_err(internal)?;
+                (vec![l], addr, None)
+            }
+        };
         let token = Secret::new(endpoint::random_token());
         let token_sha256: [u8; 32] = sha2::Digest::finalize(
             <sha2::Sha256 as sha2::Digest>::new_with_prefix(token.expose()),
         )
         .into();
         let mut rec = JobRecord {
-            id: jobs::new_job_id(),
+            id: job_id,
             runner: req.runner,
             created: now,
             deadline: now + lifetime,
@@ -499,6 +560,7 @@ impl Daemon {
             aliases: vec![],
             refused: None,
             flags: vec![],
+            sandbox_slot: prepared.as_ref().map(|p| p.user.slot),
         };
         let decision = identity.as_ref().map(|id| self.policies().decide(id, now));
         if let Some(d) = &decision {
@@ -507,26 +569,23 @@ impl Daemon {
             rec.refused = d.refused.clone();
             rec.flags = d.flags.clone();
         }
-        self.store.save(&rec).map_err(internal)?;
-        // The record of the start comes before anything is served for the job.
-        if let Err(e) = self.audit.append(
-            "job_started",
-            Some(&rec.id),
-            Self::decision_fields(&rec, identity.as_ref()),
-        ) {
-            self.metrics.audit_failures.inc();
-            let _ = self.store.remove(&rec.id);
-            return Err(ApiError::new(
-                503,
-                "AuditUnavailable",
-                format!("the audit log cannot be written, so no job starts: {e}"),
-            ));
-        }
-        let token_file = match self.write_token_file(&rec.id, token.expose(), peer.uid) {
-            Ok(p) => p,
+        let started = self.begin(
+            &rec,
+            identity.as_ref(),
+            prepared.as_ref(),
+            &token,
+            &req.command,
+        );
+        let (token_file, sandbox) = match started {
+            Ok(v) => v,
             Err(e) => {
+                if let Some(sb) = &self.sandboxes {
+                    drop(prepared);
+                    let report = sb.wipe(&rec.id, rec.sandbox_slot).await;
+                    tracing::warn!(job = %rec.id, ?report, "job start failed; its sandbox was wiped");
+                }
                 let _ = self.store.remove(&rec.id);
-                return Err(internal(format!("cannot write the job's token file: {e}")));
+                return Err(e);
             }
         };
         match (&identity, &decision) {
@@ -537,11 +596,76 @@ impl Daemon {
                 "this job has not bound its identity yet".into(),
             ),
         }
-        let (ep, task) = self.spawn_endpoint(listener, &rec, token_sha256);
-        tracing::info!(job = %rec.id, identity = ?rec.identity.as_ref().map(JobIdentity::summary), rule = ?rec.rule, refused = ?rec.refused, "job started");
-        let resp = self.response(&rec, token, token_file.clone());
-        self.insert_live(rec, ep, task, token_file);
+        let (ep, tasks) = self.spawn_endpoint(listeners, &rec, token_sha256);
+        tracing::info!(job = %rec.id, identity = ?rec.identity.as_ref().map(JobIdentity::summary), rule = ?rec.rule, refused = ?rec.refused, sandboxed = rec.sandbox_slot.is_some(), "job started");
+        let shown_token_file = token_file.clone().unwrap_or_else(|| JOB_TOKEN_FILE.into());
+        let mut resp = self.response(&rec, token, shown_token_file);
+        resp.sandbox = sandbox;
+        self.insert_live(rec, ep, tasks, token_file);
         Ok(resp)
+    }
+
+    /// Persist and audit a new job, then write its token where the job will read it: a
+    /// host file for an unsandboxed job, the shim's spec for a sandboxed one.
+    fn begin(
+        &self,
+        rec: &JobRecord,
+        identity: Option<&JobIdentity>,
+        prepared: Option<&crate::sandbox::job::Prepared>,
+        token: &Secret<String>,
+        command: &Option<crate::control::JobCommand>,
+    ) -> Result<(Option<PathBuf>, Option<crate::control::SandboxStart>), ApiError> {
+        self.store.save(rec).map_err(internal)?;
+        let mut fields = Self::decision_fields(rec, identity);
+        if let Some(p) = prepared {
+            fields.insert(
+                "sandbox".into(),
+                serde_json::json!({
+                    "uid": p.user.uid,
+                    "slot": p.user.slot,
+                    "netns": p.net.ns_path,
+                    "cgroup": p.cgroup.path(),
+                    "job_addr": p.net.job_addr().to_string(),
+                }),
+            );
+        }
+        // The record of the start comes before anything is served for the job.
+        if let Err(e) = self.audit.append("job_started", Some(&rec.id), fields) {
+            self.metrics.audit_failures.inc();
+            return Err(ApiError::new(
+                503,
+                "AuditUnavailable",
+                format!("the audit log cannot be written, so no job starts: {e}"),
+            ));
+        }
+        let (Some(sb), Some(p)) = (&self.sandboxes, prepared) else {
+            let f = self
+                .write_token_file(&rec.id, token.expose(), rec.token_uid)
+                .map_err(|e| internal(format!("cannot write the job's token file: {e}")))?;
+            return Ok((Some(f), None));
+        };
+        let Some(cmd) = command else {
+            return Ok((None, None));
+        };
+        if cmd.argv.is_empty() {
+            return Err(ApiError::new(
+                400,
+                "BadRequest",
+                "the job's command is empty",
+            ));
+        }
+        let airlock_env = self.job_env(rec, token.expose(), Path::new(JOB_TOKEN_FILE));
+        let env = sb.job_env(&cmd.env, &airlock_env);
+        let spec = sb
+            .write_spec(&rec.id, p, cmd.argv.clone(), env, token.expose())
+            .map_err(|e| ApiError::new(503, "SandboxUnavailable", e.to_string()))?;
+        Ok((
+            None,
+            Some(crate::control::SandboxStart {
+                shim: sb.shim().to_path_buf(),
+                spec,
+            }),
+        ))
     }
 
     pub async fn bind_job(
@@ -623,7 +747,11 @@ impl Daemon {
         self.apply(&mut rec, &identity, req.oidc_token, &decision);
         live.record = rec.clone();
         // The token is not kept in memory; the caller already has it from start.
-        let mut resp = self.response(&rec, Secret::new(String::new()), live.token_file.clone());
+        let shown = live
+            .token_file
+            .clone()
+            .unwrap_or_else(|| JOB_TOKEN_FILE.into());
+        let mut resp = self.response(&rec, Secret::new(String::new()), shown);
         let mut env = resp.env.expose().clone();
         env.remove("AWS_CONTAINER_AUTHORIZATION_TOKEN");
         resp.env = Secret::new(env);
@@ -631,15 +759,23 @@ impl Daemon {
     }
 
     /// End a job: nothing of it is served from this moment on.
-    pub fn end_job(&self, job: &str, reason: &str) -> Result<EndResponse, ApiError> {
+    pub async fn end_job(&self, job: &str, reason: &str) -> Result<EndResponse, ApiError> {
         let live = lock(&self.jobs).remove(job).ok_or_else(|| {
             ApiError::new(404, "NoSuchJob", format!("no job {job} (already ended?)"))
         })?;
         live.endpoint.end();
-        live.task.abort();
+        for t in &live.tasks {
+            t.abort();
+        }
         self.broker.end_job(job);
         lock(&self.source.refused).remove(job);
-        let removed_token = std::fs::remove_file(&live.token_file).is_ok();
+        let removed_token = live
+            .token_file
+            .as_ref()
+            .map(|f| std::fs::remove_file(f).is_ok());
+        if let (Some(sb), Some(slot)) = (&self.sandboxes, live.record.sandbox_slot) {
+            self.wipe(sb, job, Some(slot)).await;
+        }
         let store = self.store.remove(job);
         audit_best_effort(
             &self.audit,
@@ -660,6 +796,33 @@ impl Daemon {
             job_id: job.to_string(),
             ended: true,
         })
+    }
+
+    /// Wipe a job's sandbox and audit what was removed; a slot with leftovers stays taken.
+    async fn wipe(&self, sb: &Sandboxes, job: &str, slot: Option<u32>) {
+        let report = sb.wipe(job, slot).await;
+        let fields = match serde_json::to_value(&report) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        audit_best_effort(&self.audit, &self.metrics, "job_wiped", Some(job), fields);
+        if report.leftovers.is_empty() {
+            tracing::info!(
+                job,
+                ms = report.millis,
+                killed = report.processes_killed,
+                "job wiped"
+            );
+        } else {
+            tracing::error!(job, leftovers = ?report.leftovers, "the job's wipe left something behind; its slot is tainted");
+            audit_best_effort(
+                &self.audit,
+                &self.metrics,
+                "slot_tainted",
+                Some(job),
+                crate::fields! {"slot" => slot, "leftovers" => report.leftovers},
+            );
+        }
     }
 
     pub fn list_jobs(&self) -> Vec<JobSummary> {
@@ -683,7 +846,7 @@ impl Daemon {
     }
 
     /// End every job past its deadline.
-    pub fn reap_expired(&self) {
+    pub async fn reap_expired(&self) {
         let now = OffsetDateTime::now_utc();
         let expired: Vec<String> = lock(&self.jobs)
             .values()
@@ -691,7 +854,9 @@ impl Daemon {
             .map(|j| j.record.id.clone())
             .collect();
         for id in expired {
-            let _ = self.end_job(&id, "the job reached its maximum lifetime");
+            let _ = self
+                .end_job(&id, "the job reached its maximum lifetime")
+                .await;
         }
     }
 
@@ -701,7 +866,7 @@ impl Daemon {
             loop {
                 tokio::time::sleep(REAP_INTERVAL).await;
                 match me.upgrade() {
-                    Some(d) => d.reap_expired(),
+                    Some(d) => d.reap_expired().await,
                     None => return,
                 }
             }
@@ -737,6 +902,25 @@ impl Daemon {
                     crate::fields! {"reason" => why},
                 );
             };
+            if rec.sandbox_slot.is_some() {
+                // A sandboxed job's processes, namespace and cgroup are reaped, never
+                // resumed: nothing of it may outlive the agent that watched it.
+                match &self.sandboxes {
+                    Some(sb) => {
+                        sb.reserve_slot(rec.sandbox_slot.unwrap_or_default());
+                        self.wipe(sb, &rec.id, rec.sandbox_slot).await;
+                    }
+                    None => {
+                        tracing::error!(job = %rec.id, "a sandboxed job is recorded but [sandbox] is disabled: enable it once so its sandbox is reaped")
+                    }
+                }
+                fail(
+                    self,
+                    &rec,
+                    "the agent restarted: sandboxed jobs are reaped".into(),
+                );
+                continue;
+            }
             if rec.deadline <= now {
                 fail(
                     self,
@@ -779,7 +963,7 @@ impl Daemon {
                 );
             }
             let _ = self.store.save(&rec);
-            let (ep, task) = self.spawn_endpoint(listener, &rec, sha);
+            let (ep, tasks) = self.spawn_endpoint(vec![listener], &rec, sha);
             audit_best_effort(
                 &self.audit,
                 &self.metrics,
@@ -787,8 +971,25 @@ impl Daemon {
                 Some(&rec.id),
                 Self::decision_fields(&rec, rec.identity.as_ref()),
             );
-            self.insert_live(rec, ep, task, token_file);
+            self.insert_live(rec, ep, tasks, Some(token_file));
             n += 1;
+        }
+        if let Some(sb) = &self.sandboxes {
+            // Kernel objects of jobs no record knows (a crash between making them and
+            // writing the record) are reaped too, before anything is served.
+            let live: std::collections::HashSet<String> =
+                lock(&self.jobs).keys().cloned().collect();
+            let reaped = sb.reap_orphans(&live).await;
+            if !reaped.is_empty() {
+                tracing::warn!(?reaped, "reaped orphaned sandbox objects");
+                audit_best_effort(
+                    &self.audit,
+                    &self.metrics,
+                    "orphans_reaped",
+                    None,
+                    crate::fields! {"objects" => reaped},
+                );
+            }
         }
         Ok(n)
     }
@@ -821,6 +1022,7 @@ impl Handler for Control {
         }
         self.0
             .end_job(job, &format!("ended by request (uid {})", peer.uid))
+            .await
     }
 
     fn list(&self) -> Vec<JobSummary> {

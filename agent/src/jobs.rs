@@ -49,6 +49,9 @@ pub struct JobRecord {
     pub aliases: Vec<String>,
     pub refused: Option<String>,
     pub flags: Vec<String>,
+    /// The user slot of a sandboxed job (`None`: not sandboxed).
+    #[serde(default)]
+    pub sandbox_slot: Option<u32>,
 }
 
 /// Job ids: `j-` and 16 hex digits from the OS's random source.
@@ -168,6 +171,7 @@ mod tests {
             aliases: vec![],
             refused: Some("no policy rule matches".into()),
             flags: vec![],
+            sandbox_slot: None,
         }
     }
 

@@ -502,7 +502,8 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        self.kill();
+        // SIGTERM first: a stopping agent with no jobs removes its cgroup parent.
+        self.stop();
     }
 }
 

@@ -278,6 +278,10 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
                     claims,
                     runner,
                     max_lifetime_secs: max_lifetime.map(|d| d.as_secs()),
+                    command: Some(airlock::control::JobCommand {
+                        argv: cmd.clone(),
+                        env: std::env::vars().collect(),
+                    }),
                     ..Default::default()
                 },
                 &cmd,
@@ -305,6 +309,7 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
                     runner,
                     bind_later,
                     max_lifetime_secs: max_lifetime.map(|d| d.as_secs()),
+                    command: None,
                 })
                 .await
                 .map_err(control_fail)?;
@@ -526,8 +531,20 @@ async fn run_job(client: &Client, req: StartRequest, cmd: &[String]) -> Result<i
             job.grants.join(", ")
         ),
     }
-    let mut command = tokio::process::Command::new(&cmd[0]);
-    command.args(&cmd[1..]);
+    let mut command = match &job.sandbox {
+        // The agent built the sandbox and wrote the spec: the shim runs CMD inside it with
+        // a clean environment of the agent's making.
+        Some(sb) => {
+            let mut c = tokio::process::Command::new(&sb.shim);
+            c.arg("--spec").arg(&sb.spec).env_clear();
+            c
+        }
+        None => {
+            let mut c = tokio::process::Command::new(&cmd[0]);
+            c.args(&cmd[1..]);
+            c
+        }
+    };
     // The host's own credentials must not reach the job, nor win over the job's in the
     // SDKs' provider chains.
     for var in [
@@ -545,7 +562,9 @@ async fn run_job(client: &Client, req: StartRequest, cmd: &[String]) -> Result<i
     ] {
         command.env_remove(var);
     }
-    command.envs(job.env.expose());
+    if job.sandbox.is_none() {
+        command.envs(job.env.expose());
+    }
     let status = match command.spawn() {
         Ok(mut child) => {
             use nix::sys::signal::{kill, Signal};

@@ -109,6 +109,22 @@ async fn run(args: Args, cfg: Config, policies: airlock::policy::PolicySet) -> E
             }
         },
     };
+    let sandboxes = if cfg.sandbox.enabled {
+        match airlock::sandbox::job::Sandboxes::new(&cfg, &args.config) {
+            Ok(s) => {
+                for w in s.warnings() {
+                    tracing::warn!("sandbox: {w}");
+                }
+                Some(s)
+            }
+            Err(e) => return fail(exit::CONFIG, format!("cannot set up job sandboxes: {e}")),
+        }
+    } else {
+        tracing::warn!(
+            "[sandbox] is disabled: jobs run unsandboxed with loopback credential endpoints"
+        );
+        None
+    };
     let daemon = match Daemon::new(
         cfg.clone(),
         policies,
@@ -116,6 +132,7 @@ async fn run(args: Args, cfg: Config, policies: airlock::policy::PolicySet) -> E
         broker,
         audit.clone(),
         metrics,
+        sandboxes,
     ) {
         Ok(d) => d,
         Err(e) => return fail(exit::CANTCREAT, e),
@@ -196,6 +213,7 @@ async fn run(args: Args, cfg: Config, policies: airlock::policy::PolicySet) -> E
         None,
         airlock::fields! {"jobs" => daemon.job_count()},
     );
+    daemon.shutdown();
     let _ = std::fs::remove_file(&cfg.agent.control_socket);
     ExitCode::SUCCESS
 }

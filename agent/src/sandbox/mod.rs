@@ -3,5 +3,6 @@
 
 pub mod addr_pool;
 pub mod cgroup;
+pub mod job;
 pub mod netns;
 pub mod users;

@@ -1,0 +1,429 @@
+//! One job's sandbox from the agent's side, end to end: a user slot, a cgroup, a network
+//! namespace with the job's endpoint listeners bound inside it, the shim's spec — and the
+//! wipe that removes all of it and checks that nothing is left.
+//!
+//! The order of a wipe matters: the cgroup is killed first (nothing of the job runs any
+//! more, so its mount namespace and with it every tmpfs of the job are gone: the wipe of the
+//! job's files costs the same whatever they hold), then the network objects, then the
+//! job's directory; only then is the slot given back — unless something was left, in which
+//! case the slot stays taken (tainted) and the audit says what remained.
+
+use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use airlock_shim::{Rlimits, SandboxSpec, SpecFile, TmpfsMount};
+
+use super::cgroup::{CgroupError, CgroupRoot, CpuMax, JobCgroup, Limits, ParentGroup};
+use super::netns::{self, JobNet, NetConfig, NetManager, NetMode, NetnsError};
+use super::users::{JobUser, RunnerIds, UserPool, UsersError};
+use crate::config::Config;
+
+/// Inside the job: its home, its workspace and its token file.
+pub const JOB_HOME: &str = "/home/job";
+pub const JOB_WORKSPACE: &str = "/home/job/work";
+pub const JOB_TOKEN_FILE: &str = "/run/airlock/token";
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How long a cgroup may take to empty after `cgroup.kill`.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox cgroups: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("sandbox network: {0}")]
+    Net(#[from] NetnsError),
+    #[error("sandbox users: {0}")]
+    Users(#[from] UsersError),
+    #[error("sandbox directory {0}: {1}")]
+    Dir(PathBuf, std::io::Error),
+    #[error("the sandbox init {0} is missing or not executable: install airlock-shim or set [sandbox] shim")]
+    NoShim(PathBuf),
+    #[error("[sandbox] {0}")]
+    Config(String),
+}
+
+/// What a prepared job sandbox holds until it is wiped.
+#[derive(Debug)]
+pub struct Prepared {
+    pub user: JobUser,
+    pub cgroup: JobCgroup,
+    pub net: JobNet,
+    /// The job's endpoint sockets, bound inside its namespace (container, then IMDS).
+    pub listeners: Vec<std::net::TcpListener>,
+    pub dir: PathBuf,
+}
+
+/// What a wipe removed, and what it could not.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct WipeReport {
+    pub processes_killed: usize,
+    pub cgroup_removed: bool,
+    pub network_removed: bool,
+    pub dir_removed: bool,
+    /// Anything of the job still there after the wipe: the slot is tainted.
+    pub leftovers: Vec<String>,
+    pub millis: u128,
+}
+
+#[derive(Debug)]
+pub struct Sandboxes {
+    shim: PathBuf,
+    runtime_dir: PathBuf,
+    limits: Limits,
+    tmpfs_size: u64,
+    hide: Vec<PathBuf>,
+    pass_env: Vec<String>,
+    parent: ParentGroup,
+    net: NetManager,
+    users: Mutex<UserPool>,
+}
+
+impl Sandboxes {
+    /// Checks and opens everything a sandboxed job needs; call inside the tokio runtime.
+    pub fn new(cfg: &Config, config_path: &Path) -> Result<Sandboxes, SandboxError> {
+        let s = &cfg.sandbox;
+        let shim = match &s.shim {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(|d| d.join("airlock-shim")))
+                .unwrap_or_else(|| "/usr/libexec/airlock/airlock-shim".into()),
+        };
+        if !shim.is_file() {
+            return Err(SandboxError::NoShim(shim));
+        }
+        let runner = RunnerIds {
+            uid: s.runner_uid.unwrap_or(0),
+            gid: s.runner_gid.unwrap_or(0),
+        };
+        s.users.validate(runner)?;
+        s.users.check_host(Path::new("/etc"))?;
+        let users = UserPool::new(s.users.clone(), runner)?;
+        let limits = Limits {
+            pids_max: Some(s.pids_max),
+            memory_max_bytes: Some(s.memory_max),
+            cpu_max: s.cpu_millis.map(CpuMax::millicpus),
+        };
+        limits.validate()?;
+        let parent = CgroupRoot::detect(&s.cgroup_root)?.open_parent(&s.cgroup_parent)?;
+        let pool = s
+            .address_pool
+            .parse()
+            .map_err(|e| SandboxError::Config(format!("address_pool: {e}")))?;
+        let net = NetManager::new(NetConfig {
+            netns_dir: s.netns_dir.clone(),
+            pool,
+            proc_dir: "/proc".into(),
+        })?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&s.runtime_dir)
+            .map_err(|e| SandboxError::Dir(s.runtime_dir.clone(), e))?;
+        // airlock's own files are never visible to a job, whatever the operator lists.
+        let mut hide: Vec<PathBuf> = vec![
+            "/root".into(),
+            "/var/run/docker.sock".into(),
+            "/run/docker.sock".into(),
+            "/run/containerd".into(),
+            "/var/lib/docker".into(),
+            "/var/lib/containerd".into(),
+            cfg.agent.state_dir.clone(),
+            s.runtime_dir.clone(),
+        ];
+        for p in [
+            config_path.parent(),
+            cfg.audit.path.parent(),
+            cfg.agent.control_socket.parent(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            hide.push(p.to_path_buf());
+        }
+        hide.extend(s.hide.iter().cloned());
+        hide.retain(|p| p.is_absolute() && p != Path::new("/"));
+        hide.sort();
+        hide.dedup();
+        Ok(Sandboxes {
+            shim,
+            runtime_dir: s.runtime_dir.clone(),
+            limits,
+            tmpfs_size: s.tmpfs_size,
+            hide,
+            pass_env: s.pass_env.clone(),
+            parent,
+            net,
+            users: Mutex::new(users),
+        })
+    }
+
+    pub fn shim(&self) -> &Path {
+        &self.shim
+    }
+
+    /// Warnings about limits this host cannot enforce (logged once by the cgroup module).
+    pub fn warnings(&self) -> Vec<String> {
+        self.parent
+            .warnings()
+            .iter()
+            .map(|w| w.to_string())
+            .collect()
+    }
+
+    fn users(&self) -> std::sync::MutexGuard<'_, UserPool> {
+        self.users.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn job_dir(&self, job: &str) -> PathBuf {
+        self.runtime_dir.join(job)
+    }
+
+    /// Build a job's sandbox on the host side. Anything made is undone on failure.
+    pub async fn prepare(&self, job: &str) -> Result<Prepared, SandboxError> {
+        let user = self.users().acquire()?;
+        let undo_user = |me: &Self| {
+            let _ = me.users().release(user.slot);
+        };
+        let cgroup = match self.parent.create_job(job, &self.limits) {
+            Ok(c) => c,
+            Err(e) => {
+                undo_user(self);
+                return Err(e.into());
+            }
+        };
+        let fail = |me: &Self, cgroup: &JobCgroup| {
+            let _ = cgroup.teardown(KILL_TIMEOUT);
+            undo_user(me);
+        };
+        let net = match self.net.create(job, NetMode::EndpointOnly).await {
+            Ok(n) => n,
+            Err(e) => {
+                fail(self, &cgroup);
+                return Err(e.into());
+            }
+        };
+        let listeners = match netns::bind_in_netns(&net.ns_path, &netns::ENDPOINT_ADDRS) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = self.net.teardown(job).await;
+                fail(self, &cgroup);
+                return Err(e.into());
+            }
+        };
+        let dir = self.job_dir(job);
+        let made = std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .and_then(|()| {
+                std::fs::DirBuilder::new()
+                    .mode(0o755)
+                    .create(dir.join("root"))
+            });
+        if let Err(e) = made {
+            drop(listeners);
+            let _ = self.net.teardown(job).await;
+            fail(self, &cgroup);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(SandboxError::Dir(dir, e));
+        }
+        Ok(Prepared {
+            user,
+            cgroup,
+            net,
+            listeners,
+            dir,
+        })
+    }
+
+    /// The job's environment: the allowed part of the caller's, then airlock's own.
+    pub fn job_env(
+        &self,
+        caller: &BTreeMap<String, String>,
+        airlock: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
+        let mut env: BTreeMap<String, String> = caller
+            .iter()
+            .filter(|(k, _)| self.pass_env.iter().any(|p| p == *k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        env.entry("PATH".into())
+            .or_insert_with(|| DEFAULT_PATH.into());
+        env.insert("HOME".into(), JOB_HOME.into());
+        env.insert("USER".into(), "job".into());
+        env.insert("TMPDIR".into(), "/tmp".into());
+        env.extend(airlock.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env
+    }
+
+    /// Write the shim's spec for `argv` (0600, in the job's root-only directory).
+    pub fn write_spec(
+        &self,
+        job: &str,
+        p: &Prepared,
+        argv: Vec<String>,
+        env: BTreeMap<String, String>,
+        token: &str,
+    ) -> Result<PathBuf, SandboxError> {
+        let tmpfs = |target: &str, mode| TmpfsMount {
+            target: target.into(),
+            size_bytes: self.tmpfs_size,
+            mode,
+        };
+        let spec = SandboxSpec {
+            job_id: job.to_string(),
+            argv,
+            env,
+            cwd: JOB_WORKSPACE.into(),
+            uid: p.user.uid,
+            gid: p.user.gid,
+            root_dir: p.dir.join("root"),
+            hostname: "airlock-job".into(),
+            netns: Some(p.net.ns_path.clone()),
+            cgroups: p.cgroup.dirs().map(Path::to_path_buf).collect(),
+            tmpfs: vec![
+                tmpfs("/tmp", 0o1777),
+                tmpfs("/var/tmp", 0o1777),
+                tmpfs("/run", 0o755),
+                tmpfs("/home", 0o755),
+                tmpfs(JOB_HOME, 0o700),
+                tmpfs(JOB_WORKSPACE, 0o700),
+            ],
+            files: vec![SpecFile {
+                path: JOB_TOKEN_FILE.into(),
+                contents: token.to_string(),
+                mode: 0o400,
+            }],
+            hide: self.hide.clone(),
+            rlimits: Rlimits {
+                nofile: None,
+                nproc: None,
+                core: Some(0),
+            },
+        };
+        spec.check()
+            .map_err(|e| SandboxError::Config(format!("the job's sandbox spec is invalid: {e}")))?;
+        let path = p.dir.join("spec.json");
+        let data = serde_json::to_vec(&spec).expect("a sandbox spec always serialises");
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            f.write_all(&data)?;
+            f.sync_all()
+        };
+        write().map_err(|e| SandboxError::Dir(path.clone(), e))?;
+        Ok(path)
+    }
+
+    /// Remove everything of the job and check that nothing is left. The slot is given back
+    /// only when nothing was.
+    pub async fn wipe(&self, job: &str, slot: Option<u32>) -> WipeReport {
+        let started = std::time::Instant::now();
+        let mut report = WipeReport::default();
+        match self.parent.job(job) {
+            Ok(cg) => {
+                let cg2 = cg.clone();
+                let torn = tokio::task::spawn_blocking(move || cg2.teardown(KILL_TIMEOUT)).await;
+                match torn {
+                    Ok(Ok(r)) => {
+                        report.processes_killed = r.processes_killed;
+                        report.cgroup_removed = !r.removed.is_empty();
+                    }
+                    Ok(Err(e)) => report.leftovers.push(format!("cgroup: {e}")),
+                    Err(e) => report.leftovers.push(format!("cgroup teardown: {e}")),
+                }
+                report
+                    .leftovers
+                    .extend(cg.verify_gone().iter().map(|l| format!("cgroup: {l:?}")));
+            }
+            Err(e) => report.leftovers.push(format!("cgroup: {e}")),
+        }
+        match self.net.teardown(job).await {
+            Ok(()) => report.network_removed = true,
+            Err(e) => report.leftovers.push(format!("network: {e}")),
+        }
+        match self.net.verify_gone(job).await {
+            Ok(left) => report
+                .leftovers
+                .extend(left.iter().map(|l| format!("network: {l:?}"))),
+            Err(e) => report.leftovers.push(format!("network check: {e}")),
+        }
+        let dir = self.job_dir(job);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => report.dir_removed = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => report.dir_removed = true,
+            Err(e) => report.leftovers.push(format!("{}: {e}", dir.display())),
+        }
+        if dir.exists() {
+            report
+                .leftovers
+                .push(format!("{} still exists", dir.display()));
+        }
+        if let Some(slot) = slot {
+            if report.leftovers.is_empty() {
+                let _ = self.users().release(slot);
+            }
+        }
+        report.millis = started.elapsed().as_millis();
+        report
+    }
+
+    /// At agent shutdown with no jobs left: remove the agent's own (empty) cgroup parent.
+    pub fn remove_parent(&self) {
+        if let Err(e) = self.parent.remove() {
+            tracing::debug!("cgroup parent not removed: {e}");
+        }
+    }
+
+    /// Keep a recorded job's slot taken (after a restart, before its wipe).
+    pub fn reserve_slot(&self, slot: u32) {
+        let _ = self.users().reserve(slot);
+    }
+
+    /// Every airlock-owned cgroup, namespace and link of a job not in `keep`, removed.
+    pub async fn reap_orphans(&self, keep: &HashSet<String>) -> Vec<String> {
+        let mut reaped = Vec::new();
+        if let Ok(groups) = self.parent.list_orphans() {
+            for g in groups {
+                if keep.contains(g.job_id()) {
+                    continue;
+                }
+                let id = g.job_id().to_string();
+                let _ = tokio::task::spawn_blocking(move || g.teardown(KILL_TIMEOUT)).await;
+                reaped.push(format!("cgroup of {id}"));
+            }
+        }
+        if let Ok(orphans) = self.net.list_orphans().await {
+            for ns in orphans.namespaces {
+                if ns.job_id.as_ref().is_some_and(|j| keep.contains(j)) {
+                    continue;
+                }
+                let _ = match &ns.job_id {
+                    Some(j) => self.net.teardown(j).await,
+                    None => self.net.remove_orphan_namespace(&ns.name),
+                };
+                reaped.push(format!("network namespace {}", ns.name));
+            }
+            // Links are not reaped one by one: a job's veth goes with its namespace, so a
+            // link whose namespace still lives belongs to someone (another agent's test, an
+            // operator's) and is not ours to remove.
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.runtime_dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if crate::jobs::valid_job_id(&name) && !keep.contains(&name) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                    reaped.push(format!("directory {}", e.path().display()));
+                }
+            }
+        }
+        reaped
+    }
+}

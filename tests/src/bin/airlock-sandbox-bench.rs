@@ -1,0 +1,655 @@
+//! `airlock-sandbox-bench`: the sandbox benchmarks of `make bench` (root only).
+//!
+//! 1. Lifecycle: a job's whole sandbox is created, runs `/bin/true` and is wiped, N times,
+//!    against `bwrap --unshare-all --ro-bind / / --dev /dev --proc /proc --tmpfs /tmp true`
+//!    in the same run (interleaved). airlock's path is what the daemon will do per job:
+//!    - prepare: the job's cgroup with limits (`create_job`), its network namespace with a
+//!      veth and addresses (`NetManager::create`), its endpoint sockets bound inside it
+//!      (`bind_in_netns`), its directory with an empty root and its spec;
+//!    - run: `airlock-shim --spec FILE` builds the sandbox (cgroup join, setns, namespaces,
+//!      read-only root, /proc, /sys, /dev, the tmpfs mounts and the token file, hidden
+//!      paths, pivot_root, setsid, rlimits, user, capabilities, no_new_privs, seccomp) and
+//!      execs `/bin/true`; the bench waits for the shim's exit;
+//!    - wipe: cgroup teardown (kill, wait for `populated 0`, rmdir), endpoint sockets closed,
+//!      network teardown, the job's directory removed, then verified: no cgroup, link,
+//!      namespace file or mount, process in the namespace, or directory of the job remains.
+//! 2. Wipe: a job fills its workspace tmpfs with 100,000 small files (this binary, run
+//!    inside the sandbox with `--fill`), says so on stdout and sleeps; only the wipe is timed
+//!    (from its start until the cgroup is empty and removed, the network is gone, the
+//!    directory is removed, everything verified, and the host's `Shmem` has dropped back,
+//!    i.e. the job's tmpfs is freed), against the same wipe of a job with an empty workspace.
+//!
+//! The last line is `key=value` pairs; each figure is also printed in words above it.
+//! Targets (issue 3): lifecycle ≤ 2.5× bubblewrap, wipe of 100k files ≤ 2× an empty one.
+//! Everything it creates (cgroups, namespaces, links, directories) is removed on success and
+//! on failure (a guard reaps every job still recorded, then the parent cgroup).
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use airlock::jobs::new_job_id;
+use airlock::sandbox::cgroup::{CgroupRoot, CpuMax, JobCgroup, Limits, ParentGroup};
+use airlock::sandbox::netns::{bind_in_netns, NetConfig, NetManager, NetMode, ENDPOINT_ADDRS};
+use airlock_shim::{Rlimits, SandboxSpec, SpecFile, TmpfsMount};
+
+/// The job's user: the first slot of the default range (`[sandbox.users]`).
+const JOB_UID: u32 = 2_000_000;
+const HOME: &str = "/run/home";
+const WORKSPACE: &str = "/run/workspace";
+/// Subnets of the bench's jobs; only ever inside their own namespaces.
+const POOL: &str = "10.209.0.0/16";
+const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+const BWRAP_ARGS: [&str; 10] = [
+    "--unshare-all",
+    "--ro-bind",
+    "/",
+    "/",
+    "--dev",
+    "/dev",
+    "--proc",
+    "/proc",
+    "--tmpfs",
+    "/tmp",
+];
+const MIB: u64 = 1 << 20;
+/// Bytes in each file the filler writes.
+const FILE_BYTES: usize = 64;
+
+type Res<T> = Result<T, String>;
+
+#[derive(Debug)]
+struct Options {
+    iterations: usize,
+    wipe_runs: usize,
+    files: usize,
+}
+
+fn usage() -> String {
+    "usage: airlock-sandbox-bench [--iterations N (50)] [--wipe-runs N (5)] [--files N (100000)]\n\
+     (runs as root; finds airlock-shim in AIRLOCK_BIN_DIR, else next to itself)"
+        .to_string()
+}
+
+fn parse_options(args: &[String]) -> Res<Options> {
+    let mut o = Options {
+        iterations: 50,
+        wipe_runs: 5,
+        files: 100_000,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let slot = match flag.as_str() {
+            "--iterations" => &mut o.iterations,
+            "--wipe-runs" => &mut o.wipe_runs,
+            "--files" => &mut o.files,
+            _ => return Err(usage()),
+        };
+        *slot = it
+            .next()
+            .and_then(|v| v.parse().ok())
+            .filter(|&v: &usize| v > 0)
+            .ok_or_else(usage)?;
+    }
+    Ok(o)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--fill") {
+        return match fill(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("airlock-sandbox-bench --fill: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let result = parse_options(&args).and_then(|o| run(&o));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("airlock-sandbox-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Inside the sandbox: writes COUNT files of FILE_BYTES bytes under DIR (in 100
+/// subdirectories), prints `ready COUNT`, then sleeps until it is killed.
+fn fill(args: &[String]) -> Res<()> {
+    let [dir, count] = args else {
+        return Err("usage: --fill DIR COUNT".into());
+    };
+    let dir = Path::new(dir);
+    let count: usize = count.parse().map_err(|_| format!("bad count {count:?}"))?;
+    let body = [b'x'; FILE_BYTES];
+    for d in 0..100 {
+        let sub = dir.join(format!("d{d:02}"));
+        fs::create_dir(&sub).map_err(|e| format!("mkdir {}: {e}", sub.display()))?;
+    }
+    for i in 0..count {
+        let path = dir.join(format!("d{:02}/f{i}", i % 100));
+        fs::write(&path, body).map_err(|e| format!("write {}: {e}", path.display()))?;
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready {count}")
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("stdout: {e}"))?;
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn require_root() -> Res<()> {
+    let status = fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("?");
+    if euid == "0" {
+        Ok(())
+    } else {
+        Err(format!(
+            "must run as root (euid is {euid}): the sandbox needs cgroups, namespaces and mounts"
+        ))
+    }
+}
+
+/// `bwrap` on PATH, or an error that says how to get it.
+fn find_bwrap() -> Res<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("bwrap"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            "bwrap not found on PATH: install bubblewrap (scripts/setup-bench-deps.sh does, as root on Debian)".to_string()
+        })
+}
+
+fn shim_path(me: &Path) -> Res<PathBuf> {
+    let dir = match std::env::var_os("AIRLOCK_BIN_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => me
+            .parent()
+            .ok_or("the bench binary has no directory")?
+            .to_path_buf(),
+    };
+    let shim = dir.join("airlock-shim");
+    if shim.is_file() {
+        Ok(shim)
+    } else {
+        Err(format!(
+            "{} not found: build it first (cargo build --release -p airlock-shim) or set AIRLOCK_BIN_DIR",
+            shim.display()
+        ))
+    }
+}
+
+/// `Shmem` of /proc/meminfo in bytes: what tmpfs (and shared memory) holds on the host.
+fn shmem_bytes() -> Res<u64> {
+    let info = fs::read_to_string("/proc/meminfo").map_err(|e| format!("/proc/meminfo: {e}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("Shmem:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| "no Shmem line in /proc/meminfo".to_string())
+}
+
+/// One prepared job: everything the agent makes before the shim starts.
+#[derive(Debug)]
+struct Job {
+    id: String,
+    cgroup: JobCgroup,
+    listeners: Vec<TcpListener>,
+    dir: PathBuf,
+    spec_path: PathBuf,
+}
+
+/// The bench's host objects. Dropping it reaps every job still recorded in `live` and
+/// removes the parent cgroup, so a failure leaves nothing behind.
+struct Bench {
+    rt: tokio::runtime::Runtime,
+    net: NetManager,
+    parent: ParentGroup,
+    /// The jobs' directories (`<base>/<job id>`), like the daemon's state directory.
+    base: tempfile::TempDir,
+    shim: PathBuf,
+    me: PathBuf,
+    bwrap: PathBuf,
+    /// Jobs whose objects may exist.
+    live: Vec<String>,
+}
+
+impl Bench {
+    fn new() -> Res<Bench> {
+        require_root()?;
+        let bwrap = find_bwrap()?;
+        let me = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+        let shim = shim_path(&me)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("tokio runtime: {e}"))?;
+        let net = {
+            let _enter = rt.enter();
+            NetManager::new(NetConfig {
+                pool: POOL.parse().map_err(|e| format!("pool {POOL}: {e}"))?,
+                ..NetConfig::default()
+            })
+            .map_err(|e| e.to_string())?
+        };
+        let mount_root = std::env::var_os("AIRLOCK_CGROUP_ROOT")
+            .map_or_else(|| PathBuf::from("/sys/fs/cgroup"), PathBuf::from);
+        let cgroups = CgroupRoot::detect(&mount_root).map_err(|e| e.to_string())?;
+        let parent = cgroups
+            .open_parent(Path::new(&format!("al-bench-{}", std::process::id())))
+            .map_err(|e| e.to_string())?;
+        // Not under /tmp: the job's /tmp is its own tmpfs. On the host's disk, like
+        // /var/lib/airlock.
+        let base = tempfile::Builder::new()
+            .prefix("al-bench-")
+            .tempdir_in("/var/tmp")
+            .map_err(|e| format!("temp dir in /var/tmp: {e}"))?;
+        Ok(Bench {
+            rt,
+            net,
+            parent,
+            base,
+            shim,
+            me,
+            bwrap,
+            live: Vec::new(),
+        })
+    }
+
+    /// What the daemon does before it starts the shim: cgroup, network, endpoint sockets,
+    /// directory, spec.
+    fn prepare(&mut self, argv: Vec<String>) -> Res<Job> {
+        let id = new_job_id();
+        self.live.push(id.clone());
+        let limits = Limits {
+            pids_max: Some(1024),
+            memory_max_bytes: Some(2048 * MIB),
+            cpu_max: Some(CpuMax::millicpus(2000)),
+        };
+        let cgroup = self
+            .parent
+            .create_job(&id, &limits)
+            .map_err(|e| e.to_string())?;
+        let net = self
+            .rt
+            .block_on(self.net.create(&id, NetMode::EndpointOnly))
+            .map_err(|e| e.to_string())?;
+        let listeners = bind_in_netns(&net.ns_path, &ENDPOINT_ADDRS).map_err(|e| e.to_string())?;
+        let dir = self.base.path().join(&id);
+        let root = dir.join("root");
+        fs::create_dir_all(&root).map_err(|e| format!("mkdir {}: {e}", root.display()))?;
+        let tmpfs = |target: &str, size_bytes, mode| TmpfsMount {
+            target: target.into(),
+            size_bytes,
+            mode,
+        };
+        let spec = SandboxSpec {
+            job_id: id.clone(),
+            argv,
+            env: [
+                ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+                ("HOME", HOME),
+                (
+                    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                    "http://169.254.170.2/",
+                ),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            cwd: WORKSPACE.into(),
+            uid: JOB_UID,
+            gid: JOB_UID,
+            root_dir: root,
+            hostname: "airlock-job".into(),
+            netns: Some(net.ns_path.clone()),
+            cgroups: cgroup.dirs().map(Path::to_path_buf).collect(),
+            tmpfs: vec![
+                tmpfs("/tmp", 256 * MIB, 0o1777),
+                tmpfs("/run", 16 * MIB, 0o755),
+                tmpfs(HOME, 256 * MIB, 0o700),
+                tmpfs(WORKSPACE, 1024 * MIB, 0o700),
+            ],
+            files: vec![SpecFile {
+                path: "/run/airlock/token".into(),
+                contents: format!("bench-token-{id}"),
+                mode: 0o400,
+            }],
+            hide: vec![
+                "/root".into(),
+                "/etc/airlock".into(),
+                "/var/lib/airlock".into(),
+                self.base.path().to_path_buf(),
+            ],
+            rlimits: Rlimits {
+                nofile: Some(1024),
+                nproc: None,
+                core: None,
+            },
+        };
+        let spec_path = dir.join("spec.json");
+        let text = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
+        fs::write(&spec_path, text).map_err(|e| format!("{}: {e}", spec_path.display()))?;
+        Ok(Job {
+            id,
+            cgroup,
+            listeners,
+            dir,
+            spec_path,
+        })
+    }
+
+    fn shim_command(&self, job: &Job) -> Command {
+        let mut c = Command::new(&self.shim);
+        c.arg("--spec")
+            .arg(&job.spec_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    /// The job's end: kill and remove its cgroup, close its sockets, remove its network and
+    /// directory, then verify that none of it remains. Returns the time of each of the four.
+    fn wipe(&mut self, job: Job) -> Res<[Duration; 4]> {
+        let Job {
+            id,
+            cgroup,
+            listeners,
+            dir,
+            ..
+        } = job;
+        let t0 = Instant::now();
+        cgroup
+            .teardown(TEARDOWN_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let t1 = Instant::now();
+        drop(listeners);
+        self.rt
+            .block_on(self.net.teardown(&id))
+            .map_err(|e| e.to_string())?;
+        let t2 = Instant::now();
+        fs::remove_dir_all(&dir).map_err(|e| format!("rm -r {}: {e}", dir.display()))?;
+        let t3 = Instant::now();
+        let mut left: Vec<String> = cgroup
+            .verify_gone()
+            .iter()
+            .map(|l| format!("cgroup {} (pids {:?})", l.path.display(), l.pids))
+            .collect();
+        let net_left = self
+            .rt
+            .block_on(self.net.verify_gone(&id))
+            .map_err(|e| e.to_string())?;
+        left.extend(net_left.iter().map(ToString::to_string));
+        if dir.symlink_metadata().is_ok() {
+            left.push(format!("directory {}", dir.display()));
+        }
+        if !left.is_empty() {
+            return Err(format!("job {id}: the wipe left {}", left.join(", ")));
+        }
+        self.live.retain(|j| j != &id);
+        Ok([t1 - t0, t2 - t1, t3 - t2, t3.elapsed()])
+    }
+
+    /// One airlock lifecycle; returns prepare, shim run, and the wipe's four parts.
+    fn lifecycle(&mut self) -> Res<(Duration, Duration, [Duration; 4])> {
+        let t0 = Instant::now();
+        let job = self.prepare(vec!["/bin/true".into()])?;
+        let t1 = Instant::now();
+        let out = self
+            .shim_command(&job)
+            .output()
+            .map_err(|e| format!("{}: {e}", self.shim.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "the shim ended with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let t2 = Instant::now();
+        let wipe = self.wipe(job)?;
+        Ok((t1 - t0, t2 - t1, wipe))
+    }
+
+    fn bwrap_once(&self) -> Res<Duration> {
+        let t0 = Instant::now();
+        let out = Command::new(&self.bwrap)
+            .args(BWRAP_ARGS)
+            .arg("true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| format!("{}: {e}", self.bwrap.display()))?;
+        let took = t0.elapsed();
+        if !out.status.success() {
+            return Err(format!(
+                "bwrap ended with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(took)
+    }
+
+    /// A job that writes `files` files into its workspace and waits; returns the time of its
+    /// wipe, which ends once the host's Shmem is back near where it was before the job.
+    fn timed_wipe(&mut self, files: usize) -> Res<Duration> {
+        let argv = vec![
+            self.me.display().to_string(),
+            "--fill".into(),
+            WORKSPACE.into(),
+            files.to_string(),
+        ];
+        let job = self.prepare(argv)?;
+        let before = shmem_bytes()?;
+        let mut child = self
+            .shim_command(&job)
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", self.shim.display()))?;
+        let ready = wait_ready(&mut child, Duration::from_secs(300));
+        if let Err(e) = ready {
+            let _ = job.cgroup.teardown(TEARDOWN_TIMEOUT);
+            let stderr = child
+                .wait_with_output()
+                .map(|o| o.stderr)
+                .unwrap_or_default();
+            return Err(format!(
+                "{e}; shim: {}",
+                String::from_utf8_lossy(&stderr).trim()
+            ));
+        }
+        let full = shmem_bytes()?;
+        let expected = (files as u64) * 4096;
+        if full.saturating_sub(before) < expected / 2 {
+            let _ = child.kill();
+            return Err(format!(
+                "the job wrote {files} files but the host's Shmem rose by only {} KiB (expected about {} KiB): the workspace is not the job's tmpfs",
+                full.saturating_sub(before) / 1024,
+                expected / 1024
+            ));
+        }
+        // Freed means back within a quarter of the files' size (at least 32 MiB) of the
+        // level before the job: other work on the host moves Shmem a little.
+        let slack = (expected / 4).max(32 * MIB);
+        let t0 = Instant::now();
+        self.wipe(job)?;
+        let deadline = t0 + TEARDOWN_TIMEOUT;
+        loop {
+            let now = shmem_bytes()?;
+            if now <= before + slack {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the job's tmpfs was not freed: Shmem {} KiB, {} KiB before the job",
+                    now / 1024,
+                    before / 1024
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let took = t0.elapsed();
+        // The shim was killed with its job: reap it (not part of the wipe).
+        let _ = child.wait();
+        Ok(took)
+    }
+}
+
+/// Waits for the filler's `ready` line on the shim's stdout.
+fn wait_ready(child: &mut Child, timeout: Duration) -> Res<()> {
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or("the shim's stdout is not piped")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let r = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(line)) if line.starts_with("ready ") => Ok(()),
+        Ok(Ok(line)) => Err(format!(
+            "the filler job said {:?} instead of ready",
+            line.trim()
+        )),
+        Ok(Err(e)) => Err(format!("reading the job's stdout: {e}")),
+        Err(_) => Err(format!("the filler job was not ready after {timeout:?}")),
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        for id in std::mem::take(&mut self.live) {
+            if let Ok(cg) = self.parent.job(&id) {
+                if let Err(e) = cg.teardown(TEARDOWN_TIMEOUT) {
+                    eprintln!("airlock-sandbox-bench: cleanup of job {id}'s cgroup: {e}");
+                }
+            }
+            if let Err(e) = self.rt.block_on(self.net.teardown(&id)) {
+                eprintln!("airlock-sandbox-bench: cleanup of job {id}'s network: {e}");
+            }
+            let dir = self.base.path().join(&id);
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    eprintln!("airlock-sandbox-bench: cleanup of {}: {e}", dir.display());
+                }
+            }
+        }
+        if let Err(e) = self.parent.remove() {
+            eprintln!("airlock-sandbox-bench: cleanup of the parent cgroup: {e}");
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Nearest-rank percentile of `v` (sorted here), `p` in 0..=100.
+fn percentile(v: &mut [Duration], p: usize) -> Duration {
+    v.sort();
+    let rank = (v.len() * p).div_ceil(100).max(1);
+    v[rank - 1]
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+fn run(o: &Options) -> Res<()> {
+    let mut b = Bench::new()?;
+    println!(
+        "sandbox benchmark: shim {}, bwrap {}, cgroup parent {}",
+        b.shim.display(),
+        b.bwrap.display(),
+        b.parent.path().display()
+    );
+
+    // 1. Lifecycle, interleaved with bwrap so that both see the same machine.
+    for _ in 0..3 {
+        b.lifecycle()?;
+        b.bwrap_once()?;
+    }
+    let (mut total, mut prep, mut shim, mut bw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut wipe: [Vec<Duration>; 5] = Default::default();
+    for _ in 0..o.iterations {
+        let (p, s, w) = b.lifecycle()?;
+        let w_total: Duration = w.iter().sum();
+        total.push(p + s + w_total);
+        prep.push(p);
+        shim.push(s);
+        wipe[0].push(w_total);
+        for (all, part) in wipe[1..].iter_mut().zip(w) {
+            all.push(part);
+        }
+        bw.push(b.bwrap_once()?);
+    }
+    let sandbox_median = ms(percentile(&mut total, 50));
+    let sandbox_p90 = ms(percentile(&mut total, 90));
+    let bwrap_median = ms(percentile(&mut bw, 50));
+    let ratio = sandbox_median / bwrap_median;
+    println!(
+        "lifecycle, {} iterations: airlock sandbox (cgroup + netns + endpoint sockets + shim + /bin/true + wipe + verify) median {sandbox_median:.2} ms, p90 {sandbox_p90:.2} ms",
+        o.iterations
+    );
+    let [w, wc, wn, wd, wv] = wipe.each_mut().map(|v| ms(percentile(v, 50)));
+    println!(
+        "  of which medians: prepare {:.2} ms, shim build + /bin/true {:.2} ms, wipe + verify {w:.2} ms",
+        ms(percentile(&mut prep, 50)),
+        ms(percentile(&mut shim, 50)),
+    );
+    println!(
+        "  wipe medians: cgroup teardown {wc:.2} ms, network teardown {wn:.2} ms, directory {wd:.2} ms, verify {wv:.2} ms"
+    );
+    println!(
+        "lifecycle: bwrap {} true median {bwrap_median:.2} ms",
+        BWRAP_ARGS.join(" ")
+    );
+    println!(
+        "lifecycle: airlock / bwrap = {ratio:.2} (target <= 2.5: {})",
+        verdict(ratio <= 2.5)
+    );
+
+    // 2. Wipe with a full and an empty workspace, interleaved.
+    let (mut full, mut empty) = (Vec::new(), Vec::new());
+    for _ in 0..o.wipe_runs {
+        empty.push(b.timed_wipe(0)?);
+        full.push(b.timed_wipe(o.files)?);
+    }
+    let wipe_full = ms(percentile(&mut full, 50));
+    let wipe_empty = ms(percentile(&mut empty, 50));
+    let wipe_ratio = wipe_full / wipe_empty;
+    println!(
+        "wipe, {} runs each: workspace with {} files of {FILE_BYTES} bytes median {wipe_full:.2} ms; empty workspace median {wipe_empty:.2} ms",
+        o.wipe_runs, o.files
+    );
+    println!(
+        "wipe: full / empty = {wipe_ratio:.2} (target <= 2: {})",
+        verdict(wipe_ratio <= 2.0)
+    );
+    drop(b);
+    println!(
+        "sandbox_median_ms={sandbox_median:.2} bwrap_median_ms={bwrap_median:.2} sandbox_ratio={ratio:.2} sandbox_p90_ms={sandbox_p90:.2} wipe_100k_ms={wipe_full:.2} wipe_empty_ms={wipe_empty:.2} wipe_ratio={wipe_ratio:.2}"
+    );
+    Ok(())
+}
