@@ -34,6 +34,37 @@ impl Stack {
         }
     }
 
+    /// moto plus an agent with `[sandbox] enabled = true`, its own cgroup parent, namespace
+    /// directory and job directories (so parallel tests never reap each other's jobs), and
+    /// `extra` appended to the `[sandbox]` table (e.g. `"pids_max = 64\n"`).
+    pub fn sandboxed(extra: &str) -> Stack {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        Self::start_with(|mut o| {
+            o.extra_config = format!(
+                "[sandbox]\nenabled = true\nruntime_dir = \"jobs\"\nnetns_dir = \"netns\"\ncgroup_parent = \"al-e2e-{pid}-{n}\"\n{extra}"
+            );
+            o
+        })
+    }
+
+    /// `airlock run --oidc-token-file <token> -- /bin/sh -c <script>` in this stack's agent.
+    pub fn run_sh(&self, token: &str, script: &str) -> std::process::Output {
+        let f = self.agent.token_file(token);
+        let f = f.to_string_lossy().to_string();
+        self.agent.cli(&[
+            "run",
+            "--oidc-token-file",
+            &f,
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+    }
+
     /// Starts a job for `who`, panicking with the CLI's error if it fails.
     pub fn job(&self, who: &GithubJob) -> Job {
         match self.agent.start_job(&who.token()) {

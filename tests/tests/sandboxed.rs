@@ -4,41 +4,11 @@
 
 use airlock_tests::oidc::GithubJob;
 use airlock_tests::stack::Stack;
-use std::sync::atomic::{AtomicU32, Ordering};
-
-/// A sandboxed agent with its own cgroup parent, namespace directory and job directories,
-/// so parallel tests never reap each other's jobs.
-fn sandboxed() -> Stack {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let pid = std::process::id();
-    Stack::start_with(|mut o| {
-        o.extra_config = format!(
-            "[sandbox]\nenabled = true\nruntime_dir = \"jobs\"\nnetns_dir = \"netns\"\ncgroup_parent = \"al-e2e-{pid}-{n}\"\n"
-        );
-        o
-    })
-}
-
-fn run(stack: &Stack, token: &str, script: &str) -> std::process::Output {
-    let f = stack.agent.token_file(token);
-    let f = f.to_string_lossy().to_string();
-    stack.agent.cli(&[
-        "run",
-        "--oidc-token-file",
-        &f,
-        "--",
-        "/bin/sh",
-        "-c",
-        script,
-    ])
-}
 
 #[test]
 fn a_sandboxed_job_gets_its_credentials_from_inside_its_namespace() {
-    let stack = sandboxed();
-    let out = run(
-        &stack,
+    let stack = Stack::sandboxed("");
+    let out = stack.run_sh(
         &GithubJob::production().token(),
         r#"id -u; echo "$AWS_CONTAINER_CREDENTIALS_FULL_URI"; \
            curl -sS -H "Authorization: $(cat "$AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")" "$AWS_CONTAINER_CREDENTIALS_FULL_URI"; echo; \
