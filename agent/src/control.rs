@@ -11,6 +11,8 @@
 //! | `POST /v1/jobs/<id>/bind`    | [`BindRequest`]              | [`StartResponse`] |
 //! | `DELETE /v1/jobs/<id>`       | —                            | [`EndResponse`]   |
 //! | `GET /v1/jobs`               | —                            | `[JobSummary]`    |
+//! | `GET /v1/slots`              | —                            | `[TaintedSlot]`   |
+//! | `DELETE /v1/slots/<n>`       | —                            | `TaintedSlot`     |
 //!
 //! Errors are `{"error": "...", "code": "..."}` with a 4xx/5xx status.
 
@@ -148,6 +150,14 @@ pub struct JobSummary {
     pub deadline: String,
 }
 
+/// A sandbox slot that takes no job because a wipe left something behind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaintedSlot {
+    pub slot: u32,
+    /// What the wipe reported (JSON: the job and what was left).
+    pub why: String,
+}
+
 /// Who is asking, from the socket's peer credentials.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer {
@@ -193,6 +203,8 @@ pub trait Handler: Send + Sync + 'static {
         peer: Peer,
     ) -> impl Future<Output = Result<EndResponse, ApiError>> + Send;
     fn list(&self) -> Vec<JobSummary>;
+    fn tainted(&self) -> Result<Vec<TaintedSlot>, ApiError>;
+    fn clear_slot(&self, slot: u32, peer: Peer) -> Result<TaintedSlot, ApiError>;
 }
 
 /// Create the socket: directory 0755, socket 0600 (0660 with a group), stale socket replaced.
@@ -301,6 +313,11 @@ async fn route<H: Handler>(req: Request<Incoming>, h: &H, peer: Peer) -> Respons
             Ok(r) => h.bind(id, r, peer).await.map(|r| reply(StatusCode::OK, &r)),
             Err(e) => Err(e),
         },
+        (Method::GET, ["v1", "slots"]) => h.tainted().map(|r| reply(StatusCode::OK, &r)),
+        (Method::DELETE, ["v1", "slots", n]) => match n.parse::<u32>() {
+            Ok(slot) => h.clear_slot(slot, peer).map(|r| reply(StatusCode::OK, &r)),
+            Err(_) => Err(ApiError::new(400, "BadRequest", "a slot is a number")),
+        },
         (Method::DELETE, ["v1", "jobs", id]) => {
             h.end(id, peer).await.map(|r| reply(StatusCode::OK, &r))
         }
@@ -385,6 +402,15 @@ impl Client {
 
     pub async fn end(&self, job: &str) -> Result<EndResponse, ControlError> {
         self.call(Method::DELETE, &format!("/v1/jobs/{job}"), None)
+            .await
+    }
+
+    pub async fn tainted(&self) -> Result<Vec<TaintedSlot>, ControlError> {
+        self.call(Method::GET, "/v1/slots", None).await
+    }
+
+    pub async fn clear_slot(&self, slot: u32) -> Result<TaintedSlot, ControlError> {
+        self.call(Method::DELETE, &format!("/v1/slots/{slot}"), None)
             .await
     }
 

@@ -21,6 +21,7 @@ use crate::broker::{Broker, JobGrants};
 use crate::config::Config;
 use crate::control::{
     ApiError, BindRequest, EndResponse, Handler, JobSummary, Peer, StartRequest, StartResponse,
+    TaintedSlot,
 };
 use crate::endpoint::{self, CredentialSource, JobEndpoint, Refusal, Served, CONTAINER_PATH};
 use crate::identity::{JobIdentity, Verifier};
@@ -208,6 +209,16 @@ impl Daemon {
             },
         );
         self.metrics.active_jobs.set(self.job_count() as i64);
+    }
+
+    fn sandboxes(&self) -> Result<&Sandboxes, ApiError> {
+        self.sandboxes.as_deref().ok_or_else(|| {
+            ApiError::new(
+                409,
+                "SandboxDisabled",
+                "[sandbox] is not enabled on this agent",
+            )
+        })
     }
 
     /// Called when the agent stops: with no job left, nothing of the agent stays in the
@@ -1027,5 +1038,29 @@ impl Handler for Control {
 
     fn list(&self) -> Vec<JobSummary> {
         self.0.list_jobs()
+    }
+
+    fn tainted(&self) -> Result<Vec<TaintedSlot>, ApiError> {
+        let sb = self.0.sandboxes()?;
+        Ok(sb
+            .tainted()
+            .into_iter()
+            .map(|(slot, why)| TaintedSlot { slot, why })
+            .collect())
+    }
+
+    fn clear_slot(&self, slot: u32, peer: Peer) -> Result<TaintedSlot, ApiError> {
+        let sb = self.0.sandboxes()?;
+        let why = sb
+            .clear_taint(slot)
+            .map_err(|_| ApiError::new(404, "NotTainted", format!("slot {slot} is not tainted")))?;
+        audit_best_effort(
+            &self.0.audit,
+            &self.0.metrics,
+            "slot_cleared",
+            None,
+            crate::fields! {"slot" => slot, "uid" => peer.uid, "was" => why},
+        );
+        Ok(TaintedSlot { slot, why })
     }
 }

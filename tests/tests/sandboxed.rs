@@ -44,3 +44,73 @@ fn a_sandboxed_job_gets_its_credentials_from_inside_its_namespace() {
         .unwrap();
     assert_eq!(wiped["leftovers"], serde_json::json!([]), "{wiped}");
 }
+
+/// A wipe that cannot remove everything taints the slot: it takes no job until an
+/// operator clears it.
+#[test]
+fn a_wipe_that_leaves_something_taints_the_slot_until_cleared() {
+    let stack = Stack::sandboxed("");
+    let netns_dir = stack.agent.dir().join("netns");
+    // While the job runs, the test pins its network namespace from the host side, like a
+    // stray process an operator must look at.
+    let token = GithubJob::staging().token();
+    let mut holder: Option<std::process::Child> = None;
+    let out = std::thread::scope(|s| {
+        let job = s.spawn(|| stack.run_sh(&token, "id -u; sleep 3"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline && holder.is_none() {
+            if let Some(ns) = std::fs::read_dir(&netns_dir)
+                .ok()
+                .and_then(|mut d| d.next())
+                .and_then(|e| e.ok())
+            {
+                holder = std::process::Command::new("nsenter")
+                    .arg(format!("--net={}", ns.path().display()))
+                    .args(["sleep", "60"])
+                    .spawn()
+                    .ok();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        job.join().unwrap()
+    });
+    let mut holder = holder.expect("the job's namespace appeared and was pinned");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2000000");
+    let recs = stack.agent.audit_records();
+    let tainted = recs
+        .iter()
+        .find(|r| r["event"] == "slot_tainted")
+        .unwrap_or_else(|| panic!("no slot_tainted record: {recs:?}"));
+    assert_eq!(tainted["slot"], 0);
+    assert!(
+        tainted["leftovers"].to_string().contains("Process"),
+        "{tainted}"
+    );
+    let list = stack.agent.cli(&["slot", "list"]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).starts_with("slot 0: "),
+        "{list:?}"
+    );
+    // The tainted slot takes no job: the next one runs as slot 1.
+    let out = stack.run_sh(&token, "id -u");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2000001");
+    // The operator deals with the leftover and clears the slot.
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let cleared = stack.agent.cli(&["slot", "clear", "0"]);
+    assert!(cleared.status.success(), "{cleared:?}");
+    assert!(stack
+        .agent
+        .audit_records()
+        .iter()
+        .any(|r| r["event"] == "slot_cleared" && r["slot"] == 0));
+    let out = stack.run_sh(&token, "id -u");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2000000");
+    let again = stack.agent.cli(&["slot", "clear", "0"]);
+    assert_eq!(again.status.code(), Some(66), "{again:?}");
+}

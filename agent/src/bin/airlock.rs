@@ -51,6 +51,17 @@ enum Cmd {
     /// Verify and query the audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Sandbox slots a wipe left something behind in (they take no job until cleared).
+    #[command(subcommand)]
+    Slot(SlotCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum SlotCmd {
+    /// List tainted slots and what their wipe left.
+    List,
+    /// Clear a tainted slot after dealing with what was left; it takes jobs again.
+    Clear { slot: u32 },
 }
 
 #[derive(Debug, ClapArgs)]
@@ -359,6 +370,23 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
                     );
                 }
             }
+            Ok(exit::OK)
+        }
+        Cmd::Slot(SlotCmd::List) => {
+            let client = socket(&cli.socket, &cli.config)?;
+            let slots = client.tainted().await.map_err(control_fail)?;
+            if slots.is_empty() {
+                println!("no tainted slots");
+            }
+            for s in slots {
+                println!("slot {}: {}", s.slot, s.why);
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Slot(SlotCmd::Clear { slot }) => {
+            let client = socket(&cli.socket, &cli.config)?;
+            client.clear_slot(slot).await.map_err(control_fail)?;
+            println!("slot {slot} cleared");
             Ok(exit::OK)
         }
         Cmd::Policy(PolicyCmd::Check { dir }) => {

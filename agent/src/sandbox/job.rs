@@ -76,6 +76,9 @@ pub struct Sandboxes {
     tmpfs_size: u64,
     hide: Vec<PathBuf>,
     pass_env: Vec<String>,
+    /// One file per tainted slot (`<state>/tainted/<slot>`): kept across restarts until an
+    /// operator clears it.
+    taint_dir: PathBuf,
     parent: ParentGroup,
     net: NetManager,
     users: Mutex<UserPool>,
@@ -102,6 +105,19 @@ impl Sandboxes {
         s.users.validate(runner)?;
         s.users.check_host(Path::new("/etc"))?;
         let users = UserPool::new(s.users.clone(), runner)?;
+        let taint_dir = cfg.agent.state_dir.join("tainted");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&taint_dir)
+            .map_err(|e| SandboxError::Dir(taint_dir.clone(), e))?;
+        for (slot, why) in read_taints(&taint_dir) {
+            tracing::warn!(
+                slot,
+                "slot {slot} is tainted and takes no job until `airlock slot clear {slot}`: {why}"
+            );
+            let _ = users.reserve(slot);
+        }
         let limits = Limits {
             pids_max: Some(s.pids_max),
             memory_max_bytes: Some(s.memory_max),
@@ -155,6 +171,7 @@ impl Sandboxes {
             tmpfs_size: s.tmpfs_size,
             hide,
             pass_env: s.pass_env.clone(),
+            taint_dir,
             parent,
             net,
             users: Mutex::new(users),
@@ -369,6 +386,13 @@ impl Sandboxes {
         if let Some(slot) = slot {
             if report.leftovers.is_empty() {
                 let _ = self.users().release(slot);
+            } else {
+                let note = serde_json::json!({"job": job, "leftovers": report.leftovers});
+                if let Err(e) =
+                    std::fs::write(self.taint_dir.join(slot.to_string()), note.to_string())
+                {
+                    tracing::error!(slot, "cannot record the taint of slot {slot}: {e}");
+                }
             }
         }
         report.millis = started.elapsed().as_millis();
@@ -380,6 +404,20 @@ impl Sandboxes {
         if let Err(e) = self.parent.remove() {
             tracing::debug!("cgroup parent not removed: {e}");
         }
+    }
+
+    /// Tainted slots and why.
+    pub fn tainted(&self) -> Vec<(u32, String)> {
+        read_taints(&self.taint_dir)
+    }
+
+    /// An operator has dealt with what a wipe left: the slot takes jobs again.
+    pub fn clear_taint(&self, slot: u32) -> Result<String, SandboxError> {
+        let path = self.taint_dir.join(slot.to_string());
+        let why = std::fs::read_to_string(&path).map_err(|e| SandboxError::Dir(path.clone(), e))?;
+        std::fs::remove_file(&path).map_err(|e| SandboxError::Dir(path.clone(), e))?;
+        let _ = self.users().release(slot);
+        Ok(why)
     }
 
     /// Keep a recorded job's slot taken (after a restart, before its wipe).
@@ -426,4 +464,19 @@ impl Sandboxes {
         }
         reaped
     }
+}
+
+/// `(slot, why)` of every taint file in `dir`.
+fn read_taints(dir: &Path) -> Vec<(u32, String)> {
+    let mut v: Vec<(u32, String)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let slot = e.file_name().to_str()?.parse().ok()?;
+            Some((slot, std::fs::read_to_string(e.path()).unwrap_or_default()))
+        })
+        .collect();
+    v.sort();
+    v
 }
