@@ -9,7 +9,7 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${AIRLOCK_VENV:-$HOME/.cache/airlock/venv}"
+venv="$("$repo/scripts/venv-path.sh")"
 bin="${CARGO_TARGET_DIR:-$repo/target}/debug"
 [[ "$bin" = /* ]] || bin="$repo/$bin"
 moto_port=45123 admin_port=45124 jwks_port=45125

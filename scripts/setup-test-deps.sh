@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what airlock's end-to-end tests and demo run against, pinned:
-#   - a Python venv at ${AIRLOCK_VENV:-$HOME/.cache/airlock/venv} with moto[server] (the STS
+#   - a Python venv (scripts/venv-path.sh: $AIRLOCK_VENV, as root /var/cache/airlock/test-venv)
+#     with moto[server] (the STS
 #     stand-in), boto3 and the AWS CLI, from tests/clients/requirements.txt;
 #   - the AWS SDK for JavaScript v3 in tests/node (npm ci from package-lock.json).
 # Idempotent: a stamp holding the hash of the pins makes a second run a no-op.
@@ -9,7 +10,13 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${AIRLOCK_VENV:-$HOME/.cache/airlock/venv}"
+# As root the venv lives where a sandboxed job can run it too (/root is hidden from jobs);
+# scripts/venv-path.sh is the one place that says where.
+venv="$("$repo/scripts/venv-path.sh")"
+# The system's interpreter when there is one: a venv made from an interpreter under /root
+# (pyenv) would not run inside a job's sandbox.
+py=python3
+[[ -x /usr/bin/python3 ]] && py=/usr/bin/python3
 reqs="$repo/tests/clients/requirements.txt"
 node_dir="$repo/tests/node"
 
@@ -19,13 +26,13 @@ die() { printf 'setup-test-deps: error: %s\n' "$*" >&2; exit 1; }
 hash_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
 
 # --- Python venv -------------------------------------------------------------------------
-command -v python3 >/dev/null || die "python3 not found: install it (Debian: apt-get install python3 python3-venv)"
-want="$(hash_of "$reqs")-$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+command -v "$py" >/dev/null || die "python3 not found: install it (Debian: apt-get install python3 python3-venv)"
+want="$(hash_of "$reqs")-$("$py" -c 'import sys; print("%d.%d %s" % (sys.version_info[:2] + (sys.base_prefix,)))')"
 stamp="$venv/.airlock-stamp"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -x "$venv/bin/moto_server" && -x "$venv/bin/aws" ]]; then
     say "python venv $venv is up to date (moto, boto3, awscli)"
 else
-    if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    if ! "$py" -c 'import venv, ensurepip' 2>/dev/null; then
         if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
             say "installing python3-venv with apt-get"
             DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -37,7 +44,7 @@ else
     say "creating python venv $venv"
     rm -rf "$venv"
     mkdir -p "$(dirname "$venv")"
-    python3 -m venv "$venv"
+    "$py" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$reqs"
     echo "$want" > "$stamp"
     say "installed $("$venv/bin/python" -m pip freeze | grep -iE '^(moto|boto3|awscli)==' | tr '\n' ' ')"

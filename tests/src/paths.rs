@@ -36,10 +36,16 @@ pub fn bin(name: &str) -> PathBuf {
     target_dir().join("debug").join(name)
 }
 
-/// The test clients' Python venv: `AIRLOCK_VENV` or `~/.cache/airlock/venv`.
+/// The test clients' Python venv: `AIRLOCK_VENV`, or for root
+/// `/var/cache/airlock/test-venv` (outside `/root`, so sandboxed jobs can run it), or
+/// `~/.cache/airlock/venv` — the rule of `scripts/venv-path.sh`.
 pub fn venv() -> PathBuf {
     if let Some(v) = std::env::var_os("AIRLOCK_VENV").filter(|v| !v.is_empty()) {
         return PathBuf::from(v);
+    }
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+        return PathBuf::from("/var/cache/airlock/test-venv");
     }
     let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
     home.join(".cache/airlock/venv")

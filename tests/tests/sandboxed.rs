@@ -114,3 +114,49 @@ fn a_wipe_that_leaves_something_taints_the_slot_until_cleared() {
     let again = stack.agent.cli(&["slot", "clear", "0"]);
     assert_eq!(again.status.code(), Some(66), "{again:?}");
 }
+
+/// A real SDK inside the sandbox: boto3 finds the job's credentials through the container
+/// provider and, with those variables gone, through IMDSv2 — both the job's own keys.
+#[test]
+fn boto3_inside_the_sandbox_finds_the_jobs_credentials_both_ways() {
+    let stack = Stack::sandboxed("");
+    let python = airlock_tests::paths::venv_bin("python");
+    let probe = r#"
+import os, boto3
+def key():
+    c = boto3.Session().get_credentials()
+    return c.get_frozen_credentials().access_key, c.method
+print(*key())
+for v in ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"):
+    os.environ.pop(v)
+print(*key())
+"#;
+    let script = format!(
+        "exec {} -c '{}'",
+        python.display(),
+        probe.replace('\'', "\"")
+    );
+    let out = stack.run_sh(&GithubJob::production().token(), &script);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let issued: Vec<String> = stack
+        .agent
+        .audit_records()
+        .iter()
+        .filter(|r| r["event"] == "credentials_issued" && r["alias"] == "deploy")
+        .map(|r| r["access_key_id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(issued.len(), 1, "{issued:?}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            format!("{} container-role", issued[0]).as_str(),
+            format!("{} iam-role", issued[0]).as_str(),
+        ]
+    );
+}
