@@ -221,10 +221,22 @@ impl Daemon {
         })
     }
 
-    /// Called when the agent stops: with no job left, nothing of the agent stays in the
-    /// cgroup tree. Jobs that are still recorded keep everything for the next start.
-    pub fn shutdown(&self) {
-        if let (Some(sb), 0) = (&self.sandboxes, self.job_count()) {
+    /// Called when the agent stops. Sandboxed jobs are ended and wiped: nothing of them may
+    /// run on without the agent that watches them. Unsandboxed jobs keep their records, so a
+    /// restart serves them again. With no job left, the agent's cgroup parent goes too.
+    pub async fn shutdown(&self) {
+        let Some(sb) = &self.sandboxes else {
+            return;
+        };
+        let sandboxed: Vec<String> = lock(&self.jobs)
+            .values()
+            .filter(|j| j.record.sandbox_slot.is_some())
+            .map(|j| j.record.id.clone())
+            .collect();
+        for id in sandboxed {
+            let _ = self.end_job(&id, "the agent is stopping").await;
+        }
+        if self.job_count() == 0 {
             sb.remove_parent();
         }
     }

@@ -160,3 +160,51 @@ print(*key())
         ]
     );
 }
+
+/// Stopping the agent ends and wipes its sandboxed jobs: none runs on unwatched.
+#[test]
+fn stopping_the_agent_wipes_its_sandboxed_jobs() {
+    let mut stack = Stack::sandboxed("");
+    let token = GithubJob::staging().token();
+    let out = std::thread::scope(|s| {
+        let job = s.spawn(|| stack.run_sh(&token, "echo started; exec sleep 60"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !stack
+            .agent
+            .audit_records()
+            .iter()
+            .any(|r| r["event"] == "credentials_issued")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the job never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(stack.agent.signal("TERM"));
+        job.join().unwrap()
+    });
+    // The job's sleep was killed with its cgroup (SIGKILL: 128 + 9).
+    assert_eq!(out.status.code(), Some(137), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "started\n");
+    // The agent finishes its wipes before it exits.
+    let status = stack.agent.stop();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let recs = stack.agent.audit_records();
+    let wiped = recs
+        .iter()
+        .find(|r| r["event"] == "job_wiped")
+        .unwrap_or_else(|| panic!("no job_wiped: {recs:?}"));
+    assert_eq!(wiped["leftovers"], serde_json::json!([]));
+    assert!(
+        wiped["processes_killed"].as_u64().unwrap_or(0) >= 1,
+        "{wiped}"
+    );
+    assert!(recs
+        .iter()
+        .any(|r| r["event"] == "job_ended" && r["reason"] == "the agent is stopping"));
+    assert!(std::fs::read_dir(stack.agent.dir().join("netns"))
+        .map(|d| d.count() == 0)
+        .unwrap_or(true));
+}

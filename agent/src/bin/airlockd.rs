@@ -204,16 +204,17 @@ async fn run(args: Args, cfg: Config, policies: airlock::policy::PolicySet) -> E
         }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    // Sandboxed jobs are wiped now; unsandboxed jobs' records stay for the next start.
+    daemon.shutdown().await;
     tracing::info!(
         jobs = daemon.job_count(),
-        "airlockd stopping; job records are kept for the next start"
+        "airlockd stopping; the records of unsandboxed jobs are kept for the next start"
     );
     let _ = audit.append(
         "agent_stopped",
         None,
         airlock::fields! {"jobs" => daemon.job_count()},
     );
-    daemon.shutdown();
     let _ = std::fs::remove_file(&cfg.agent.control_socket);
     ExitCode::SUCCESS
 }
