@@ -399,11 +399,13 @@ impl Sandboxes {
         report
     }
 
-    /// At agent shutdown with no jobs left: remove the agent's own (empty) cgroup parent.
+    /// At agent shutdown with no jobs left: remove the agent's own (empty) cgroup parent
+    /// and the bind mount of its namespace directory.
     pub fn remove_parent(&self) {
         if let Err(e) = self.parent.remove() {
             tracing::debug!("cgroup parent not removed: {e}");
         }
+        self.net.release_dir();
     }
 
     /// Tainted slots and why.

@@ -244,6 +244,9 @@ pub struct NetManager {
     handle: rtnetlink::Handle,
     conn: tokio::task::JoinHandle<()>,
     state: Mutex<State>,
+    /// This manager bound the namespace directory onto itself (as `ip netns` does) and
+    /// takes that mount away again in [`NetManager::release_dir`].
+    bound_dir: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for NetManager {
@@ -283,6 +286,7 @@ impl NetManager {
                 pool,
                 inodes: HashMap::new(),
             }),
+            bound_dir: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -305,7 +309,10 @@ impl NetManager {
     /// far is removed again.
     pub async fn create(&self, job: &str, mode: NetMode) -> Result<JobNet, NetnsError> {
         check_job(job)?;
-        ensure_netns_dir(&self.cfg.netns_dir)?;
+        if ensure_netns_dir(&self.cfg.netns_dir)? {
+            self.bound_dir
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let subnet = self.state().pool.allocate(job)?;
         match self.build(job, mode, subnet).await {
             Ok(net) => {
@@ -413,6 +420,22 @@ impl NetManager {
     /// Removes the job's veth and namespace file and gives its subnet back. Idempotent: what
     /// is already gone is skipped. The namespace itself dies once nothing holds it: the
     /// job's processes (kill its cgroup first) and the endpoint sockets (close them first).
+    /// At agent shutdown: when this manager bound the namespace directory and no namespace
+    /// is left in it, take the bind mount away so nothing of the agent stays mounted.
+    pub fn release_dir(&self) {
+        let dir = &self.cfg.netns_dir;
+        let empty = std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none());
+        if empty
+            && self
+                .bound_dir
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            if let Err(e) = nix::mount::umount2(dir, MntFlags::MNT_DETACH) {
+                tracing::debug!(dir = %dir.display(), "namespace directory not unmounted: {e}");
+            }
+        }
+    }
+
     pub async fn teardown(&self, job: &str) -> Result<(), NetnsError> {
         check_job(job)?;
         self.remove_objects(job).await?;
@@ -657,7 +680,9 @@ fn new_namespace(path: &Path, rt: &tokio::runtime::Handle) -> Result<NewNamespac
 
 /// Makes `dir` exist and be a shared mount point, as iproute2 does, so that namespace
 /// mounts made in it propagate to mount namespaces cloned later.
-fn ensure_netns_dir(dir: &Path) -> Result<(), NetnsError> {
+/// Makes `dir` a shared mount point like iproute2 does; `true` when it had to bind it onto
+/// itself first.
+fn ensure_netns_dir(dir: &Path) -> Result<bool, NetnsError> {
     let err = |source| NetnsError::NetnsDir {
         path: dir.to_path_buf(),
         source,
@@ -676,7 +701,7 @@ fn ensure_netns_dir(dir: &Path) -> Result<(), NetnsError> {
         )
     };
     match shared() {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(false),
         // Not a mount point yet: bind it onto itself, then make it shared.
         Err(Errno::EINVAL) => {
             nix::mount::mount(
@@ -687,7 +712,8 @@ fn ensure_netns_dir(dir: &Path) -> Result<(), NetnsError> {
                 None::<&str>,
             )
             .map_err(err)?;
-            shared().map_err(err)
+            shared().map_err(err)?;
+            Ok(true)
         }
         Err(e) => Err(err(e)),
     }
