@@ -13,7 +13,25 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 const SHIM: &str = env!("CARGO_BIN_EXE_airlock-shim");
-const PROBE: &str = env!("CARGO_BIN_EXE_shim-probe");
+/// Where the tests keep what a job must see: not under /tmp (the job's /tmp is a fresh
+/// tmpfs that would cover it), and the target directory may itself lie under /tmp.
+const BASE: &str = "/var/cache/airlock/shim-tests";
+
+/// The probe binary, copied next to the tests' sandboxes so a job can run it.
+fn probe() -> &'static str {
+    static P: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        std::fs::create_dir_all(BASE).unwrap();
+        std::fs::set_permissions(BASE, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dest = Path::new(BASE).join("shim-probe");
+        // Atomic replace: concurrent test processes copy the same bytes.
+        let tmp = Path::new(BASE).join(format!(".shim-probe.{}", std::process::id()));
+        std::fs::copy(env!("CARGO_BIN_EXE_shim-probe"), &tmp).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, &dest).unwrap();
+        dest.display().to_string()
+    })
+}
 const JOB_UID: u32 = 65534;
 
 fn require_root() {
@@ -34,10 +52,11 @@ impl Sandbox {
     fn new(argv: &[&str]) -> Self {
         require_root();
         // Not under /tmp: the job's /tmp is a fresh tmpfs that would cover it.
+        let _ = probe();
         let dir = tempfile::Builder::new()
             .prefix("al-shim-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .expect("temp dir under CARGO_TARGET_TMPDIR");
+            .tempdir_in(BASE)
+            .expect("temp dir under /var/cache/airlock/shim-tests");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let root = dir.path().join("root");
         let home = dir.path().join("home");
@@ -79,7 +98,7 @@ impl Sandbox {
     }
 
     fn probe() -> Self {
-        Self::new(&[PROBE, "report"])
+        Self::new(&[probe(), "report"])
     }
 
     fn command(&self) -> Command {
@@ -256,7 +275,7 @@ impl Drop for RemoveOnDrop {
 fn a_setuid_root_binary_does_not_escalate() {
     let mut sb = Sandbox::new(&[]);
     let suid = sb.dir.path().join("suid-probe");
-    std::fs::copy(PROBE, &suid).unwrap();
+    std::fs::copy(probe(), &suid).unwrap();
     let _guard = RemoveOnDrop(suid.clone());
     std::os::unix::fs::chown(&suid, Some(0), Some(0)).unwrap();
     std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
@@ -335,7 +354,7 @@ fn an_inherited_descriptor_is_closed_before_the_job_runs() {
     sb.spec.argv = vec![
         "/bin/sh".into(),
         "-c".into(),
-        format!("sleep 1; exec {PROBE} report"),
+        format!("sleep 1; exec {} report", probe()),
     ];
     let child = sb
         .command()
@@ -355,13 +374,13 @@ fn an_inherited_descriptor_is_closed_before_the_job_runs() {
 
 #[test]
 fn the_jobs_exit_status_is_the_shims() {
-    let sb = Sandbox::new(&[PROBE, "exit", "7"]);
+    let sb = Sandbox::new(&[probe(), "exit", "7"]);
     assert_eq!(sb.run().status.code(), Some(7));
     let sb = Sandbox::new(&["/bin/sh", "-c", "exit 3"]);
     assert_eq!(sb.run().status.code(), Some(3));
 
     // Killed from outside (as the agent would): 128 + SIGKILL.
-    let sb = Sandbox::new(&[PROBE, "sleep", "30"]);
+    let sb = Sandbox::new(&[probe(), "sleep", "30"]);
     let mut child = sb.command().spawn().unwrap();
     let children = format!("/proc/{0}/task/{0}/children", child.id());
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -444,7 +463,11 @@ impl Drop for TestCgroup {
 #[test]
 fn the_shim_and_its_job_are_in_the_given_cgroup() {
     let cg = TestCgroup::new();
-    let mut sb = Sandbox::new(&["/bin/sh", "-c", &format!("sleep 1; exec {PROBE} report")]);
+    let mut sb = Sandbox::new(&[
+        "/bin/sh",
+        "-c",
+        &format!("sleep 1; exec {} report", probe()),
+    ]);
     sb.spec.cgroups = vec![cg.0.clone()];
     let child = sb
         .command()
