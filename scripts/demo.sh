@@ -79,7 +79,10 @@ cd "$work"
 env -u AWS_SESSION_TOKEN -u AWS_PROFILE \
     AWS_ACCESS_KEY_ID="$agent_key_id" AWS_SECRET_ACCESS_KEY="$agent_secret" \
     "$bin/airlockd" --config demo.toml 2>"$work/airlockd.log" &
-pids+=($!)
+agent_pid=$!
+pids+=($agent_pid)
+# Kept (0600, in the demo's private directory) only until the sandboxed agent of job 3 starts.
+(umask 077; printf '%s' "$agent_secret" >agent-secret)
 unset agent_secret
 wait_for "airlockd" http_ok "http://127.0.0.1:$admin_port/healthz"
 note "policies loaded: $(ls policies/*.toml | xargs -n1 basename | tr '\n' ' ')"
@@ -149,6 +152,41 @@ if [[ -n "$job2_id" ]]; then
     airlock job end "$job2_id" >/dev/null 2>&1 || true
 fi
 
+step "Job 3: the production job again, now in a sandbox of its own"
+note "Restarting airlockd with [sandbox] enabled = true (its own namespaces, cgroup, user and"
+note "network namespace per job; the job's endpoint lives inside that namespace)."
+kill -TERM "$agent_pid"
+wait "$agent_pid" 2>/dev/null || true
+{
+    cat demo.toml
+    printf '\n[sandbox]\nenabled = true\nruntime_dir = "jobs"\nnetns_dir = "netns"\ncgroup_parent = "airlock-demo"\n'
+} >demo-sandbox.toml
+agent_secret="$(cat agent-secret)"
+rm -f agent-secret
+env -u AWS_SESSION_TOKEN -u AWS_PROFILE \
+    AWS_ACCESS_KEY_ID="$agent_key_id" AWS_SECRET_ACCESS_KEY="$agent_secret" \
+    "$bin/airlockd" --config demo-sandbox.toml 2>>"$work/airlockd.log" &
+agent_pid=$!
+pids+=($agent_pid)
+unset agent_secret
+wait_for "airlockd (sandboxed)" http_ok "http://127.0.0.1:$admin_port/healthz"
+note "\$ airlock run --oidc-token-file prod.jwt -- sh -c '...what the job sees...'"
+"$bin/airlock" --config demo-sandbox.toml run --oidc-token-file prod.jwt -- /bin/sh -c "
+echo \"    user: uid \$(id -u), capabilities \$(grep CapEff /proc/self/status | cut -f2), processes visible: \$(ls /proc | grep -c '^[0-9]')\"
+echo \"    endpoint: \$AWS_CONTAINER_CREDENTIALS_FULL_URI (inside the job's own network namespace)\"
+$venv/bin/python -c 'import boto3; c = boto3.Session().get_credentials(); print(\"    the SDK found access key\", c.get_frozen_credentials().access_key, \"via\", c.method)'
+if curl -s -m 2 -o /dev/null http://127.0.0.1:$moto_port/; then echo '    reached the host!'; else echo '    the host (STS stand-in at 127.0.0.1:$moto_port) is out of reach: endpoint-only network'; fi
+" | tee job3.txt
+grep -q "access key ASIA" job3.txt || die "job 3 did not find its credentials in the sandbox (see $work/airlockd.log)"
+note "The key is the one the audit shows issued to that job; when it ended the agent killed"
+note "its cgroup, removed its network namespace and directories, and checked nothing was left:"
+"$bin/airlock" --config demo-sandbox.toml audit query --event job_wiped | "$venv/bin/python" -c '
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    print("    job_wiped %s: killed %s process(es), leftovers %s, %s ms" % (r["job"], r["processes_killed"], r["leftovers"], r["millis"]))'
+note "(Reaching STS from inside a sandbox needs the job's egress allowlist: the next release.)"
+
 step "The audit trail"
 # One line per record here; `airlock audit query` itself prints full JSON lines.
 summarise() {
@@ -176,5 +214,7 @@ note "1. airlockd verified each job's GitHub OIDC token against the issuer's key
 note "2. The production job matched rule web-production and got 1-hour STS credentials for"
 note "   web-prod-deploy, served only to that job's processes; they were dropped when it ended."
 note "3. The feature-branch job matched no rule: it got no credentials, and the refusal is audited."
-note "4. Every record is hash-chained: 'audit verify' would name the first edited line."
+note "4. In a sandbox the same job ran as an unprivileged slot user with no capabilities, saw"
+note "   only its own processes and reached only its own endpoint; it was wiped when it ended."
+note "5. Every record is hash-chained: 'audit verify' would name the first edited line."
 note "Cleaning up (moto, JWKS server, airlockd, $work)."
