@@ -157,10 +157,8 @@ note "Restarting airlockd with [sandbox] enabled = true (its own namespaces, cgr
 note "network namespace per job; the job's endpoint lives inside that namespace)."
 kill -TERM "$agent_pid"
 wait "$agent_pid" 2>/dev/null || true
-{
-    cat demo.toml
-    printf '\n[sandbox]\nenabled = true\nruntime_dir = "jobs"\nnetns_dir = "netns"\ncgroup_parent = "airlock-demo"\n'
-} >demo-sandbox.toml
+sed 's/^enabled = false$/enabled = true/' demo.toml >demo-sandbox.toml
+grep -q '^enabled = true$' demo-sandbox.toml || die "config/demo.toml has no [sandbox] enabled line"
 agent_secret="$(cat agent-secret)"
 rm -f agent-secret
 env -u AWS_SESSION_TOKEN -u AWS_PROFILE \

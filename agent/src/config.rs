@@ -272,9 +272,10 @@ pub struct IssuerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxSection {
-    /// Off for now: the sandbox is being wired in (issue 3); jobs then use loopback
-    /// endpoints as before.
-    #[serde(default)]
+    /// On by default: `airlock run` runs every job in a sandbox of its own. Off: jobs run
+    /// unsandboxed with loopback credential endpoints (see docs/endpoint.md for what that
+    /// cannot protect).
+    #[serde(default = "yes")]
     pub enabled: bool,
     /// The sandbox init; default: `airlock-shim` next to `airlockd`.
     #[serde(default)]
@@ -567,6 +568,8 @@ mod tests {
             Path::new("/run/airlock/control.sock")
         );
         assert_eq!(c.sts.endpoint_url(), "https://sts.us-east-1.amazonaws.com");
+        assert!(c.sandbox.enabled, "jobs are sandboxed unless the operator says otherwise");
+        assert_eq!(c.sandbox.pids_max, 4096);
     }
 
     #[test]

@@ -571,7 +571,7 @@ audiences = [{aud}]
 provider = "github"
 jwks_file = {jwks}
 
-{extra}"#,
+{sandbox}{extra}"#,
         state = p("state"),
         socket = p("control.sock"),
         audit = p("audit.jsonl"),
@@ -580,6 +580,13 @@ jwks_file = {jwks}
         issuer = toml_str(crate::oidc::GITHUB_ISSUER),
         aud = toml_str(crate::oidc::TEST_AUDIENCE),
         jwks = toml_str(&opts.jwks_file.to_string_lossy()),
+        // Jobs of these tests run unsandboxed on loopback unless a test brings its own
+        // [sandbox] table (Stack::sandboxed).
+        sandbox = if opts.extra_config.contains("[sandbox]") {
+            ""
+        } else {
+            "[sandbox]\nenabled = false\n\n"
+        },
         extra = opts.extra_config,
     )
 }
