@@ -568,7 +568,10 @@ mod tests {
             Path::new("/run/airlock/control.sock")
         );
         assert_eq!(c.sts.endpoint_url(), "https://sts.us-east-1.amazonaws.com");
-        assert!(c.sandbox.enabled, "jobs are sandboxed unless the operator says otherwise");
+        assert!(
+            c.sandbox.enabled,
+            "jobs are sandboxed unless the operator says otherwise"
+        );
         assert_eq!(c.sandbox.pids_max, 4096);
     }
 
