@@ -14,7 +14,8 @@ fn a_sandboxed_job_gets_its_credentials_from_inside_its_namespace() {
            curl -sS -H "Authorization: $(cat "$AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")" "$AWS_CONTAINER_CREDENTIALS_FULL_URI"; echo; \
            t=$(curl -sS -X PUT -H 'x-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token); \
            r=$(curl -sS -H "x-aws-ec2-metadata-token: $t" http://169.254.169.254/latest/meta-data/iam/security-credentials/); \
-           echo "role=$r"; curl -sS -H "x-aws-ec2-metadata-token: $t" "http://169.254.169.254/latest/meta-data/iam/security-credentials/$r""#,
+           echo "role=$r"; curl -sS -H "x-aws-ec2-metadata-token: $t" "http://169.254.169.254/latest/meta-data/iam/security-credentials/$r"; \
+           echo; echo "token=$AWS_CONTAINER_AUTHORIZATION_TOKEN""#,
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -29,6 +30,20 @@ fn a_sandboxed_job_gets_its_credentials_from_inside_its_namespace() {
     assert!(lines[2].starts_with("{\"AccessKeyId\":\"ASIA"), "{stdout}");
     assert_eq!(lines[3], "role=deploy");
     assert!(lines[4].contains("\"Code\":\"Success\""), "{stdout}");
+    // The secrets the job held never reached the agent's log, its audit or its records.
+    let creds: serde_json::Value = serde_json::from_str(lines[2]).unwrap();
+    let endpoint_token = lines[5].strip_prefix("token=").unwrap().to_string();
+    let secrets = [
+        creds["SecretAccessKey"].as_str().unwrap().to_string(),
+        creds["Token"].as_str().unwrap().to_string(),
+        endpoint_token,
+    ];
+    let audit = std::fs::read_to_string(stack.agent.audit_path()).unwrap();
+    let log = stack.agent.log();
+    for secret in &secrets {
+        assert!(secret.len() > 20);
+        assert!(!audit.contains(secret.as_str()) && !log.contains(secret.as_str()));
+    }
     let events: Vec<String> = stack
         .agent
         .audit_records()
