@@ -254,7 +254,24 @@ impl Agent {
             child: None,
             runs: 0,
         };
-        agent.spawn()?;
+        // The free port can be taken by a parallel test between our probe and the agent's
+        // bind: then the agent exits saying so, and it gets another port.
+        for attempt in 0.. {
+            match agent.spawn() {
+                Ok(()) => break,
+                Err(HarnessError::ExitedEarly { log, .. })
+                    if attempt < 4 && log.contains("cannot listen on [admin]") =>
+                {
+                    let port = free_port().map_err(|e| HarnessError::Prepare(root.clone(), e))?;
+                    agent.admin = ([127, 0, 0, 1], port).into();
+                    prep(std::fs::write(
+                        &agent.config,
+                        render_config(&root, agent.admin, &agent.opts),
+                    ))?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         Ok(agent)
     }
 

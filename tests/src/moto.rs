@@ -90,6 +90,22 @@ impl MotoServer {
     }
 
     fn launch(enforce: bool) -> Result<MotoServer, MotoError> {
+        // The free port can be taken by a parallel test between our probe and moto's bind:
+        // moto then exits at once, and it gets another port.
+        let mut attempt = 0;
+        loop {
+            match Self::launch_once(enforce) {
+                Err(MotoError::NotReady { log, .. })
+                    if attempt < 4 && log.contains("Address already in use") =>
+                {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn launch_once(enforce: bool) -> Result<MotoServer, MotoError> {
         let exe = find_moto_server().ok_or(MotoError::NotFound)?;
         let log_dir = tempfile::tempdir().map_err(|e| MotoError::Spawn(exe.clone(), e))?;
         let log_path = log_dir.path().join("moto.log");
@@ -132,6 +148,16 @@ impl MotoServer {
             _log_dir: log_dir,
         };
         moto.wait_ready(&log_path)?;
+        // A server that answered may be another test's moto on the same port: ours must
+        // still be running.
+        std::thread::sleep(Duration::from_millis(200));
+        if let Ok(Some(status)) = moto.child.try_wait() {
+            return Err(MotoError::NotReady {
+                port,
+                secs: 0,
+                log: format!("(exited: {status})\n{}", read_tail(&log_path)),
+            });
+        }
         moto.bootstrap(&exe)?;
         Ok(moto)
     }
