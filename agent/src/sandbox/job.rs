@@ -227,6 +227,7 @@ impl Sandboxes {
             Ok(l) => l,
             Err(e) => {
                 let _ = self.net.teardown(job).await;
+                let _ = self.net.verify_gone(job).await;
                 fail(self, &cgroup);
                 return Err(e.into());
             }
@@ -243,6 +244,7 @@ impl Sandboxes {
         if let Err(e) = made {
             drop(listeners);
             let _ = self.net.teardown(job).await;
+            let _ = self.net.verify_gone(job).await;
             fail(self, &cgroup);
             let _ = std::fs::remove_dir_all(&dir);
             return Err(SandboxError::Dir(dir, e));
@@ -446,7 +448,10 @@ impl Sandboxes {
                     continue;
                 }
                 let _ = match &ns.job_id {
-                    Some(j) => self.net.teardown(j).await,
+                    Some(j) => match self.net.teardown(j).await {
+                        Ok(()) => self.net.verify_gone(j).await.map(|_| ()),
+                        Err(e) => Err(e),
+                    },
                     None => self.net.remove_orphan_namespace(&ns.name),
                 };
                 reaped.push(format!("network namespace {}", ns.name));

@@ -234,6 +234,10 @@ struct State {
     pool: AddressPool,
     /// Namespace inodes of jobs not yet verified gone.
     inodes: HashMap<String, u64>,
+    /// A torn-down job's namespace, held open from teardown until `verify_gone`: while it
+    /// is held its inode cannot be given to a new namespace, so the process check cannot
+    /// mistake another job's processes for this job's leftovers.
+    held: HashMap<String, File>,
 }
 
 /// Builds and removes jobs' networks. One per agent; cheap to share behind an `Arc`.
@@ -285,6 +289,7 @@ impl NetManager {
             state: Mutex::new(State {
                 pool,
                 inodes: HashMap::new(),
+                held: HashMap::new(),
             }),
             bound_dir: std::sync::atomic::AtomicBool::new(false),
         })
@@ -444,6 +449,9 @@ impl NetManager {
     }
 
     async fn remove_objects(&self, job: &str) -> Result<(), NetnsError> {
+        if let Ok(ns) = File::open(self.ns_path(job)) {
+            self.state().held.insert(job.to_string(), ns);
+        }
         // Deleting the host end deletes the job's end too, wherever it is.
         self.remove_link_named(&host_link_name(job)).await?;
         remove_namespace_file(&self.ns_path(job))
@@ -486,8 +494,11 @@ impl NetManager {
                 left.push(Leftover::Process(pid));
             }
         }
+        let mut state = self.state();
+        // Let the namespace go (it dies here when nothing else holds it).
+        state.held.remove(job);
         if left.is_empty() {
-            self.state().inodes.remove(job);
+            state.inodes.remove(job);
         }
         Ok(left)
     }
