@@ -3,7 +3,8 @@
 #   - a Python venv (scripts/venv-path.sh: $AIRLOCK_VENV, as root /var/cache/airlock/test-venv)
 #     with moto[server] (the STS
 #     stand-in), boto3 and the AWS CLI, from tests/clients/requirements.txt;
-#   - the AWS SDK for JavaScript v3 in tests/node (npm ci from package-lock.json).
+#   - the AWS SDK for JavaScript v3 in tests/node (npm ci from package-lock.json);
+#   - nftables (`nft`), as root on Debian, for the outbound sandbox tests.
 # Idempotent: a stamp holding the hash of the pins makes a second run a no-op.
 # Needs python3 (with venv), node >= 20 and npm. As root on Debian it installs python3-venv
 # when missing; it never uses sudo.
@@ -24,6 +25,20 @@ say() { printf 'setup-test-deps: %s\n' "$*"; }
 die() { printf 'setup-test-deps: error: %s\n' "$*" >&2; exit 1; }
 
 hash_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
+
+# --- nftables ----------------------------------------------------------------------------
+# Outbound jobs' firewall is applied with `nft` (Debian package nftables, the stable
+# release's version); the privileged tests fail without it.
+if command -v nft >/dev/null || [[ -x /usr/sbin/nft ]]; then
+    say "nft found: $( (command -v nft || echo /usr/sbin/nft) | head -1)"
+elif [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "installing nftables with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null
+    say "installed $(/usr/sbin/nft --version)"
+else
+    say "warning: nft not found: outbound sandbox tests need it (Debian: apt-get install nftables, as root)"
+fi
 
 # --- Python venv -------------------------------------------------------------------------
 command -v "$py" >/dev/null || die "python3 not found: install it (Debian: apt-get install python3 python3-venv)"

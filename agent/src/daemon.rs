@@ -533,11 +533,13 @@ impl Daemon {
             lifetime = lifetime.min(Duration::from_secs(s.max(MIN_JOB_LIFETIME_SECS)));
         }
         let job_id = jobs::new_job_id();
+        let decision = identity.as_ref().map(|id| self.policies().decide(id, now));
         // A sandboxed job's endpoint lives inside its own network namespace; an
         // unsandboxed job's on a loopback port of its own.
         let (listeners, addr, prepared) = match &self.sandboxes {
             Some(sb) => {
-                let p = sb.prepare(&job_id).await.map_err(|e| {
+                let settings = self.sandbox_settings(decision.as_ref());
+                let p = sb.prepare(&job_id, &settings).await.map_err(|e| {
                     tracing::error!(job = %job_id, "cannot build the job's sandbox: {e}");
                     ApiError::new(
                         503,
@@ -585,7 +587,6 @@ impl Daemon {
             flags: vec![],
             sandbox_slot: prepared.as_ref().map(|p| p.user.slot),
         };
-        let decision = identity.as_ref().map(|id| self.policies().decide(id, now));
         if let Some(d) = &decision {
             rec.rule = d.rule.clone();
             rec.aliases = d.grants.iter().map(|g| g.alias.clone()).collect();
@@ -628,6 +629,22 @@ impl Daemon {
         Ok(resp)
     }
 
+    /// How the sandbox of a job with this decision is built: the deciding rule's
+    /// `[rule.sandbox]` over the agent's `[sandbox]` defaults. A refused job, or one not
+    /// yet bound, gets the defaults (endpoint only): nothing a policy has not granted.
+    fn sandbox_settings(
+        &self,
+        decision: Option<&crate::policy::Decision>,
+    ) -> crate::sandbox::job::JobSettings {
+        let policies = self.policies();
+        let rule = decision
+            .filter(|d| d.refused.is_none())
+            .and_then(|d| d.rule.as_deref())
+            .and_then(|name| policies.rule(name))
+            .and_then(|r| r.sandbox.clone());
+        crate::sandbox::job::JobSettings::from_rule(rule.as_ref())
+    }
+
     /// Persist and audit a new job, then write its token where the job will read it: a
     /// host file for an unsandboxed job, the shim's spec for a sandboxed one.
     fn begin(
@@ -648,7 +665,11 @@ impl Daemon {
                     "slot": p.user.slot,
                     "netns": p.net.ns_path,
                     "cgroup": p.cgroup.path(),
-                    "job_addr": p.net.job_addr().to_string(),
+                    "network": p.net.mode.to_string(),
+                    "job_addr": p.net.job_addr().map(|a| a.to_string()),
+                    "pids_max": p.limits.pids_max,
+                    "memory_max": p.limits.memory_max_bytes,
+                    "cpu_max_us": p.limits.cpu_max.map(|c| format!("{} {}", c.quota_us, c.period_us)),
                 }),
             );
         }

@@ -8,6 +8,7 @@ use airlock::sandbox::netns::{
     bind_in_netns, host_link_name, netns_name, Leftover, NetConfig, NetManager, NetMode,
     OrphanLink, OrphanNamespace, CONTAINER_ENDPOINT, ENDPOINT_ADDRS, IMDS_ENDPOINT,
 };
+use airlock_tests::internet::Internet;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -23,6 +24,7 @@ fn prerequisites() {
         ("ip", "iproute2"),
         ("python3", "python3"),
         ("setpriv", "util-linux"),
+        ("nft", "nftables"),
     ] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
@@ -197,8 +199,15 @@ async fn each_job_reaches_only_its_own_endpoint() {
     cleanup.job(&b);
     let net_a = mgr.create(&a, NetMode::EndpointOnly).await.unwrap();
     let net_b = mgr.create(&b, NetMode::EndpointOnly).await.unwrap();
-    assert_eq!(mgr.available_subnets(), 62);
-    assert_ne!(net_a.job_addr(), net_b.job_addr());
+    // Endpoint-only jobs take no subnet and have no link to the host.
+    assert_eq!(mgr.available_subnets(), 64);
+    assert_eq!((net_a.job_addr(), net_b.job_addr()), (None, None));
+    let links = ip(&["-o", "link", "show"]);
+    for job in [&a, &b] {
+        assert!(!links.contains(&host_link_name(job)), "{links}");
+        let inside = String::from_utf8(in_ns(job, &["ip", "-o", "link", "show"]).stdout).unwrap();
+        assert_eq!(inside.lines().count(), 1, "only lo:\n{inside}");
+    }
 
     let mut servers = Vec::new();
     for (job, net) in [(&a, &net_a), (&b, &net_b)] {
@@ -230,11 +239,10 @@ async fn each_job_reaches_only_its_own_endpoint() {
     assert_eq!(host_get(meta_addr).await, "host metadata");
     assert_eq!(host_get(any_on_host).await, "host any");
 
-    for (me, other) in [(&net_a, &net_b), (&net_b, &net_a)] {
+    for me in [&net_a, &net_b] {
         let targets = [
             CONTAINER_ENDPOINT.to_string(),
             IMDS_ENDPOINT.to_string(),
-            format!("{}:80", other.job_addr()),
             host_lo_addr.to_string(),
             meta_addr.to_string(),
             any_on_host.to_string(),
@@ -246,9 +254,9 @@ async fn each_job_reaches_only_its_own_endpoint() {
             [
                 own(CONTAINER_ENDPOINT),
                 own(IMDS_ENDPOINT),
-                // No route to the other job, nor to any address of the host; the job's
-                // 127.0.0.1 is its own loopback, where nothing listens.
-                "err ENETUNREACH".into(),
+                // No route to any address of the host (nor to another job: no link leaves
+                // the namespace); the job's 127.0.0.1 is its own loopback, where nothing
+                // listens.
                 "err ECONNREFUSED".into(),
                 "err ENETUNREACH".into(),
                 "err ENETUNREACH".into(),
@@ -272,8 +280,27 @@ async fn each_job_reaches_only_its_own_endpoint() {
     }
 }
 
+/// Runs `cmd` inside the job's namespace as nobody, without capabilities; `Err(stderr)`
+/// when it fails.
+fn unprivileged_in_ns(job: &str, cmd: &[&str]) -> Result<String, String> {
+    let mut full = vec![
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ];
+    full.extend_from_slice(cmd);
+    let out = in_ns(job, &full);
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_namespace_is_built_as_specified_and_the_job_cannot_change_it() {
+async fn an_endpoint_only_namespace_is_built_as_specified_and_the_job_cannot_change_it() {
     prerequisites();
     let mut cleanup = Cleanup::default();
     let mgr = NetManager::new(config("10.200.17.0/24")).unwrap();
@@ -284,7 +311,7 @@ async fn the_namespace_is_built_as_specified_and_the_job_cannot_change_it() {
         net.ns_path,
         std::path::Path::new("/run/netns").join(netns_name(&job))
     );
-    assert_eq!(net.subnet.to_string(), "10.200.17.0/30");
+    assert_eq!((net.subnet, net.host_link.as_deref()), (None, None));
 
     assert!(ip(&["netns", "list"]).contains(&netns_name(&job)));
     let addrs = String::from_utf8(in_ns(&job, &["ip", "-o", "-4", "addr", "show"]).stdout).unwrap();
@@ -292,14 +319,14 @@ async fn the_namespace_is_built_as_specified_and_the_job_cannot_change_it() {
         "lo    inet 127.0.0.1/8",
         "lo    inet 169.254.170.2/32",
         "lo    inet 169.254.169.254/32",
-        "eth0    inet 10.200.17.2/30",
     ] {
         assert!(addrs.contains(want), "{want:?} not in\n{addrs}");
     }
+    assert_eq!(addrs.lines().count(), 3, "{addrs}");
     let routes = String::from_utf8(in_ns(&job, &["ip", "-4", "route", "show"]).stdout).unwrap();
     assert!(
-        !routes.contains("default"),
-        "endpoint-only has no default route:\n{routes}"
+        routes.trim().is_empty(),
+        "endpoint-only has no route but loopback's:\n{routes}"
     );
     let v6 = in_ns(&job, &["cat", "/proc/sys/net/ipv6/conf/all/disable_ipv6"]);
     assert_eq!(
@@ -307,35 +334,17 @@ async fn the_namespace_is_built_as_specified_and_the_job_cannot_change_it() {
         "1",
         "IPv6 off in the job"
     );
-    // The host end: down, no address, named for the job in its alias.
-    let host = ip(&["-o", "link", "show", &net.host_link]);
-    assert!(host.contains("state DOWN"), "{host}");
-    assert!(host.contains(&format!("alias airlock job {job}")), "{host}");
-    assert!(!ip(&["-o", "addr", "show", "dev", &net.host_link]).contains("inet"));
 
     // As an unprivileged user inside the namespace, nothing of it can be changed.
     let attempts: [&[&str]; 4] = [
         &["ip", "addr", "add", "10.9.9.9/32", "dev", "lo"],
         &["ip", "addr", "del", "169.254.170.2/32", "dev", "lo"],
-        &["ip", "route", "add", "default", "dev", "eth0"],
-        &["ip", "link", "set", "eth0", "down"],
+        &["ip", "route", "add", "default", "dev", "lo"],
+        &["ip", "link", "set", "lo", "down"],
     ];
     for cmd in attempts {
-        let mut full = vec![
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ];
-        full.extend_from_slice(cmd);
-        let out = in_ns(&job, &full);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{cmd:?} succeeded unprivileged");
-        assert!(
-            stderr.contains("Operation not permitted"),
-            "{cmd:?}: {stderr}"
-        );
+        let err = unprivileged_in_ns(&job, cmd).expect_err("succeeded unprivileged");
+        assert!(err.contains("Operation not permitted"), "{cmd:?}: {err}");
     }
     // Control: the same change as root does work, so the refusal above is the privilege.
     let out = in_ns(&job, attempts[0]);
@@ -348,9 +357,197 @@ async fn the_namespace_is_built_as_specified_and_the_job_cannot_change_it() {
     mgr.teardown(&job).await.unwrap();
     assert_eq!(mgr.verify_gone(&job).await.unwrap(), []);
     assert!(!ip(&["netns", "list"]).contains(&netns_name(&job)));
-    assert!(!ip(&["-o", "link", "show"]).contains(&net.host_link));
     // Teardown is idempotent.
     mgr.teardown(&job).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbound_namespace_has_a_veth_a_route_and_a_firewall_the_job_cannot_change() {
+    prerequisites();
+    let mut cleanup = Cleanup::default();
+    let mgr = NetManager::new(config("10.200.22.0/24")).unwrap();
+    let job = new_job_id();
+    cleanup.job(&job);
+    let net = mgr.create(&job, NetMode::Outbound).await.unwrap();
+    assert_eq!(net.subnet.unwrap().to_string(), "10.200.22.0/30");
+    assert_eq!(mgr.available_subnets(), 63);
+    let host_link = net.host_link.clone().unwrap();
+    assert_eq!(host_link, host_link_name(&job));
+
+    let addrs = String::from_utf8(in_ns(&job, &["ip", "-o", "-4", "addr", "show"]).stdout).unwrap();
+    assert!(addrs.contains("eth0    inet 10.200.22.2/30"), "{addrs}");
+    let routes = String::from_utf8(in_ns(&job, &["ip", "-4", "route", "show"]).stdout).unwrap();
+    assert!(
+        routes.contains("default via 10.200.22.1 dev eth0"),
+        "{routes}"
+    );
+    let host = ip(&["-o", "link", "show", &host_link]);
+    assert!(host.contains(",UP"), "{host}");
+    assert!(host.contains(&format!("alias airlock job {job}")), "{host}");
+    assert!(ip(&["-o", "addr", "show", "dev", &host_link]).contains("inet 10.200.22.1/30"));
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    // The job's table, inside its namespace, and the host's.
+    let inside = in_ns(&job, &["nft", "list", "table", "inet", "airlock"]);
+    let inside = String::from_utf8_lossy(&inside.stdout);
+    for want in [
+        "set blocked4",
+        "hook output",
+        "169.254.0.0/16",
+        "10.0.0.0/8",
+    ] {
+        assert!(inside.contains(want), "{want:?} not in\n{inside}");
+    }
+    let out = Command::new("nft")
+        .args(["list", "table", "inet", "airlock"])
+        .output()
+        .unwrap();
+    let on_host = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "hook input",
+        "hook forward",
+        "masquerade",
+        "iifname \"al-*\"",
+    ] {
+        assert!(on_host.contains(want), "{want:?} not in\n{on_host}");
+    }
+
+    // Unprivileged inside the namespace: neither the firewall nor the link can be changed.
+    let attempts: [&[&str]; 4] = [
+        &["nft", "flush", "ruleset"],
+        &["nft", "delete", "table", "inet", "airlock"],
+        &["ip", "route", "del", "default"],
+        &["ip", "addr", "add", "10.200.22.5/30", "dev", "eth0"],
+    ];
+    for cmd in attempts {
+        let err = unprivileged_in_ns(&job, cmd).expect_err("succeeded unprivileged");
+        assert!(err.contains("Operation not permitted"), "{cmd:?}: {err}");
+    }
+    let still = in_ns(&job, &["nft", "list", "table", "inet", "airlock"]);
+    assert!(still.status.success());
+    // A ruleset nft refuses comes back as an error with nft's own reason.
+    let bad: nftables::schema::Nftables = serde_json::from_str(
+        r#"{"nftables":[{"add":{"rule":{"family":"inet","table":"airlock","chain":"nosuchchain","expr":[{"drop":null}]}}}]}"#,
+    )
+    .unwrap();
+    let err = airlock::sandbox::firewall::apply_in_netns(&net.ns_path, bad, "test ruleset")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("nft refused the test ruleset: ")
+            && err.contains("No such file or directory"),
+        "{err}"
+    );
+
+    mgr.teardown(&job).await.unwrap();
+    assert_eq!(mgr.verify_gone(&job).await.unwrap(), []);
+    assert!(!ip(&["-o", "link", "show"]).contains(&host_link));
+    assert_eq!(mgr.available_subnets(), 64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbound_job_reaches_the_internet_but_not_the_host_metadata_private_ranges_or_jobs() {
+    prerequisites();
+    let mut cleanup = Cleanup::default();
+    let mgr = NetManager::new(config("10.200.23.0/24")).unwrap();
+    let (a, b) = (new_job_id(), new_job_id());
+    cleanup.job(&a);
+    cleanup.job(&b);
+    let net_a = mgr.create(&a, NetMode::Outbound).await.unwrap();
+    let net_b = mgr.create(&b, NetMode::Outbound).await.unwrap();
+    let internet = Internet::new([203, 0, 113]);
+
+    let mut servers = Vec::new();
+    let web = internet.serve(8080, "internet");
+    for l in bind_in_netns(&net_a.ns_path, &ENDPOINT_ADDRS).unwrap() {
+        let addr = l.local_addr().unwrap();
+        servers.push(serve(l, format!("job={a} listener={addr}")));
+    }
+    for l in bind_in_netns(&net_b.ns_path, &[SocketAddr::from(([0, 0, 0, 0], 8081))]).unwrap() {
+        servers.push(serve(l, format!("job={b}")));
+    }
+    // The host: a service on every address (so also on its "public" address toward the
+    // internet), and a fake metadata service and a private address on a test link.
+    let host_any = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let any_port = host_any.local_addr().unwrap().port();
+    servers.push(serve(host_any, "host any".into()));
+    let fake = test_link(&mut cleanup, 'n');
+    let link_local = format!(
+        "169.254.{}.{}",
+        1 + rand::random::<u8>() % 250,
+        1 + rand::random::<u8>() % 250
+    );
+    let private = format!("10.200.254.{}", 1 + rand::random::<u8>() % 250);
+    for addr in [&link_local, &private] {
+        ip(&["addr", "add", &format!("{addr}/32"), "dev", &fake]);
+    }
+    ip(&["link", "set", &fake, "up"]);
+    let meta = std::net::TcpListener::bind(format!("{link_local}:80")).unwrap();
+    servers.push(serve(meta, "host metadata".into()));
+    let private_l = std::net::TcpListener::bind(format!("{private}:80")).unwrap();
+    servers.push(serve(private_l, "host private".into()));
+    // Control: from the host, each answers.
+    assert_eq!(
+        host_get(web).await,
+        format!("internet from {}", internet.host_addr)
+    );
+    assert_eq!(
+        host_get(format!("{link_local}:80").parse().unwrap()).await,
+        "host metadata"
+    );
+    assert_eq!(
+        host_get(format!("{private}:80").parse().unwrap()).await,
+        "host private"
+    );
+    let host_public: SocketAddr = format!("{}:{any_port}", internet.host_addr)
+        .parse()
+        .unwrap();
+    assert_eq!(host_get(host_public).await, "host any");
+
+    let b_addr = net_b.job_addr().unwrap();
+    let gateway = net_a.subnet.unwrap().host_addr();
+    let targets = [
+        web.to_string(),
+        CONTAINER_ENDPOINT.to_string(),
+        IMDS_ENDPOINT.to_string(),
+        format!("{link_local}:80"),
+        format!("{private}:80"),
+        format!("{b_addr}:8081"),
+        format!("{gateway}:{any_port}"),
+        host_public.to_string(),
+    ];
+    let got = probe(&a, &targets).await;
+    let own = |ep: SocketAddr| format!("ok job={a} listener={ep}");
+    assert_eq!(
+        got,
+        [
+            // Masqueraded: the internet sees the host's address, not the job's.
+            format!("ok internet from {}", internet.host_addr),
+            // 169.254.169.254 and 169.254.170.2 are the job's own endpoint, on its loopback.
+            own(CONTAINER_ENDPOINT),
+            own(IMDS_ENDPOINT),
+            // The job's table refuses link-local and private ranges (another job, the host's
+            // side of its own link): connect fails at once.
+            "err EHOSTUNREACH".into(),
+            "err EHOSTUNREACH".into(),
+            "err EHOSTUNREACH".into(),
+            "err EHOSTUNREACH".into(),
+            // The host's public address is not in a blocked range; the host's table
+            // drops what arrives from a job link for the host itself.
+            "err TIMEOUT".into(),
+        ],
+        "targets {targets:?}"
+    );
+    stop(servers).await;
+    drop(internet);
+    for job in [&a, &b] {
+        mgr.teardown(job).await.unwrap();
+        assert_eq!(mgr.verify_gone(job).await.unwrap(), []);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,7 +558,7 @@ async fn a_crash_leaves_orphans_that_are_found_and_reaped() {
     cleanup.job(&job);
     {
         let first = NetManager::new(config("10.200.18.0/24")).unwrap();
-        let net = first.create(&job, NetMode::EndpointOnly).await.unwrap();
+        let net = first.create(&job, NetMode::Outbound).await.unwrap();
         drop(bind_in_netns(&net.ns_path, &ENDPOINT_ADDRS).unwrap());
         // The agent dies here: no teardown.
     }
@@ -400,7 +597,7 @@ async fn a_crash_leaves_orphans_that_are_found_and_reaped() {
         ]
     );
     // A new job with the same id does not reuse or clobber the leftovers.
-    let err = mgr.create(&job, NetMode::EndpointOnly).await.unwrap_err();
+    let err = mgr.create(&job, NetMode::Outbound).await.unwrap_err();
     assert!(err.to_string().contains("already exists"), "{err}");
     assert_eq!(
         mgr.available_subnets(),
@@ -507,14 +704,14 @@ async fn sixteen_jobs_at_once_each_get_their_own_network() {
     let mut set = tokio::task::JoinSet::new();
     for job in jobs.clone() {
         let mgr = mgr.clone();
-        set.spawn(async move { mgr.create(&job, NetMode::EndpointOnly).await });
+        set.spawn(async move { mgr.create(&job, NetMode::Outbound).await });
     }
     let mut nets = Vec::new();
     while let Some(net) = set.join_next().await {
         nets.push(net.unwrap().unwrap());
     }
     eprintln!("16 job networks created in {:?}", started.elapsed());
-    let mut subnets: Vec<_> = nets.iter().map(|n| n.subnet).collect();
+    let mut subnets: Vec<_> = nets.iter().map(|n| n.subnet.unwrap()).collect();
     subnets.sort_by_key(|s| s.network());
     subnets.dedup();
     assert_eq!(subnets.len(), 16);

@@ -50,6 +50,42 @@ impl Stack {
         })
     }
 
+    /// Like [`Stack::sandboxed`], but with the repository's policies changed so that the
+    /// production rule's jobs get `network = "outbound"` (`[rule.sandbox]` appended to the
+    /// last rule of `10-production.toml`, which is the production rule).
+    pub fn sandboxed_outbound_production(extra: &str) -> Stack {
+        let src = crate::paths::repo_root().join("policies");
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&src).expect("the repository's policies/") {
+            let path = entry.expect("a policies/ entry").path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let mut text = std::fs::read_to_string(&path).expect("a policy file");
+            if name == "10-production.toml" {
+                assert!(
+                    !text.contains("[rule.sandbox]"),
+                    "{name} has a sandbox table"
+                );
+                text.push_str("\n[rule.sandbox]\nnetwork = \"outbound\"\n");
+            }
+            files.push((name, text));
+        }
+        Self::sandboxed_with(extra, crate::agent::Policies::Files(files))
+    }
+
+    fn sandboxed_with(extra: &str, policies: crate::agent::Policies) -> Stack {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        Self::start_with(|mut o| {
+            o.extra_config = format!(
+                "[sandbox]\nenabled = true\nruntime_dir = \"jobs\"\nnetns_dir = \"netns\"\ncgroup_parent = \"al-e2e-{pid}-o{n}\"\n{extra}"
+            );
+            o.policies = policies;
+            o
+        })
+    }
+
     /// `airlock run --oidc-token-file <token> -- /bin/sh -c <script>` in this stack's agent.
     pub fn run_sh(&self, token: &str, script: &str) -> std::process::Output {
         let f = self.agent.token_file(token);

@@ -109,7 +109,7 @@ fn issued_keys(agent: &Agent, job: &str) -> BTreeSet<String> {
 }
 
 /// The job's `sandbox` fields from its `job_started` record (uid, slot, netns, cgroup,
-/// job_addr).
+/// network, job_addr for outbound jobs, limits).
 fn sandbox_of(agent: &Agent, job: &str) -> Value {
     match record(agent, "job_started", job) {
         Some(r) if r["sandbox"].is_object() => r["sandbox"].clone(),
@@ -711,7 +711,8 @@ impl Drop for FakeHostMetadata {
 
 #[test]
 fn a_job_reaches_only_its_own_metadata_endpoint_never_the_hosts() {
-    let stack = Stack::sandboxed("");
+    // Production runs outbound here: the mode with a route off the job's namespace.
+    let stack = Stack::sandboxed_outbound_production("");
     let fake = FakeHostMetadata::start();
     let high = fake.ports[0];
     for &p in &fake.ports {
@@ -871,7 +872,9 @@ exit 0
 
 #[test]
 fn a_job_cannot_reach_a_concurrent_jobs_endpoint_processes_or_files() {
-    let stack = Stack::sandboxed("");
+    // A (production) is an outbound job, so it has an address and a link to the host;
+    // B (staging) is endpoint-only.
+    let stack = Stack::sandboxed_outbound_production("");
     let mut a = start_job_a(&stack);
     let a_pids: Vec<String> = a.pids.iter().map(|p| p.pid.to_string()).collect();
     let host_end = Ipv4Addr::from(u32::from(a.job_addr) - 1);
@@ -969,7 +972,7 @@ for f in ("/tmp/al-a-marker", "/home/job/al-a-marker", f"/proc/{pids[0]}/root/tm
 
 #[test]
 fn a_job_cannot_signal_a_concurrent_jobs_processes() {
-    let stack = Stack::sandboxed("");
+    let stack = Stack::sandboxed_outbound_production("");
     let mut a = start_job_a(&stack);
     let before: Vec<(u32, u64)> = a.pids.iter().map(|p| (p.pid, p.start)).collect();
     let a_pids: Vec<String> = a.pids.iter().map(|p| p.pid.to_string()).collect();
@@ -1337,7 +1340,8 @@ exit $rc
 
 #[test]
 fn sigkill_of_airlockd_during_a_job_leaves_nothing_after_the_restart() {
-    let mut stack = Stack::sandboxed("");
+    // An outbound job: it has the most to leave behind (a veth on the host, a firewall).
+    let mut stack = Stack::sandboxed_outbound_production("");
     let n = nonce();
     let (m1, m2) = ("alkill", format!("-{n}"));
     let marker = format!("{m1}{m2}");

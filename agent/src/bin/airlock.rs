@@ -538,6 +538,9 @@ async fn explain(
         }
         (None, None) => println!("decision: nothing granted"),
     }
+    if let Some(s) = &ex.sandbox {
+        println!("  sandbox: {s}");
+    }
     Ok(exit::OK)
 }
 

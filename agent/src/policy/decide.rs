@@ -4,7 +4,9 @@
 //! with no fall-through to later rules. It must never do I/O, read the clock or log: the
 //! caller passes `now` and records the decision.
 
-use super::{Matcher, Method, Origin, OutsideWindow, PolicySet, Rule, FLAG_OUTSIDE_WINDOW};
+use super::{
+    Matcher, Method, Origin, OutsideWindow, PolicySet, Rule, RuleSandbox, FLAG_OUTSIDE_WINDOW,
+};
 use crate::identity::{IdentitySource, JobIdentity};
 use serde::Serialize;
 
@@ -43,6 +45,9 @@ impl Decision {
 pub struct Explanation {
     pub decision: Decision,
     pub rules: Vec<RuleVerdict>,
+    /// The granting rule's `[rule.sandbox]` settings. `None` when the job is refused or its
+    /// rule sets none: its sandbox is then built from the agent's `[sandbox]` defaults.
+    pub sandbox: Option<RuleSandbox>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -109,7 +114,17 @@ impl PolicySet {
                 }
             })
             .collect();
-        Explanation { decision, rules }
+        let sandbox = decision
+            .rule
+            .as_deref()
+            .filter(|_| !decision.is_refused())
+            .and_then(|name| self.rule(name))
+            .and_then(|rule| rule.sandbox.clone());
+        Explanation {
+            decision,
+            rules,
+            sandbox,
+        }
     }
 }
 
@@ -504,6 +519,48 @@ mod tests {
     }
 
     #[test]
+    fn explain_shows_the_granting_rules_sandbox_only() {
+        let text = "[[rule]]\nname = \"first\"\n[rule.match]\nowner = \"acme\"\n\
+                    [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n\
+                    [rule.sandbox]\nnetwork = \"outbound\"\nmemory = \"2G\"\npids = 512\ncpus = 1.5\n\
+                    [[rule]]\nname = \"second\"\n[rule.match]\n\
+                    [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n\
+                    [rule.sandbox]\ntmpfs = \"1G\"\n";
+        let set = load_str(Path::new("p.toml"), text).unwrap();
+        let ex = set.explain(
+            &github("acme/web", "refs/heads/main", None, "push"),
+            WEEKDAY,
+        );
+        assert_eq!(ex.decision.rule.as_deref(), Some("first"));
+        assert_eq!(
+            ex.sandbox.map(|s| s.to_string()).as_deref(),
+            Some("network=outbound memory=2147483648 pids=512 cpus=1.500")
+        );
+        let ex = set.explain(
+            &github("other/web", "refs/heads/main", None, "push"),
+            WEEKDAY,
+        );
+        assert_eq!(ex.decision.rule.as_deref(), Some("second"));
+        assert_eq!(
+            ex.sandbox.map(|s| s.to_string()).as_deref(),
+            Some("tmpfs=1073741824")
+        );
+        // A refused job gets the agent's defaults, not the refusing rule's settings.
+        let mut attested = github("acme/web", "refs/heads/main", None, "push");
+        attested.source = IdentitySource::Attested;
+        let ex = set.explain(&attested, WEEKDAY);
+        assert_eq!(ex.decision.rule.as_deref(), Some("first"));
+        assert!(ex.decision.is_refused());
+        assert_eq!(ex.sandbox, None);
+        // No rule decides: no rule's settings.
+        let ex = PolicySet::empty().explain(
+            &github("acme/web", "refs/heads/main", None, "push"),
+            WEEKDAY,
+        );
+        assert_eq!(ex.sandbox, None);
+    }
+
+    #[test]
     fn explain_gives_every_rule_its_reasons() {
         let set = shipped();
         let ex = set.explain(
@@ -530,6 +587,14 @@ mod tests {
             ex.rules[2].reasons,
             ["matches on owner, repository", "decides: grants readonly"]
         );
+        // The deciding rule's [rule.sandbox], as the shipped read-only rule writes it.
+        assert_eq!(
+            ex.sandbox.as_ref().map(ToString::to_string).as_deref(),
+            Some("network=endpoint-only memory=4294967296 pids=1024 cpus=2.000 tmpfs=2147483648")
+        );
+        let json = serde_json::to_value(&ex).unwrap();
+        assert_eq!(json["sandbox"]["network"], "endpoint-only");
+        assert_eq!(json["sandbox"]["cpu_millis"], 2000);
 
         // A later matching rule is reported as shadowed.
         let ex = set.explain(
@@ -541,6 +606,8 @@ mod tests {
             ex.rules[2].reasons,
             ["matches, but rule \"web-staging\" came first and decided"]
         );
+        // Staging's rule has no [rule.sandbox]: the agent's defaults, nothing to show.
+        assert_eq!(ex.sandbox, None);
         let json = serde_json::to_value(&ex).unwrap();
         assert_eq!(json["decision"]["grants"][0]["method"], "assume-role");
         assert_eq!(json["rules"][1]["matched"], true);

@@ -5,7 +5,10 @@
 //! `session_policy_file`), so that deciding never does I/O. It must never return a partly
 //! checked set: one error refuses the whole directory (the caller keeps its old set).
 
-use super::{Grant, Matcher, Method, Origin, OutsideWindow, PolicySet, Rule, Window, DAY_NAMES};
+use super::{
+    Grant, Matcher, Method, Origin, OutsideWindow, PolicySet, Rule, RuleNetwork, RuleSandbox,
+    Window, DAY_NAMES,
+};
 use crate::config::line_col;
 use crate::identity::{Provider, FIELDS};
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -27,6 +30,15 @@ const MAX_TAGS: usize = 50;
 /// refetch on almost every call.
 const SHORT_GRANT_WARNING: u32 = 1800;
 const BUILDKITE_ISSUERS: [&str; 2] = ["https://agent.buildkite.com", "agent.buildkite.com"];
+/// `[rule.sandbox]` limits. The size minimums catch a missing suffix (`"16"` meant as
+/// 16 MiB) before it starts a job that cannot run; pids up to the kernel's `PID_MAX_LIMIT`;
+/// CPUs down to cgroup v2's least `cpu.max` quota (1 ms per 100 ms period, 0.01 CPU).
+const MIN_SANDBOX_MEMORY: u64 = 16 << 20;
+const MIN_SANDBOX_TMPFS: u64 = 1 << 20;
+const MIN_SANDBOX_PIDS: u64 = 16;
+const MAX_SANDBOX_PIDS: u64 = 4_194_304;
+const MAX_SANDBOX_CPUS: f64 = 1024.0;
+const MIN_SANDBOX_CPU_MILLIS: u64 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -111,7 +123,7 @@ struct RawRule {
     #[serde(default)]
     grant: Vec<Spanned<RawGrant>>,
     egress: Option<toml::Table>,
-    sandbox: Option<toml::Table>,
+    sandbox: Option<RawSandbox>,
 }
 
 fn yes() -> bool {
@@ -144,6 +156,17 @@ struct RawGrant {
 
 fn assume_role() -> Method {
     Method::AssumeRole
+}
+
+/// Values stay TOML values until checked, so that every message can name its key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSandbox {
+    network: Option<Spanned<toml::Value>>,
+    memory: Option<Spanned<toml::Value>>,
+    pids: Option<Spanned<toml::Value>>,
+    cpus: Option<Spanned<toml::Value>>,
+    tmpfs: Option<Spanned<toml::Value>>,
 }
 
 /// A TOML table kept in file order with the span of every key (a `BTreeMap` would sort it,
@@ -306,6 +329,7 @@ impl Loader {
             None => OutsideWindow::Refuse,
         };
         let grants = grants(cx, &name, &span, raw.grant)?;
+        let sandbox = raw.sandbox.map(|s| sandbox(cx, s)).transpose()?;
 
         let rule = Rule {
             name,
@@ -317,7 +341,7 @@ impl Loader {
             windows,
             grants,
             egress: raw.egress,
-            sandbox: raw.sandbox,
+            sandbox: sandbox.filter(|s| !s.is_empty()),
         };
         self.warn(cx, &rule, &match_span);
         Ok(rule)
@@ -831,6 +855,149 @@ fn session_tags(
     Ok(out)
 }
 
+fn sandbox(cx: &FileCtx, raw: RawSandbox) -> Result<RuleSandbox, PolicyError> {
+    Ok(RuleSandbox {
+        network: raw.network.map(|v| network(cx, &v)).transpose()?,
+        memory_max: raw
+            .memory
+            .map(|v| size(cx, "memory", &v, MIN_SANDBOX_MEMORY))
+            .transpose()?,
+        pids_max: raw.pids.map(|v| pids(cx, &v)).transpose()?,
+        cpu_millis: raw.cpus.map(|v| cpus(cx, &v)).transpose()?,
+        tmpfs_size: raw
+            .tmpfs
+            .map(|v| size(cx, "tmpfs", &v, MIN_SANDBOX_TMPFS))
+            .transpose()?,
+    })
+}
+
+fn network(cx: &FileCtx, v: &Spanned<toml::Value>) -> Result<RuleNetwork, PolicyError> {
+    match v.get_ref().as_str() {
+        Some("endpoint-only") => Ok(RuleNetwork::EndpointOnly),
+        Some("outbound") => Ok(RuleNetwork::Outbound),
+        _ => cx.err(
+            &v.span(),
+            format!(
+                "[rule.sandbox] network {} is not a network mode; use \"endpoint-only\" or \"outbound\"",
+                v.get_ref()
+            ),
+        ),
+    }
+}
+
+/// A size in bytes: an integer, or a string of a whole number with an optional binary
+/// suffix (`"2G"`, `"512MiB"`, `"1048576"`), at least `min`.
+fn size(cx: &FileCtx, key: &str, v: &Spanned<toml::Value>, min: u64) -> Result<u64, PolicyError> {
+    let bytes = match v.get_ref() {
+        toml::Value::Integer(i) => u64::try_from(*i).map_err(|_| "is negative"),
+        toml::Value::String(s) => parse_size(s),
+        toml::Value::Float(_) => Err("is not a whole number"),
+        _ => Err("is not a size"),
+    };
+    match bytes {
+        Ok(b) if b >= min => Ok(b),
+        Ok(b) => {
+            let shown = match v.get_ref() {
+                toml::Value::Integer(_) => format!("{b} is"),
+                other => format!("{other} is {b} bytes,"),
+            };
+            cx.err(
+                &v.span(),
+                format!(
+                    "[rule.sandbox] {key} {shown} below the minimum of {} MiB ({min} bytes)",
+                    min >> 20
+                ),
+            )
+        }
+        Err(why) => cx.err(
+            &v.span(),
+            format!(
+                "[rule.sandbox] {key} {} {why}; write bytes or a whole number with K, M or G \
+                 (or KiB, MiB, GiB; 1024-based), e.g. \"2G\" or \"1536M\"",
+                v.get_ref()
+            ),
+        ),
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, &'static str> {
+    let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(end);
+    if number.is_empty() {
+        return Err(if s.starts_with('-') {
+            "is negative"
+        } else {
+            "does not start with a number"
+        });
+    }
+    let scale: u64 = match unit {
+        "" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ if unit.starts_with(['.', ',']) => return Err("is not a whole number"),
+        _ => return Err("has an unknown suffix"),
+    };
+    // Only digits: a parse error is an overflow.
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or("is too large (2^64 bytes or more)")
+}
+
+fn pids(cx: &FileCtx, v: &Spanned<toml::Value>) -> Result<u64, PolicyError> {
+    let n = v
+        .get_ref()
+        .as_integer()
+        .and_then(|i| u64::try_from(i).ok())
+        .filter(|n| (MIN_SANDBOX_PIDS..=MAX_SANDBOX_PIDS).contains(n));
+    n.map_or_else(
+        || {
+            cx.err(
+                &v.span(),
+                format!(
+                    "[rule.sandbox] pids {} must be a whole number of processes from \
+                     {MIN_SANDBOX_PIDS} to {MAX_SANDBOX_PIDS}",
+                    v.get_ref()
+                ),
+            )
+        },
+        Ok,
+    )
+}
+
+/// CPUs as thousandths of a CPU, rounded to the nearest.
+fn cpus(cx: &FileCtx, v: &Spanned<toml::Value>) -> Result<u64, PolicyError> {
+    let n = match v.get_ref() {
+        toml::Value::Integer(i) => Some(*i as f64),
+        toml::Value::Float(f) => Some(*f),
+        _ => None,
+    };
+    let Some(n) = n.filter(|n| *n > 0.0 && *n <= MAX_SANDBOX_CPUS) else {
+        return cx.err(
+            &v.span(),
+            format!(
+                "[rule.sandbox] cpus {} must be a number of CPUs more than 0 and at most \
+                 {MAX_SANDBOX_CPUS}, e.g. 1.5",
+                v.get_ref()
+            ),
+        );
+    };
+    // In (0, 1024]: the product fits.
+    let millis = (n * 1000.0).round() as u64;
+    if millis < MIN_SANDBOX_CPU_MILLIS {
+        return cx.err(
+            &v.span(),
+            format!(
+                "[rule.sandbox] cpus {} is under 0.01 CPU, the least a cgroup can enforce",
+                v.get_ref()
+            ),
+        );
+    }
+    Ok(millis)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1277,14 +1444,187 @@ mod tests {
     }
 
     #[test]
-    fn reserved_tables_are_kept() {
+    fn the_egress_table_is_kept_and_the_sandbox_table_checked() {
         let text = rule(&format!(
             "{GRANT}[rule.egress]\nallow = [\"github.com\"]\n[rule.sandbox]\nmemory = \"2G\"\n"
         ));
         let set = load(&text).unwrap();
         let r = set.rule("r").unwrap();
         assert!(r.egress.as_ref().is_some_and(|t| t.contains_key("allow")));
-        assert!(r.sandbox.as_ref().is_some_and(|t| t.contains_key("memory")));
+        assert_eq!(
+            r.sandbox,
+            Some(RuleSandbox {
+                memory_max: Some(2_147_483_648),
+                ..RuleSandbox::default()
+            })
+        );
+    }
+
+    /// The rule's `[rule.sandbox]`, with `body` as its keys (line 9 onwards).
+    fn sandbox_rule(body: &str) -> String {
+        rule(&format!("{GRANT}[rule.sandbox]\n{body}\n"))
+    }
+
+    fn load_sandbox(body: &str) -> Option<RuleSandbox> {
+        load(&sandbox_rule(body))
+            .unwrap_or_else(|e| panic!("{body}: {e}"))
+            .rules()[0]
+            .sandbox
+            .clone()
+    }
+
+    #[test]
+    fn sandbox_section_parses_to_bytes_and_millis() {
+        assert_eq!(
+            load_sandbox(
+                "network = \"outbound\"\nmemory = \"2G\"\npids = 512\ncpus = 1.5\ntmpfs = \"512MiB\""
+            ),
+            Some(RuleSandbox {
+                network: Some(RuleNetwork::Outbound),
+                memory_max: Some(2 << 30),
+                pids_max: Some(512),
+                cpu_millis: Some(1500),
+                tmpfs_size: Some(512 << 20),
+            })
+        );
+        let one = |body: &str| load_sandbox(body).unwrap();
+        assert_eq!(
+            one("network = \"endpoint-only\"").network,
+            Some(RuleNetwork::EndpointOnly)
+        );
+        // Sizes: K, M, G and KiB, MiB, GiB are powers of 1024; bare numbers are bytes.
+        for (v, bytes) in [
+            ("\"16M\"", 16 << 20),
+            ("\"16384K\"", 16 << 20),
+            ("\"16384KiB\"", 16 << 20),
+            ("\"1GiB\"", 1 << 30),
+            ("\"4096M\"", 4 << 30),
+            ("\"16777216\"", 16 << 20),
+            ("16777216", 16 << 20),
+        ] {
+            assert_eq!(one(&format!("memory = {v}")).memory_max, Some(bytes), "{v}");
+        }
+        assert_eq!(one("tmpfs = \"1M\"").tmpfs_size, Some(1 << 20));
+        assert_eq!(one("pids = 16").pids_max, Some(16));
+        assert_eq!(one("pids = 4194304").pids_max, Some(4_194_304));
+        // CPUs: integers too, rounded to the nearest thousandth, up to 1024.
+        for (v, millis) in [
+            ("2", 2000),
+            ("0.01", 10),
+            ("0.0125", 13),
+            ("1.2344", 1234),
+            ("1024", 1_024_000),
+        ] {
+            assert_eq!(one(&format!("cpus = {v}")).cpu_millis, Some(millis), "{v}");
+        }
+        // An empty table sets nothing: the agent's defaults, as without one.
+        assert_eq!(load_sandbox(""), None);
+    }
+
+    #[test]
+    fn bad_sandbox_values_name_the_key_and_the_place() {
+        for (body, at, needle) in [
+            ("swap = \"1G\"", "9:1", "unknown field `swap`"),
+            (
+                "network = \"internet\"",
+                "9:11",
+                "network \"internet\" is not a network mode",
+            ),
+            (
+                "network = true",
+                "9:11",
+                "network true is not a network mode",
+            ),
+            (
+                "memory = \"2X\"",
+                "9:10",
+                "memory \"2X\" has an unknown suffix",
+            ),
+            (
+                "memory = \"2g\"",
+                "9:10",
+                "memory \"2g\" has an unknown suffix",
+            ),
+            (
+                "memory = \"0\"",
+                "9:10",
+                "memory \"0\" is 0 bytes, below the minimum of 16 MiB",
+            ),
+            (
+                "memory = 0",
+                "9:10",
+                "memory 0 is below the minimum of 16 MiB",
+            ),
+            (
+                "memory = \"15M\"",
+                "9:10",
+                "below the minimum of 16 MiB (16777216 bytes)",
+            ),
+            ("memory = \"-1G\"", "9:10", "memory \"-1G\" is negative"),
+            ("memory = -1", "9:10", "memory -1 is negative"),
+            (
+                "memory = \"1.5G\"",
+                "9:10",
+                "memory \"1.5G\" is not a whole number",
+            ),
+            ("memory = 2.5", "9:10", "memory 2.5 is not a whole number"),
+            (
+                "memory = \"G\"",
+                "9:10",
+                "memory \"G\" does not start with a number",
+            ),
+            (
+                "memory = \"\"",
+                "9:10",
+                "memory \"\" does not start with a number",
+            ),
+            ("memory = \"2 G\"", "9:10", "has an unknown suffix"),
+            ("memory = \"17179869184G\"", "9:10", "is too large"),
+            ("memory = \"99999999999999999999\"", "9:10", "is too large"),
+            ("memory = [1]", "9:10", "memory [1] is not a size"),
+            (
+                "pids = 3",
+                "9:8",
+                "pids 3 must be a whole number of processes from 16 to 4194304",
+            ),
+            ("pids = 4194305", "9:8", "pids 4194305 must be"),
+            ("pids = -16", "9:8", "pids -16 must be"),
+            ("pids = \"512\"", "9:8", "pids \"512\" must be"),
+            (
+                "cpus = 0",
+                "9:8",
+                "cpus 0 must be a number of CPUs more than 0",
+            ),
+            ("cpus = -1", "9:8", "cpus -1 must be"),
+            ("cpus = 1024.5", "9:8", "at most 1024"),
+            ("cpus = nan", "9:8", "cpus nan must be"),
+            ("cpus = inf", "9:8", "cpus inf must be"),
+            ("cpus = \"2\"", "9:8", "cpus \"2\" must be"),
+            ("cpus = 0.004", "9:8", "cpus 0.004 is under 0.01 CPU"),
+            (
+                "tmpfs = \"1.5G\"",
+                "9:9",
+                "tmpfs \"1.5G\" is not a whole number",
+            ),
+            (
+                "tmpfs = \"512K\"",
+                "9:9",
+                "tmpfs \"512K\" is 524288 bytes, below the minimum of 1 MiB",
+            ),
+        ] {
+            let e = err(&sandbox_rule(body));
+            assert!(
+                e.starts_with(&format!("p.toml:{at}: ")),
+                "{body}: wrong place: {e}"
+            );
+            assert!(e.contains(needle), "{body}: {e:?} lacks {needle:?}");
+        }
+        // A bad value later in the table is found too, at its own line.
+        assert_err(
+            &sandbox_rule("network = \"outbound\"\npids = 8"),
+            "10:8",
+            "[rule.sandbox] pids 8",
+        );
     }
 
     #[test]

@@ -51,7 +51,7 @@ impl PolicySet {
         &self.rules
     }
 
-    /// A rule by name (e.g. to read its reserved `egress` / `sandbox` tables).
+    /// A rule by name (e.g. to read its `sandbox` settings or its reserved `egress` table).
     pub fn rule(&self, name: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| r.name == name)
     }
@@ -79,8 +79,86 @@ pub struct Rule {
     pub grants: Vec<Grant>,
     /// Reserved for the egress issue: kept as written.
     pub egress: Option<toml::Table>,
-    /// Reserved for the sandbox issue: kept as written.
-    pub sandbox: Option<toml::Table>,
+    /// `[rule.sandbox]`, checked; `None` when the rule has none or sets nothing in it, so
+    /// the job gets the agent's `[sandbox]` defaults.
+    pub sandbox: Option<RuleSandbox>,
+}
+
+/// `[rule.sandbox]`: how the sandbox of a job this rule decides is built. Unset fields take
+/// the agent's `[sandbox]` defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RuleSandbox {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<RuleNetwork>,
+    /// bytes
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<u64>,
+    /// thousandths of a CPU
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u64>,
+    /// bytes: size cap of the job's writable tmpfs
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tmpfs_size: Option<u64>,
+}
+
+impl RuleSandbox {
+    /// Nothing set: the agent's `[sandbox]` defaults throughout.
+    pub fn is_empty(&self) -> bool {
+        *self == RuleSandbox::default()
+    }
+}
+
+/// `network=outbound memory=2147483648 pids=512 cpus=1.500`: the keys the rule sets, under
+/// their policy names, in bytes and CPUs.
+impl std::fmt::Display for RuleSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(n) = self.network {
+            parts.push(format!("network={n}"));
+        }
+        if let Some(m) = self.memory_max {
+            parts.push(format!("memory={m}"));
+        }
+        if let Some(p) = self.pids_max {
+            parts.push(format!("pids={p}"));
+        }
+        if let Some(c) = self.cpu_millis {
+            parts.push(format!("cpus={}.{:03}", c / 1000, c % 1000));
+        }
+        if let Some(t) = self.tmpfs_size {
+            parts.push(format!("tmpfs={t}"));
+        }
+        f.write_str(&parts.join(" "))
+    }
+}
+
+/// What a sandboxed job's network namespace reaches (see docs/network.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuleNetwork {
+    /// Only the job's own credential endpoint.
+    EndpointOnly,
+    /// Also the internet, except the metadata service, link-local and private ranges and
+    /// the host's own addresses.
+    Outbound,
+}
+
+impl RuleNetwork {
+    /// The policy spelling: `endpoint-only`, `outbound`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleNetwork::EndpointOnly => "endpoint-only",
+            RuleNetwork::Outbound => "outbound",
+        }
+    }
+}
+
+impl std::fmt::Display for RuleNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One `[rule.match]` key: the identity field (`repository`, `claims.<name>`) must match

@@ -20,6 +20,7 @@ use super::cgroup::{CgroupError, CgroupRoot, CpuMax, JobCgroup, Limits, ParentGr
 use super::netns::{self, JobNet, NetConfig, NetManager, NetMode, NetnsError};
 use super::users::{JobUser, RunnerIds, UserPool, UsersError};
 use crate::config::Config;
+use crate::policy::{RuleNetwork, RuleSandbox};
 
 /// Inside the job: its home, its workspace and its token file.
 pub const JOB_HOME: &str = "/home/job";
@@ -45,11 +46,55 @@ pub enum SandboxError {
     Config(String),
 }
 
+/// How one job's sandbox is built: the deciding rule's `[rule.sandbox]`; what it leaves
+/// unset comes from the agent's `[sandbox]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSettings {
+    pub network: NetMode,
+    pub memory_max: Option<u64>,
+    pub pids_max: Option<u64>,
+    pub cpu_millis: Option<u64>,
+    pub tmpfs_size: Option<u64>,
+}
+
+impl Default for JobSettings {
+    /// Endpoint only, the agent's limits.
+    fn default() -> JobSettings {
+        JobSettings {
+            network: NetMode::EndpointOnly,
+            memory_max: None,
+            pids_max: None,
+            cpu_millis: None,
+            tmpfs_size: None,
+        }
+    }
+}
+
+impl JobSettings {
+    pub fn from_rule(rule: Option<&RuleSandbox>) -> JobSettings {
+        let Some(r) = rule else {
+            return JobSettings::default();
+        };
+        JobSettings {
+            network: match r.network {
+                Some(RuleNetwork::Outbound) => NetMode::Outbound,
+                Some(RuleNetwork::EndpointOnly) | None => NetMode::EndpointOnly,
+            },
+            memory_max: r.memory_max,
+            pids_max: r.pids_max,
+            cpu_millis: r.cpu_millis,
+            tmpfs_size: r.tmpfs_size,
+        }
+    }
+}
+
 /// What a prepared job sandbox holds until it is wiped.
 #[derive(Debug)]
 pub struct Prepared {
     pub user: JobUser,
     pub cgroup: JobCgroup,
+    /// The cgroup limits the job got (its rule's over the agent's).
+    pub limits: Limits,
     pub net: JobNet,
     /// The job's endpoint sockets, bound inside its namespace (container, then IMDS).
     pub listeners: Vec<std::net::TcpListener>,
@@ -200,12 +245,25 @@ impl Sandboxes {
     }
 
     /// Build a job's sandbox on the host side. Anything made is undone on failure.
-    pub async fn prepare(&self, job: &str) -> Result<Prepared, SandboxError> {
+    pub async fn prepare(
+        &self,
+        job: &str,
+        settings: &JobSettings,
+    ) -> Result<Prepared, SandboxError> {
+        let limits = Limits {
+            pids_max: settings.pids_max.or(self.limits.pids_max),
+            memory_max_bytes: settings.memory_max.or(self.limits.memory_max_bytes),
+            cpu_max: settings
+                .cpu_millis
+                .map(CpuMax::millicpus)
+                .or(self.limits.cpu_max),
+        };
+        limits.validate()?;
         let user = self.users().acquire()?;
         let undo_user = |me: &Self| {
             let _ = me.users().release(user.slot);
         };
-        let cgroup = match self.parent.create_job(job, &self.limits) {
+        let cgroup = match self.parent.create_job(job, &limits) {
             Ok(c) => c,
             Err(e) => {
                 undo_user(self);
@@ -216,7 +274,7 @@ impl Sandboxes {
             let _ = cgroup.teardown(KILL_TIMEOUT);
             undo_user(me);
         };
-        let net = match self.net.create(job, NetMode::EndpointOnly).await {
+        let net = match self.net.create(job, settings.network).await {
             Ok(n) => n,
             Err(e) => {
                 fail(self, &cgroup);
@@ -252,6 +310,7 @@ impl Sandboxes {
         Ok(Prepared {
             user,
             cgroup,
+            limits,
             net,
             listeners,
             dir,

@@ -3,6 +3,7 @@
 
 pub mod addr_pool;
 pub mod cgroup;
+pub mod firewall;
 pub mod job;
 pub mod netns;
 pub mod users;

@@ -11,6 +11,7 @@
 //! files) and `al-*` (host links); it never touches anything else on the host.
 
 use super::addr_pool;
+use super::firewall::{self, FirewallError};
 pub use addr_pool::{AddressPool, Cidr, PoolError, Subnet, DEFAULT_POOL};
 
 use futures_util::TryStreamExt;
@@ -104,6 +105,8 @@ pub enum NetnsError {
     Read { path: PathBuf, source: io::Error },
     #[error("the helper thread for network namespace {0} could not start or panicked")]
     Thread(PathBuf),
+    #[error("firewall: {0}")]
+    Firewall(#[from] FirewallError),
     #[error("{0:?} is not an airlock-owned object (only {NETNS_PREFIX}* namespaces and {LINK_PREFIX}* links are)")]
     NotOurs(String),
 }
@@ -118,11 +121,24 @@ fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetnsErr
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum NetMode {
-    /// The job reaches its own endpoint and nothing else: no route leaves its namespace, and
-    /// the host end of its veth stays down without an address, so not even the host's own
-    /// addresses or a broadcast reach the host. ("outbound" arrives with the egress filter;
-    /// see docs/network.md.)
+    /// The job reaches its own endpoint and nothing else. Its namespace has a loopback with
+    /// the two metadata addresses and no other link at all: no route leaves it, so not the
+    /// host, not another job, not the internet. (No veth: a link that may carry nothing is
+    /// only attack surface, and deleting one costs the wipe ~30 ms of kernel time.)
     EndpointOnly,
+    /// The job also reaches the internet through a veth to the host, masqueraded there,
+    /// except the metadata service, link-local, private and other special ranges and the
+    /// host's own addresses (see `firewall`).
+    Outbound,
+}
+
+impl fmt::Display for NetMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NetMode::EndpointOnly => "endpoint-only",
+            NetMode::Outbound => "outbound",
+        })
+    }
 }
 
 /// Where the per-job network lives; paths are parameters so tests can move them.
@@ -172,17 +188,18 @@ pub struct JobNet {
     pub mode: NetMode,
     /// `/run/netns/airlock-<job>`: what the shim joins and [`bind_in_netns`] enters.
     pub ns_path: PathBuf,
-    /// Host end of the veth (in the host namespace).
-    pub host_link: String,
-    pub subnet: Subnet,
+    /// Host end of the veth (in the host namespace); outbound jobs only.
+    pub host_link: Option<String>,
+    /// The job's /30 from the pool; outbound jobs only.
+    pub subnet: Option<Subnet>,
     /// Inode of the namespace (as in `/proc/<pid>/ns/net` → `net:[inode]`).
     pub ns_inode: u64,
 }
 
 impl JobNet {
-    /// The job's own address on its `eth0`.
-    pub fn job_addr(&self) -> Ipv4Addr {
-        self.subnet.job_addr()
+    /// The job's own address on its `eth0` (outbound jobs only).
+    pub fn job_addr(&self) -> Option<Ipv4Addr> {
+        self.subnet.map(|s| s.job_addr())
     }
 }
 
@@ -318,7 +335,10 @@ impl NetManager {
             self.bound_dir
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
-        let subnet = self.state().pool.allocate(job)?;
+        let subnet = match mode {
+            NetMode::Outbound => Some(self.state().pool.allocate(job)?),
+            NetMode::EndpointOnly => None,
+        };
         match self.build(job, mode, subnet).await {
             Ok(net) => {
                 self.state().inodes.insert(job.to_string(), net.ns_inode);
@@ -335,7 +355,12 @@ impl NetManager {
         }
     }
 
-    async fn build(&self, job: &str, mode: NetMode, subnet: Subnet) -> Result<JobNet, NetnsError> {
+    async fn build(
+        &self,
+        job: &str,
+        mode: NetMode,
+        subnet: Option<Subnet>,
+    ) -> Result<JobNet, NetnsError> {
         let ns_path = self.ns_path(job);
         let rt = tokio::runtime::Handle::current();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -352,11 +377,60 @@ impl NetManager {
         let _conn = AbortOnDrop(tokio::spawn(ns.conn));
         let inside = ns.handle;
 
+        // Inside: lo up with the two metadata addresses.
+        let lo = link_index(&inside, "lo")
+            .await?
+            .ok_or_else(|| NetnsError::NoLink("lo".into()))?;
+        for ep in ENDPOINT_ADDRS {
+            inside
+                .address()
+                .add(lo, ep.ip(), 32)
+                .execute()
+                .await
+                .map_err(netlink(format!("add {}/32 to lo", ep.ip())))?;
+        }
+        set_up(&inside, lo, "lo").await?;
+        let host_link = match subnet {
+            Some(subnet) => Some(self.outbound(job, &ns_path, &inside, subnet).await?),
+            None => None,
+        };
+        Ok(JobNet {
+            job_id: job.to_string(),
+            mode,
+            ns_path,
+            host_link,
+            subnet,
+            ns_inode: ns.inode,
+        })
+    }
+
+    /// An outbound job's link: the firewall first (the job's table inside its namespace,
+    /// the host's table), then the veth with the job's /30 and its default route.
+    async fn outbound(
+        &self,
+        job: &str,
+        ns_path: &Path,
+        inside: &rtnetlink::Handle,
+        subnet: Subnet,
+    ) -> Result<String, NetnsError> {
+        let path = ns_path.to_path_buf();
+        let proc_dir = self.cfg.proc_dir.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), NetnsError> {
+            firewall::apply_in_netns(&path, firewall::job_ruleset(), "job's ruleset")?;
+            firewall::apply(&firewall::host_ruleset(), "host's ruleset")?;
+            if firewall::enable_forwarding(&proc_dir)? {
+                tracing::info!("turned on IPv4 forwarding (net.ipv4.ip_forward=1) for outbound jobs; it stays on");
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|_| NetnsError::Thread(ns_path.to_path_buf()))??;
+
         // The veth, with its job end made directly inside the namespace as eth0: it never
         // exists in the host namespace under a name that could clash.
         let host_link = host_link_name(job);
-        let ns_file = File::open(&ns_path).map_err(|source| NetnsError::Open {
-            path: ns_path.clone(),
+        let ns_file = File::open(ns_path).map_err(|source| NetnsError::Open {
+            path: ns_path.to_path_buf(),
             source,
         })?;
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
@@ -386,22 +460,22 @@ impl NetManager {
             .execute()
             .await
             .map_err(netlink(format!("set the alias of {host_link}")))?;
-        // EndpointOnly: the host end stays down and has no address (see NetMode).
+        self.handle
+            .address()
+            .add(
+                host_index,
+                IpAddr::V4(subnet.host_addr()),
+                addr_pool::JOB_PREFIX,
+            )
+            .execute()
+            .await
+            .map_err(netlink(format!(
+                "add {} to {host_link}",
+                subnet.host_addr()
+            )))?;
+        set_up(&self.handle, host_index, &host_link).await?;
 
-        // Inside: lo up with the two metadata addresses, eth0 up with the job's address.
-        let lo = link_index(&inside, "lo")
-            .await?
-            .ok_or_else(|| NetnsError::NoLink("lo".into()))?;
-        for ep in ENDPOINT_ADDRS {
-            inside
-                .address()
-                .add(lo, ep.ip(), 32)
-                .execute()
-                .await
-                .map_err(netlink(format!("add {}/32 to lo", ep.ip())))?;
-        }
-        set_up(&inside, lo, "lo").await?;
-        let eth0 = link_index(&inside, JOB_LINK)
+        let eth0 = link_index(inside, JOB_LINK)
             .await?
             .ok_or_else(|| NetnsError::NoLink(JOB_LINK.into()))?;
         inside
@@ -410,21 +484,23 @@ impl NetManager {
             .execute()
             .await
             .map_err(netlink(format!("add {} to {JOB_LINK}", subnet.job_addr())))?;
-        set_up(&inside, eth0, JOB_LINK).await?;
-
-        Ok(JobNet {
-            job_id: job.to_string(),
-            mode,
-            ns_path,
-            host_link,
-            subnet,
-            ns_inode: ns.inode,
-        })
+        set_up(inside, eth0, JOB_LINK).await?;
+        inside
+            .route()
+            .add(
+                rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+                    .gateway(subnet.host_addr())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(netlink(format!(
+                "add the default route via {}",
+                subnet.host_addr()
+            )))?;
+        Ok(host_link)
     }
 
-    /// Removes the job's veth and namespace file and gives its subnet back. Idempotent: what
-    /// is already gone is skipped. The namespace itself dies once nothing holds it: the
-    /// job's processes (kill its cgroup first) and the endpoint sockets (close them first).
     /// At agent shutdown: when this manager bound the namespace directory and no namespace
     /// is left in it, take the bind mount away so nothing of the agent stays mounted.
     pub fn release_dir(&self) {
@@ -441,6 +517,9 @@ impl NetManager {
         }
     }
 
+    /// Removes the job's veth and namespace file and gives its subnet back. Idempotent: what
+    /// is already gone is skipped. The namespace itself dies once nothing holds it: the
+    /// job's processes (kill its cgroup first) and the endpoint sockets (close them first).
     pub async fn teardown(&self, job: &str) -> Result<(), NetnsError> {
         check_job(job)?;
         self.remove_objects(job).await?;
@@ -508,7 +587,7 @@ impl NetManager {
     pub async fn list_orphans(&self) -> Result<Orphans, NetnsError> {
         let live = |job: &Option<String>| {
             job.as_deref()
-                .is_some_and(|j| self.state().pool.get(j).is_some())
+                .is_some_and(|j| self.state().inodes.contains_key(j))
         };
         let mut orphans = Orphans::default();
         let dir = &self.cfg.netns_dir;

@@ -1,0 +1,509 @@
+//! nftables rules for jobs whose policy gives them outbound network access.
+//!
+//! Two places hold rules, both built as libnftables JSON with the `nftables` crate and
+//! applied atomically by `nft -j -f -` (one transaction per call):
+//!
+//! - **Inside each outbound job's network namespace**, table `inet airlock`: its `output`
+//!   chain lets the job reach its own endpoint on loopback and drops every packet to the
+//!   metadata service, link-local, private, loopback, shared (CGNAT), benchmarking,
+//!   multicast and reserved IPv4 ranges, and all IPv6 (refused, see below). The job has no capability in that
+//!   namespace, so it cannot change the table; the table dies with the namespace, so the
+//!   wipe has nothing extra to remove. A refused packet fails the job's `connect` at once
+//!   with `EHOSTUNREACH` ("administratively prohibited").
+//! - **In the host namespace**, table `inet airlock` (shared by all jobs, made again on every
+//!   outbound job start so a flushed ruleset cannot fail open): nothing from a job's link
+//!   (`al-*`) is delivered to the host itself, whatever address it is sent to (this is what
+//!   keeps the host's own public addresses out of reach); jobs never reach each other's
+//!   links; the same ranges are dropped again when forwarded; connections into a job are
+//!   refused unless they answer its own; and what jobs send out is masqueraded behind the
+//!   host's address. The table stays when the agent stops: it matches only job links, and
+//!   a crashed or restarted agent must not leave a window without it. Remove it by hand
+//!   with `nft delete table inet airlock` after uninstalling.
+//!
+//! The egress issue adds per-job allowlists on top of this; see docs/network.md.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use nftables::expr::{
+    Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, CT,
+};
+use nftables::schema::{
+    Chain, FlushObject, NfCmd, NfListObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue,
+    Table,
+};
+use nftables::stmt::{Counter, Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+
+use super::netns::LINK_PREFIX;
+
+/// Name of airlock's table, in the host namespace and inside each outbound job's.
+pub const TABLE: &str = "airlock";
+
+/// IPv4 ranges an outbound job never reaches (IANA special-purpose registry, RFC 6890 and
+/// its updates), whatever the job asks for: the ones that lead to the host, its network or
+/// the cloud's metadata service, and the ones no internet host lives in. The documentation
+/// ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24) are not in it: nothing on the
+/// internet answers there, and the tests use them as "the internet".
+pub const BLOCKED_V4: [(&str, u8); 12] = [
+    ("0.0.0.0", 8),      // "this network"
+    ("10.0.0.0", 8),     // private (RFC 1918)
+    ("100.64.0.0", 10),  // shared address space / CGNAT (RFC 6598)
+    ("127.0.0.0", 8),    // loopback
+    ("169.254.0.0", 16), // link-local: the metadata service (169.254.169.254), ECS (169.254.170.2)
+    ("172.16.0.0", 12),  // private
+    ("192.0.0.0", 24),   // IETF protocol assignments
+    ("192.88.99.0", 24), // deprecated 6to4 relay anycast
+    ("192.168.0.0", 16), // private
+    ("198.18.0.0", 15),  // benchmarking
+    ("224.0.0.0", 4),    // multicast
+    ("240.0.0.0", 4),    // reserved, and the limited broadcast address
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error(
+        "cannot run nft ({program}): {source}; install nftables (Debian: apt-get install nftables)"
+    )]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("nft refused the {what}: {message}")]
+    Apply { what: &'static str, message: String },
+    #[error("cannot enter network namespace {path}: {source}")]
+    Enter { path: PathBuf, source: nix::Error },
+    #[error("cannot open network namespace {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the helper thread for network namespace {0} could not start or panicked")]
+    Thread(PathBuf),
+    #[error("cannot turn on IPv4 forwarding ({path}): {source}")]
+    Forwarding {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn s(v: &str) -> Expression<'static> {
+    Expression::String(Cow::Owned(v.to_string()))
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn field(protocol: &str, name: &str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: Cow::Owned(protocol.to_string()),
+            field: Cow::Owned(name.to_string()),
+        },
+    )))
+}
+
+fn prefix(addr: &str, len: u8) -> Expression<'static> {
+    Expression::Named(NamedExpression::Prefix(Prefix {
+        addr: Box::new(s(addr)),
+        len: u32::from(len),
+    }))
+}
+
+fn is(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::EQ,
+    })
+}
+
+fn is_not(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::NEQ,
+    })
+}
+
+fn in_set(left: Expression<'static>, set: &str) -> Statement<'static> {
+    is(left, s(&format!("@{set}")))
+}
+
+fn counter() -> Statement<'static> {
+    Statement::Counter(Counter::Anonymous(None))
+}
+
+fn drop() -> Statement<'static> {
+    Statement::Drop(None)
+}
+
+/// Refuses a job's own packet with ICMP "administratively prohibited": its `connect` fails
+/// at once with `EHOSTUNREACH` instead of waiting for a timeout. (A plain drop in `output`
+/// no longer fails a TCP connect: the kernel retransmits the SYN until it gives up.)
+fn reject() -> Statement<'static> {
+    Statement::Reject(Some(nftables::stmt::Reject {
+        _type: Some(nftables::stmt::RejectType::ICMPX),
+        expr: Some(nftables::types::RejectCode::AdminProhibited),
+    }))
+}
+
+fn accept() -> Statement<'static> {
+    Statement::Accept(None)
+}
+
+/// Jobs' host links: `al-*` (nft matches a trailing `*` in an interface name as a prefix).
+fn job_links() -> Expression<'static> {
+    s(&format!("{LINK_PREFIX}*"))
+}
+
+struct Builder {
+    cmds: Vec<NfCmd<'static>>,
+}
+
+impl Builder {
+    fn new() -> Builder {
+        Builder { cmds: Vec::new() }
+    }
+
+    fn add(&mut self, obj: NfListObject<'static>) {
+        self.cmds.push(NfCmd::Add(obj));
+    }
+
+    fn table(&mut self) {
+        self.add(NfListObject::Table(Table {
+            family: NfFamily::INet,
+            name: TABLE.into(),
+            handle: None,
+        }));
+    }
+
+    fn base_chain(&mut self, name: &str, kind: NfChainType, hook: NfHook, prio: i32) {
+        self.add(NfListObject::Chain(Chain {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: Cow::Owned(name.to_string()),
+            newname: None,
+            handle: None,
+            _type: Some(kind),
+            hook: Some(hook),
+            prio: Some(prio),
+            dev: None,
+            policy: Some(NfChainPolicy::Accept),
+        }));
+    }
+
+    fn blocked_set(&mut self) {
+        let elem: Vec<Expression<'static>> = BLOCKED_V4
+            .iter()
+            .map(|&(addr, len)| prefix(addr, len))
+            .collect();
+        self.add(NfListObject::Set(Box::new(Set {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: "blocked4".into(),
+            handle: None,
+            set_type: SetTypeValue::Single(SetType::Ipv4Addr),
+            policy: None,
+            flags: Some([SetFlag::Interval].into_iter().collect()),
+            elem: Some(Cow::Owned(elem)),
+            timeout: None,
+            gc_interval: None,
+            size: None,
+            comment: None,
+        })));
+    }
+
+    fn rule(&mut self, chain: &str, expr: Vec<Statement<'static>>) {
+        self.add(NfListObject::Rule(Rule {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            chain: Cow::Owned(chain.to_string()),
+            expr: Cow::Owned(expr),
+            handle: None,
+            index: None,
+            comment: None,
+        }));
+    }
+
+    fn build(self) -> Nftables<'static> {
+        Nftables {
+            objects: Cow::Owned(
+                self.cmds
+                    .into_iter()
+                    .map(nftables::schema::NfObject::CmdObject)
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// The ruleset inside an outbound job's namespace (applied to a fresh namespace, before the
+/// job's link comes up).
+pub fn job_ruleset() -> Nftables<'static> {
+    let mut b = Builder::new();
+    b.table();
+    b.blocked_set();
+    b.base_chain("output", NfChainType::Filter, NfHook::Output, 0);
+    // The job's own endpoint (169.254.170.2, 169.254.169.254) lives on its loopback.
+    b.rule(
+        "output",
+        vec![is(meta(MetaKey::Oifname), s("lo")), accept()],
+    );
+    b.rule(
+        "output",
+        vec![
+            in_set(field("ip", "daddr"), "blocked4"),
+            counter(),
+            reject(),
+        ],
+    );
+    // IPv6 is off in the namespace; this keeps it off should it ever come up.
+    b.rule(
+        "output",
+        vec![is(meta(MetaKey::Nfproto), s("ipv6")), counter(), reject()],
+    );
+    b.build()
+}
+
+/// The host's table. `flush` first, so applying it again replaces the rules rather than
+/// adding a second copy; the whole batch is one transaction.
+pub fn host_ruleset() -> Nftables<'static> {
+    let mut b = Builder::new();
+    b.table();
+    b.cmds.push(NfCmd::Flush(FlushObject::Table(Table {
+        family: NfFamily::INet,
+        name: TABLE.into(),
+        handle: None,
+    })));
+    b.blocked_set();
+    // Before the usual filter priority, so a job's packet meets these rules first.
+    b.base_chain("input", NfChainType::Filter, NfHook::Input, -10);
+    b.base_chain("forward", NfChainType::Filter, NfHook::Forward, -10);
+    b.base_chain("postrouting", NfChainType::NAT, NfHook::Postrouting, 100);
+    // Nothing a job sends is for the host itself: not its public address, not the job's
+    // gateway, not a service listening on any of the host's addresses.
+    b.rule(
+        "input",
+        vec![is(meta(MetaKey::Iifname), job_links()), counter(), drop()],
+    );
+    // Jobs never reach each other.
+    b.rule(
+        "forward",
+        vec![
+            is(meta(MetaKey::Iifname), job_links()),
+            is(meta(MetaKey::Oifname), job_links()),
+            counter(),
+            drop(),
+        ],
+    );
+    // The job's own table drops these already; this holds should that table be missing.
+    b.rule(
+        "forward",
+        vec![
+            is(meta(MetaKey::Iifname), job_links()),
+            in_set(field("ip", "daddr"), "blocked4"),
+            counter(),
+            drop(),
+        ],
+    );
+    b.rule(
+        "forward",
+        vec![
+            is(meta(MetaKey::Iifname), job_links()),
+            is(meta(MetaKey::Nfproto), s("ipv6")),
+            counter(),
+            drop(),
+        ],
+    );
+    // Into a job only what answers the job's own connections.
+    b.rule(
+        "forward",
+        vec![
+            is(meta(MetaKey::Oifname), job_links()),
+            // `in` tests the state's flags (`ct state established,related`); `==` would
+            // compare with both flags at once and never match.
+            Statement::Match(Match {
+                left: Expression::Named(NamedExpression::CT(CT {
+                    key: "state".into(),
+                    family: None,
+                    dir: None,
+                })),
+                right: Expression::List(vec![s("established"), s("related")]),
+                op: Operator::IN,
+            }),
+            accept(),
+        ],
+    );
+    b.rule(
+        "forward",
+        vec![is(meta(MetaKey::Oifname), job_links()), counter(), drop()],
+    );
+    // Out to anywhere but a job link: masqueraded behind the host's address. Matched on the
+    // job links rather than the pool, so every agent on the host writes the same table.
+    b.rule(
+        "postrouting",
+        vec![
+            is(meta(MetaKey::Iifname), job_links()),
+            is_not(meta(MetaKey::Oifname), job_links()),
+            Statement::Masquerade(None),
+        ],
+    );
+    b.build()
+}
+
+/// The `nft` program: `/usr/sbin/nft` where Debian and Fedora install it, else from PATH.
+fn nft_program() -> &'static str {
+    if Path::new("/usr/sbin/nft").exists() {
+        "/usr/sbin/nft"
+    } else {
+        "nft"
+    }
+}
+
+/// Applies `ruleset` in the calling thread's network namespace (`nft` is a child of this
+/// thread, so it inherits the thread's namespace). Runs `nft -j -f -` itself rather than
+/// through the crate's helper so that nft's own error message reaches the caller.
+pub fn apply(ruleset: &Nftables<'_>, what: &'static str) -> Result<(), FirewallError> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let program = nft_program();
+    let payload = serde_json::to_vec(ruleset).expect("an nftables ruleset always serialises");
+    let spawn_err = |source| FirewallError::Spawn {
+        program: program.to_string(),
+        source,
+    };
+    let mut child = Command::new(program)
+        .args(["-j", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    let written = child
+        .stdin
+        .take()
+        .map(|mut stdin| stdin.write_all(&payload));
+    let out = child.wait_with_output().map_err(spawn_err)?;
+    if out.status.success() {
+        if let Some(Err(e)) = written {
+            return Err(spawn_err(e));
+        }
+        return Ok(());
+    }
+    let message = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(FirewallError::Apply {
+        what,
+        message: if message.is_empty() {
+            format!("nft exited with {}", out.status)
+        } else {
+            message
+        },
+    })
+}
+
+/// Applies `ruleset` inside the network namespace at `ns_path`, from a thread that enters
+/// it and exits afterwards.
+pub fn apply_in_netns(
+    ns_path: &Path,
+    ruleset: Nftables<'static>,
+    what: &'static str,
+) -> Result<(), FirewallError> {
+    let path = ns_path.to_path_buf();
+    let thread = std::thread::Builder::new()
+        .name("airlock-nft".into())
+        .spawn(move || {
+            let ns = std::fs::File::open(&path).map_err(|source| FirewallError::Open {
+                path: path.clone(),
+                source,
+            })?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|source| {
+                FirewallError::Enter {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            apply(&ruleset, what)
+        })
+        .map_err(|_| FirewallError::Thread(ns_path.to_path_buf()))?;
+    thread
+        .join()
+        .map_err(|_| FirewallError::Thread(ns_path.to_path_buf()))?
+}
+
+/// Turns on IPv4 forwarding in the host namespace, which outbound jobs need (as Docker
+/// does, it stays on). `Ok(true)` when it was off.
+pub fn enable_forwarding(proc_dir: &Path) -> Result<bool, FirewallError> {
+    let path = proc_dir.join("sys/net/ipv4/ip_forward");
+    let err = |source| FirewallError::Forwarding {
+        path: path.clone(),
+        source,
+    };
+    let now = std::fs::read_to_string(&path).map_err(err)?;
+    if now.trim() == "1" {
+        return Ok(false);
+    }
+    std::fs::write(&path, "1").map_err(err)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(n: &Nftables<'_>) -> String {
+        serde_json::to_string(n).unwrap()
+    }
+
+    #[test]
+    fn the_job_table_blocks_metadata_private_and_ipv6_but_not_its_loopback() {
+        let j = json(&job_ruleset());
+        for (addr, len) in [("169.254.0.0", 16), ("10.0.0.0", 8), ("192.168.0.0", 16)] {
+            assert!(
+                j.contains(&format!(r#"{{"prefix":{{"addr":"{addr}","len":{len}}}}}"#)),
+                "{j}"
+            );
+        }
+        assert!(j.contains(r#""right":"lo""#), "{j}");
+        assert!(j.contains(r#""right":"ipv6""#), "{j}");
+        assert!(j.contains(r#""hook":"output""#), "{j}");
+    }
+
+    #[test]
+    fn blocked_ranges_cover_the_metadata_addresses_and_not_the_documentation_ranges() {
+        let covers = |ip: std::net::Ipv4Addr| {
+            BLOCKED_V4.iter().any(|&(net, len)| {
+                let net: std::net::Ipv4Addr = net.parse().unwrap();
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                u32::from(ip) & mask == u32::from(net) & mask
+            })
+        };
+        for ip in [
+            "169.254.169.254",
+            "169.254.170.2",
+            "10.200.0.1",
+            "127.0.0.1",
+            "100.100.1.1",
+        ] {
+            assert!(covers(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["203.0.113.7", "198.51.100.1", "1.1.1.1", "8.8.8.8"] {
+            assert!(!covers(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn the_host_table_is_flushed_before_its_rules_so_reapplying_replaces_them() {
+        let j = json(&host_ruleset());
+        let flush = j.find(r#"{"flush":"#).expect("flush");
+        let first_rule = j.find(r#"{"add":{"rule":"#).expect("rule");
+        assert!(flush < first_rule, "{j}");
+        assert!(j.contains(r#""masquerade":null"#), "{j}");
+        assert!(j.contains(r#""right":"al-*""#), "{j}");
+    }
+}

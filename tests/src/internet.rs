@@ -1,0 +1,121 @@
+//! A stand-in for the internet, for tests of outbound jobs (root only): a network namespace
+//! `alti<hex>` behind a veth from the host, with a random /30 of a documentation range
+//! (not in airlock's blocked ranges, routed nowhere real), and plain HTTP servers in it.
+//!
+//! The names are neither `airlock-*` nor `al-*`: airlock treats those as its own objects.
+//! Everything is removed on drop.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::Command;
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("`ip` runs (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[derive(Debug)]
+pub struct Internet {
+    pub name: String,
+    /// The host's address on the link: what a masqueraded job shows to the internet.
+    pub host_addr: Ipv4Addr,
+    /// The internet host's address.
+    pub addr: Ipv4Addr,
+}
+
+impl Internet {
+    /// `range` is the first three octets of a /24 the caller alone uses (e.g. one of
+    /// 198.51.100.0/24 and 203.0.113.0/24 per test binary); a random /30 of it is taken.
+    pub fn new(range: [u8; 3]) -> Internet {
+        let tag: u32 = rand_u32();
+        let name = format!("alti{tag:08x}");
+        let k = 4 * (tag % 64) as u8;
+        let [a, b, c] = range;
+        let host_addr = Ipv4Addr::new(a, b, c, k + 1);
+        let addr = Ipv4Addr::new(a, b, c, k + 2);
+        ip(&["netns", "add", &name]);
+        let me = Internet {
+            name,
+            host_addr,
+            addr,
+        };
+        ip(&[
+            "link", "add", &me.name, "type", "veth", "peer", "name", "eth0", "netns", &me.name,
+        ]);
+        ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &me.name]);
+        ip(&["link", "set", &me.name, "up"]);
+        let inside = |args: &[&str]| {
+            let mut full = vec!["netns", "exec", &me.name, "ip"];
+            full.extend_from_slice(args);
+            ip(&full);
+        };
+        inside(&["addr", "add", &format!("{addr}/30"), "dev", "eth0"]);
+        inside(&["link", "set", "eth0", "up"]);
+        inside(&["link", "set", "lo", "up"]);
+        me
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// An HTTP server on `addr:port` in the internet namespace that answers every request
+    /// with `200` and `<body> from <peer address>`, on a thread of its own, for the life of
+    /// the process (the namespace's removal ends it).
+    pub fn serve(&self, port: u16, body: &str) -> SocketAddr {
+        let addr = SocketAddr::from((self.addr, port));
+        let listener = airlock::sandbox::netns::bind_in_netns(&self.path(), &[addr])
+            .expect("a listener in the internet namespace")
+            .pop()
+            .expect("one listener");
+        listener.set_nonblocking(false).expect("blocking listener");
+        let body = body.to_string();
+        std::thread::spawn(move || serve(listener, &body));
+        addr
+    }
+}
+
+fn serve(listener: TcpListener, body: &str) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { return };
+        let peer = conn
+            .peer_addr()
+            .map(|p| p.ip().to_string())
+            .unwrap_or_default();
+        let mut buf = [0u8; 2048];
+        let _ = conn.read(&mut buf);
+        let text = format!("{body} from {peer}");
+        let reply = format!(
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+            text.len()
+        );
+        let _ = conn.write_all(reply.as_bytes());
+    }
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("/dev/urandom");
+    u32::from_ne_bytes(b)
+}
+
+impl Drop for Internet {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
