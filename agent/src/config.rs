@@ -280,7 +280,8 @@ pub struct SandboxSection {
     /// The sandbox init; default: `airlock-shim` next to `airlockd`.
     #[serde(default)]
     pub shim: Option<PathBuf>,
-    /// Per-job directories (the empty root the shim assembles in, the spec). Root only.
+    /// Per-job directories (the empty root the shim assembles in, the job's tmpfs, the
+    /// spec). Root only; the agent makes it a shared mount point of its own.
     #[serde(default = "default_sandbox_runtime")]
     pub runtime_dir: PathBuf,
     #[serde(default = "default_cgroup_root")]
@@ -308,7 +309,8 @@ pub struct SandboxSection {
     /// CPU per job in thousandths of a CPU; none: no limit.
     #[serde(default)]
     pub cpu_millis: Option<u64>,
-    /// Size cap of each of the job's tmpfs mounts, in bytes.
+    /// Size cap of the job's tmpfs, in bytes: one for the job as a whole (its /tmp,
+    /// /var/tmp, /run, home and workspace).
     #[serde(default = "default_tmpfs_size")]
     pub tmpfs_size: u64,
     /// More host paths to hide from jobs (airlock's own config, state, audit, control

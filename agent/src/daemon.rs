@@ -33,6 +33,8 @@ use crate::secret::Secret;
 
 /// How often the agent looks for jobs past their deadline.
 const REAP_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a stopping agent waits for the background reclaim of wiped jobs' files.
+const RECLAIM_WAIT: Duration = Duration::from_secs(20);
 /// The shortest lifetime a start request may ask for.
 const MIN_JOB_LIFETIME_SECS: u64 = 10;
 
@@ -157,6 +159,10 @@ impl Daemon {
             metrics: metrics.clone(),
             audit: audit.clone(),
         });
+        let sandboxes = sandboxes.map(|sb| {
+            sb.count_reclaims_in(metrics.sandbox_reclaims_pending.clone());
+            Arc::new(sb)
+        });
         Ok(Arc::new(Daemon {
             cfg,
             policies: RwLock::new(Arc::new(policies)),
@@ -168,7 +174,7 @@ impl Daemon {
             metrics,
             store,
             token_dir,
-            sandboxes: sandboxes.map(Arc::new),
+            sandboxes,
             jobs: Mutex::new(HashMap::new()),
         }))
     }
@@ -235,6 +241,9 @@ impl Daemon {
             .collect();
         for id in sandboxed {
             let _ = self.end_job(&id, "the agent is stopping").await;
+        }
+        if !sb.finish_reclaims(RECLAIM_WAIT).await {
+            tracing::warn!("wiped jobs' files are still being freed; the kernel finishes that as the agent exits");
         }
         if self.job_count() == 0 {
             sb.remove_parent();
@@ -669,6 +678,7 @@ impl Daemon {
                     "job_addr": p.net.job_addr().map(|a| a.to_string()),
                     "pids_max": p.limits.pids_max,
                     "memory_max": p.limits.memory_max_bytes,
+                    "tmpfs_size": p.tmpfs_size,
                     "cpu_max_us": p.limits.cpu_max.map(|c| format!("{} {}", c.quota_us, c.period_us)),
                 }),
             );

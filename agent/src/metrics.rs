@@ -31,6 +31,8 @@ pub struct Metrics {
     pub cache_misses: Counter,
     pub active_jobs: Gauge,
     pub audit_failures: Counter,
+    /// Wiped sandboxed jobs whose files the kernel is still freeing in the background.
+    pub sandbox_reclaims_pending: Gauge,
     /// Handles of the endpoint outcomes, made once: the request path then costs one atomic
     /// add, not a label allocation and a map lookup.
     outcomes: Vec<(&'static str, Counter)>,
@@ -64,6 +66,7 @@ impl Metrics {
         let cache_misses = Counter::default();
         let active_jobs = Gauge::default();
         let audit_failures = Counter::default();
+        let sandbox_reclaims_pending = Gauge::default();
         registry.register(
             "endpoint_requests",
             "Credential endpoint requests by outcome",
@@ -99,6 +102,11 @@ impl Metrics {
             "Audit records that could not be written (nothing was issued for them)",
             audit_failures.clone(),
         );
+        registry.register(
+            "sandbox_reclaims_pending",
+            "Wiped jobs whose tmpfs is still being freed in the background",
+            sandbox_reclaims_pending.clone(),
+        );
         let outcomes = OUTCOMES
             .iter()
             .map(|o| {
@@ -120,6 +128,7 @@ impl Metrics {
             cache_misses,
             active_jobs,
             audit_failures,
+            sandbox_reclaims_pending,
         }
     }
 
@@ -175,5 +184,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("airlock_active_jobs 3"), "{text}");
+        assert!(
+            text.contains("airlock_sandbox_reclaims_pending 0"),
+            "{text}"
+        );
     }
 }

@@ -60,14 +60,19 @@ pub struct SandboxSpec {
     /// v2 group used for `cgroup.kill`).
     #[serde(default)]
     pub cgroups: Vec<PathBuf>,
-    /// Writable, size-capped tmpfs mounts of the job (home, /tmp, workspace, /run).
-    pub tmpfs: Vec<TmpfsMount>,
-    /// Files written into the job's tmpfs before it starts (its endpoint token), owned by the
-    /// job's user. Each must lie under one of `tmpfs`, so it goes when the job does.
+    /// The job's writable directories (/tmp, /var/tmp, /run, /home): each a directory of the
+    /// job's own size-capped tmpfs, which the agent mounted on the host, bound over its
+    /// target in the job's root. Whatever the job's root had mounted at or under a target is
+    /// detached first.
+    pub binds: Vec<BindMount>,
+    /// Files written into the job's directories before it starts (its endpoint token), owned
+    /// by the job's user. Each must lie under one of the `binds` targets, so it lives in the
+    /// job's tmpfs and goes with it.
     #[serde(default)]
     pub files: Vec<SpecFile>,
-    /// Host paths hidden from the job: a directory is covered by an empty read-only tmpfs,
-    /// anything else by a read-only `/dev/null`. Paths absent on the host are skipped.
+    /// Host paths hidden from the job: whatever is mounted at or under one in the job's root
+    /// is detached, then a directory is covered by an empty read-only tmpfs, anything else by
+    /// a read-only `/dev/null`. Paths absent on the host are skipped.
     pub hide: Vec<PathBuf>,
     /// Resource limits set with setrlimit before exec.
     pub rlimits: Rlimits,
@@ -77,14 +82,18 @@ fn default_hostname() -> String {
     "airlock-job".to_string()
 }
 
-/// One writable tmpfs mount in the job's root, owned by the job's user.
+/// One writable directory of the job: `source`, a directory of the job's tmpfs on the host,
+/// bound (nosuid, nodev) over `target` in the job's root. The shim refuses a source that
+/// is not on a tmpfs: a job never gets write access to the host's disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TmpfsMount {
+pub struct BindMount {
+    pub source: PathBuf,
     pub target: PathBuf,
-    pub size_bytes: u64,
-    pub mode: u32,
 }
+
+/// Where the shim mounts filesystems of its own: no bind may land there.
+pub const SHIM_OWNED: [&str; 3] = ["/proc", "/sys", "/dev"];
 
 /// A file the shim writes into the job's tmpfs. Its contents may be a secret: `Debug` shows
 /// only the length.
@@ -129,14 +138,12 @@ pub enum SpecError {
     NotAbsolute { field: &'static str, path: PathBuf },
     #[error("uid and gid must not be 0: jobs never run as root (got uid {uid}, gid {gid})")]
     Root { uid: u32, gid: u32 },
-    #[error("tmpfs {0:?}: size_bytes must be > 0 and mode at most 0o7777")]
-    BadTmpfs(PathBuf),
-    #[error("tmpfs target {0:?} is listed twice or is `/`")]
-    DuplicateTmpfs(PathBuf),
+    #[error("bind target {0:?} is listed twice, is `/`, or lies in /proc, /sys or /dev, which the shim builds itself")]
+    BadBindTarget(PathBuf),
     #[error("hostname {0:?} must be 1 to 64 bytes of letters, digits, '-' and '.'")]
     BadHostname(String),
     #[error(
-        "file {0:?} must lie under one of the job's tmpfs mounts and have a mode of at most 0o777"
+        "file {0:?} must lie under one of the job's bind targets and have a mode of at most 0o777"
     )]
     BadFile(PathBuf),
 }
@@ -183,23 +190,22 @@ impl SandboxSpec {
             absolute("hide", p)?;
         }
         let mut seen = Vec::new();
-        for t in &self.tmpfs {
-            absolute("tmpfs target", &t.target)?;
-            if t.size_bytes == 0 || t.mode > 0o7777 {
-                return Err(SpecError::BadTmpfs(t.target.clone()));
+        for b in &self.binds {
+            absolute("bind source", &b.source)?;
+            absolute("bind target", &b.target)?;
+            let shim_owned = SHIM_OWNED.iter().any(|d| b.target.starts_with(d));
+            if b.target == Path::new("/") || shim_owned || seen.contains(&&b.target) {
+                return Err(SpecError::BadBindTarget(b.target.clone()));
             }
-            if t.target == Path::new("/") || seen.contains(&&t.target) {
-                return Err(SpecError::DuplicateTmpfs(t.target.clone()));
-            }
-            seen.push(&t.target);
+            seen.push(&b.target);
         }
         for f in &self.files {
             absolute("file", &f.path)?;
-            let under_tmpfs = self
-                .tmpfs
+            let under_bind = self
+                .binds
                 .iter()
-                .any(|t| f.path.starts_with(&t.target) && f.path != t.target);
-            if !under_tmpfs || f.mode > 0o777 {
+                .any(|b| f.path.starts_with(&b.target) && f.path != b.target);
+            if !under_bind || f.mode > 0o777 {
                 return Err(SpecError::BadFile(f.path.clone()));
             }
         }
@@ -268,10 +274,9 @@ pub(crate) mod testutil {
             hostname: default_hostname(),
             netns: None,
             cgroups: vec!["/sys/fs/cgroup/airlock/j-1".into()],
-            tmpfs: vec![TmpfsMount {
+            binds: vec![BindMount {
+                source: "/var/lib/airlock/jobs/j-1/fs/tmp".into(),
                 target: "/tmp".into(),
-                size_bytes: 1 << 30,
-                mode: 0o1777,
             }],
             files: vec![SpecFile {
                 path: "/tmp/airlock/token".into(),
@@ -293,7 +298,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn files_must_lie_in_a_job_tmpfs_and_their_contents_never_show_in_debug() {
+    fn files_must_lie_in_a_job_directory_and_their_contents_never_show_in_debug() {
         let mut s = spec();
         s.check().unwrap();
         assert!(!format!("{s:?}").contains("secret-token"));
@@ -352,13 +357,23 @@ mod tests {
             (|s| s.hide.push("/etc/../root".into()), "hide"),
             (|s| s.cgroups.push("rel".into()), "cgroup"),
             (|s| s.netns = Some("x".into()), "netns"),
-            (|s| s.tmpfs[0].size_bytes = 0, "size_bytes"),
-            (|s| s.tmpfs[0].mode = 0o17777, "mode"),
-            (|s| s.tmpfs[0].target = "/".into(), "twice or is `/`"),
+            (|s| s.binds[0].source = "fs/tmp".into(), "bind source"),
+            (|s| s.binds[0].source = "/a/../etc".into(), "bind source"),
+            (|s| s.binds[0].target = "tmp".into(), "bind target"),
+            (|s| s.binds[0].target = "/".into(), "is `/`"),
+            (
+                |s| s.binds[0].target = "/proc/1".into(),
+                "/proc, /sys or /dev",
+            ),
+            (|s| s.binds[0].target = "/dev".into(), "/proc, /sys or /dev"),
+            (
+                |s| s.binds[0].target = "/sys/fs".into(),
+                "/proc, /sys or /dev",
+            ),
             (
                 |s| {
-                    let t = s.tmpfs[0].clone();
-                    s.tmpfs.push(t)
+                    let b = s.binds[0].clone();
+                    s.binds.push(b)
                 },
                 "twice",
             ),

@@ -1,12 +1,17 @@
 //! The job's root filesystem, assembled in the job's own mount namespace at `root_dir`:
 //! the host's `/` bound read-only (recursively, nosuid, nodev), a fresh `/proc` for its pid
-//! namespace, a fresh read-only `/sys` (with its own cgroup2 view), a minimal `/dev`,
-//! size-capped tmpfs mounts owned by the job, hidden paths covered, then `pivot_root` and
-//! the old root detached. Never writes to the host's filesystem: every mount is made after
-//! all mounts were made private, and mount points are created only inside the job's own
-//! tmpfs mounts.
+//! namespace, a fresh read-only `/sys` (with its own cgroup2 view), a minimal `/dev`, the
+//! job's writable directories bound from its tmpfs on the host, hidden paths covered, then
+//! `pivot_root` and the old root detached. Never writes to the host's filesystem: every
+//! mount is made after all mounts were made private, and mount points are created only
+//! inside the job's own tmpfs.
+//!
+//! Whatever a bind or a cover goes over is detached first, not only covered: the recursive
+//! bind of the host's `/` copies every mount the host has, among them other jobs' tmpfs and
+//! network namespaces, and a copy left under a cover would hold those alive for as long as
+//! this job runs.
 
-use crate::{SpecFile, TmpfsMount};
+use crate::{BindMount, SpecFile};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::symlink;
@@ -30,8 +35,16 @@ pub enum Error {
     SetAttr(PathBuf, #[source] std::io::Error),
     #[error("cannot prepare {0:?} in the job's root: {1}")]
     Prepare(PathBuf, #[source] std::io::Error),
-    #[error("mount point {0:?} does not exist: it must exist on the host (the agent creates it) or lie under another tmpfs of the job")]
+    #[error("mount point {0:?} does not exist: it must exist on the host or lie under another of the job's directories")]
     MountPoint(PathBuf, #[source] std::io::Error),
+    #[error("the job's directory {0:?} must be a directory on a tmpfs (the job's own, made by the agent): a job never writes the host's disk")]
+    NotTmpfs(PathBuf),
+    #[error("cannot read the mount table {0:?}: {1}")]
+    MountTable(PathBuf, #[source] std::io::Error),
+    #[error("cannot detach {0:?} from the job's root: {1}")]
+    Detach(PathBuf, #[source] nix::Error),
+    #[error("{0:?} is still mounted in the job's root after detaching everything under {1:?}")]
+    StillMounted(PathBuf, PathBuf),
     #[error("cannot write the job's file {0:?}: {1}")]
     WriteFile(PathBuf, #[source] std::io::Error),
     #[error("cannot resolve {0:?} on the host: {1}")]
@@ -252,29 +265,113 @@ pub fn build_dev(root_dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// One of the job's writable tmpfs mounts, owned by the job's user.
-pub fn mount_tmpfs(root_dir: &Path, m: &TmpfsMount, uid: u32, gid: u32) -> Result<(), Error> {
-    let target = inside(root_dir, &m.target)?;
-    if !target.is_dir() {
-        // Only possible under an earlier tmpfs of the job; on the read-only host tree this
-        // fails (EROFS), which is what we want: the shim never writes the host's disk.
-        std::fs::create_dir_all(&target).map_err(|e| Error::MountPoint(m.target.clone(), e))?;
+/// Where this namespace's mount table is read (mount points relative to our root, which is
+/// still the host's `/` copy until `pivot_root`).
+const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+/// Mount points at or under `dir` in a mountinfo text, shallowest first. A point with
+/// mounts stacked on it is listed once per mount.
+pub fn mounts_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_octal)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| p.components().count());
+    found
+}
+
+/// A mountinfo path with its `\ooo` escapes (space, tab, newline, backslash) undone.
+fn unescape_octal(s: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let byte = match b.get(i..i + 4) {
+            Some([b'\\', d @ ..]) if d.iter().all(|c| (b'0'..=b'7').contains(c)) => {
+                u8::try_from(d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'))).ok()
+            }
+            _ => None,
+        };
+        match byte {
+            Some(v) => {
+                out.push(v);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
     }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// Detaches (`MNT_DETACH`, which takes submounts along) every mount at or under `target`
+/// in the job's root, then checks that none is left. The namespace is the job's own and
+/// private, so nothing of this reaches the host.
+pub fn detach_under(target: &Path) -> Result<(), Error> {
+    let read = || {
+        std::fs::read_to_string(MOUNTINFO)
+            .map_err(|e| Error::MountTable(PathBuf::from(MOUNTINFO), e))
+    };
+    let found = mounts_under(&read()?, target);
+    if found.is_empty() {
+        return Ok(());
+    }
+    for m in found {
+        match umount2(&m, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
+            // EINVAL, ENOENT: it went with a mount above it.
+            Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+            Err(e) => return Err(Error::Detach(m, e)),
+        }
+    }
+    match mounts_under(&read()?, target).into_iter().next() {
+        Some(left) => Err(Error::StillMounted(left, target.to_path_buf())),
+        None => Ok(()),
+    }
+}
+
+/// One of the job's writable directories: a directory of the job's tmpfs on the host, bound
+/// over its target in the job's root (nosuid, nodev, writable) after whatever the root had
+/// mounted there is detached.
+pub fn bind_job_dir(root_dir: &Path, b: &BindMount) -> Result<(), Error> {
+    let meta = std::fs::metadata(&b.source).map_err(|e| Error::Resolve(b.source.clone(), e))?;
+    let fs = nix::sys::statfs::statfs(&b.source)
+        .map_err(|e| Error::Resolve(b.source.clone(), e.into()))?;
+    if !meta.is_dir() || fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
+        return Err(Error::NotTmpfs(b.source.clone()));
+    }
+    let target = inside(root_dir, &b.target)?;
+    if !target.is_dir() {
+        // Only possible under an earlier directory of the job; on the read-only host tree
+        // this fails (EROFS), which is what we want: the shim never writes the host's disk.
+        std::fs::create_dir_all(&target).map_err(|e| Error::MountPoint(b.target.clone(), e))?;
+    }
+    detach_under(&target)?;
     mnt(
-        "a job tmpfs",
-        Some(Path::new("tmpfs")),
+        "a job directory (bind)",
+        Some(&b.source),
         &target,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(&format!(
-            "size={},mode={:o},uid={uid},gid={gid}",
-            m.size_bytes, m.mode
-        )),
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )?;
+    mnt(
+        "a job directory (nosuid, nodev)",
+        None,
+        &target,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None,
     )
 }
 
-/// One of the job's files, written into its tmpfs (the spec check keeps it there) and
-/// owned by the job's user. Created with its final mode, never readable by others first.
+/// One of the job's files, written into its tmpfs (the spec check keeps it under a bind
+/// target) and owned by the job's user. Created with its final mode, never readable by
+/// others first.
 pub fn write_file(root_dir: &Path, f: &SpecFile, uid: u32, gid: u32) -> Result<(), Error> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -299,9 +396,10 @@ pub fn write_file(root_dir: &Path, f: &SpecFile, uid: u32, gid: u32) -> Result<(
     Ok(())
 }
 
-/// Hides a host path from the job: a directory under an empty read-only tmpfs, anything
-/// else (file, socket, device) under a read-only `/dev/null`. Returns `false` when there is
-/// nothing to hide (absent on the host, or not visible in the job's root).
+/// Hides a host path from the job: whatever is mounted at or under it in the job's root is
+/// detached, then a directory goes under an empty read-only tmpfs, anything else (file,
+/// socket, device) under a read-only `/dev/null`. Returns `false` when there is nothing to
+/// hide (absent on the host, or not visible in the job's root).
 pub fn hide(root_dir: &Path, path: &Path) -> Result<bool, Error> {
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
@@ -309,6 +407,12 @@ pub fn hide(root_dir: &Path, path: &Path) -> Result<bool, Error> {
         Ok(_) => {}
     }
     let target = inside(root_dir, path)?;
+    match std::fs::symlink_metadata(&target) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::Resolve(target, e)),
+        Ok(_) => {}
+    }
+    detach_under(&target)?;
     let meta = match std::fs::metadata(&target) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
@@ -386,6 +490,30 @@ mod tests {
             want.join("a/b")
         );
         assert_eq!(inside(root, Path::new("/")).unwrap(), root);
+    }
+
+    #[test]
+    fn mounts_under_a_dir_come_shallowest_first_unescaped_and_stacked() {
+        let info = "27 1 254:0 / / rw - ext4 /dev/vda rw\n\
+                    60 27 0:40 / /r/tmp/j/fs rw,nosuid - tmpfs airlock-j rw\n\
+                    61 27 0:41 / /r/tmp rw - tmpfs tmpfs rw\n\
+                    62 61 0:42 / /r/tmp rw - tmpfs tmpfs rw\n\
+                    63 27 0:4 net:[4026532] /r/tmp/netns/airlock-j rw - nsfs nsfs rw\n\
+                    64 27 0:43 / /r/tmp\\040x/y rw - tmpfs tmpfs rw\n\
+                    65 27 0:44 / /r/tmpx rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            mounts_under(info, Path::new("/r/tmp")),
+            ["/r/tmp", "/r/tmp", "/r/tmp/j/fs", "/r/tmp/netns/airlock-j"].map(PathBuf::from)
+        );
+        assert_eq!(
+            mounts_under(info, Path::new("/r/tmp x")),
+            [PathBuf::from("/r/tmp x/y")]
+        );
+        assert!(mounts_under(info, Path::new("/r/run")).is_empty());
+        assert_eq!(
+            unescape_octal("a\\134b\\777c\\01"),
+            PathBuf::from("a\\b\\777c\\01")
+        );
     }
 
     #[test]

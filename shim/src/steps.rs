@@ -24,7 +24,7 @@ pub enum Step {
     BindHostRoot,
     ProcSys,
     Dev,
-    Tmpfs,
+    Binds,
     Files,
     Hide,
     PivotRoot,
@@ -59,7 +59,7 @@ impl fmt::Display for Step {
             Step::BindHostRoot => "bind the host's / read-only",
             Step::ProcSys => "mount /proc and /sys",
             Step::Dev => "build /dev",
-            Step::Tmpfs => "mount the job's tmpfs",
+            Step::Binds => "bind the job's directories",
             Step::Files => "write the job's files",
             Step::Hide => "hide host paths",
             Step::PivotRoot => "pivot_root and detach the old root",
@@ -150,12 +150,11 @@ fn child<S: Syscalls>(
     sys.bind_host_root(root).at(Step::BindHostRoot)?;
     sys.mount_proc_sys(root).at(Step::ProcSys)?;
     sys.build_dev(root).at(Step::Dev)?;
-    // Parents before children, so a workspace may lie under the job's home.
-    let mut tmpfs: Vec<_> = spec.tmpfs.iter().collect();
-    tmpfs.sort_by_key(|m| m.target.components().count());
-    for m in tmpfs {
-        sys.mount_tmpfs(root, m, spec.uid, spec.gid)
-            .at(Step::Tmpfs)?;
+    // Parents before children, so one directory of the job may lie under another.
+    let mut binds: Vec<_> = spec.binds.iter().collect();
+    binds.sort_by_key(|b| b.target.components().count());
+    for b in binds {
+        sys.bind_job_dir(root, b).at(Step::Binds)?;
     }
     for f in &spec.files {
         sys.write_file(root, f, spec.uid, spec.gid)
@@ -195,7 +194,7 @@ fn child<S: Syscalls>(
 mod tests {
     use super::*;
     use crate::testutil::spec;
-    use crate::TmpfsMount;
+    use crate::BindMount;
     use nix::sched::CloneFlags;
     use nix::sys::resource::Resource;
     use std::ffi::{CStr, CString};
@@ -268,14 +267,9 @@ mod tests {
         fn build_dev(&mut self, _: &Path) -> Result<(), SetupError> {
             self.call("build_dev", String::new())
         }
-        fn mount_tmpfs(
-            &mut self,
-            _: &Path,
-            m: &TmpfsMount,
-            uid: u32,
-            _: u32,
-        ) -> Result<(), SetupError> {
-            self.call("mount_tmpfs", format!("{} uid={uid}", m.target.display()))
+        fn bind_job_dir(&mut self, _: &Path, b: &BindMount) -> Result<(), SetupError> {
+            let (from, to) = (b.source.display(), b.target.display());
+            self.call("bind_job_dir", format!("{from} -> {to}"))
         }
         fn write_file(
             &mut self,
@@ -355,19 +349,12 @@ mod tests {
     #[test]
     fn the_child_runs_every_step_in_order() {
         let mut s = spec();
-        s.tmpfs.insert(
-            0,
-            TmpfsMount {
-                target: "/home/job/work".into(),
-                size_bytes: 1,
-                mode: 0o700,
-            },
-        );
-        s.tmpfs.push(TmpfsMount {
-            target: "/home/job".into(),
-            size_bytes: 1,
-            mode: 0o700,
-        });
+        let bind = |dir: &str| BindMount {
+            source: format!("/var/lib/airlock/jobs/j-1/fs{dir}").into(),
+            target: dir.into(),
+        };
+        s.binds.insert(0, bind("/home/job/work"));
+        s.binds.push(bind("/home"));
         let (fake, r) = child_run(&s);
         assert_eq!(r.unwrap(), Outcome::Executed);
         assert_eq!(
@@ -380,9 +367,9 @@ mod tests {
                 "bind_host_root",
                 "mount_proc_sys",
                 "build_dev",
-                "mount_tmpfs",
-                "mount_tmpfs",
-                "mount_tmpfs",
+                "bind_job_dir",
+                "bind_job_dir",
+                "bind_job_dir",
                 "write_file",
                 "hide",
                 "pivot_root",
@@ -404,15 +391,20 @@ mod tests {
                 "execve",
             ]
         );
-        // Parents mount before children, whatever the spec's order.
-        let tmpfs: Vec<_> = fake
+        // Parents are bound before children, whatever the spec's order.
+        let binds: Vec<_> = fake
             .calls
             .iter()
-            .filter(|c| c.starts_with("mount_tmpfs"))
+            .filter(|c| c.starts_with("bind_job_dir"))
             .collect();
-        assert_eq!(tmpfs[0], "mount_tmpfs /tmp uid=60000");
-        assert_eq!(tmpfs[1], "mount_tmpfs /home/job uid=60000");
-        assert_eq!(tmpfs[2], "mount_tmpfs /home/job/work uid=60000");
+        assert_eq!(
+            binds,
+            [
+                "bind_job_dir /var/lib/airlock/jobs/j-1/fs/tmp -> /tmp",
+                "bind_job_dir /var/lib/airlock/jobs/j-1/fs/home -> /home",
+                "bind_job_dir /var/lib/airlock/jobs/j-1/fs/home/job/work -> /home/job/work",
+            ]
+        );
         // A fresh network namespace when the agent gave none; core dumps off.
         assert!(fake.calls.contains(&"unshare net=true".to_string()));
         assert!(fake.calls.contains(&"set_rlimit RLIMIT_CORE=0".to_string()));
@@ -432,6 +424,9 @@ mod tests {
         before("join_cgroup", "fork"); // every job process in the cgroup
         before("unshare", "fork"); // the job is pid 1 of the new pid namespace
         before("make_mounts_private", "bind_host_root");
+        before("bind_host_root", "bind_job_dir"); // the job's directories over the host's
+        before("bind_job_dir", "write_file"); // the token lands in the job's tmpfs
+        before("bind_job_dir", "hide"); // nothing bound re-exposes a hidden path
         before("hide", "pivot_root");
         before("pivot_root", "set_uid");
         before("setsid", "execve");

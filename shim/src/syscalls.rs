@@ -4,7 +4,7 @@
 
 use crate::process::Forked;
 use crate::{capabilities, cgroup, env, fds, namespaces, process, rlimits, rootfs};
-use crate::{seccomp, user, SetupError, SpecFile, TmpfsMount};
+use crate::{seccomp, user, BindMount, SetupError, SpecFile};
 use nix::sched::CloneFlags;
 use nix::sys::resource::Resource;
 use seccompiler::BpfProgram;
@@ -21,13 +21,7 @@ pub trait Syscalls {
     fn bind_host_root(&mut self, root_dir: &Path) -> Result<(), SetupError>;
     fn mount_proc_sys(&mut self, root_dir: &Path) -> Result<(), SetupError>;
     fn build_dev(&mut self, root_dir: &Path) -> Result<(), SetupError>;
-    fn mount_tmpfs(
-        &mut self,
-        root_dir: &Path,
-        m: &TmpfsMount,
-        uid: u32,
-        gid: u32,
-    ) -> Result<(), SetupError>;
+    fn bind_job_dir(&mut self, root_dir: &Path, bind: &BindMount) -> Result<(), SetupError>;
     fn write_file(
         &mut self,
         root_dir: &Path,
@@ -101,14 +95,8 @@ impl Syscalls for Linux {
     fn build_dev(&mut self, root_dir: &Path) -> Result<(), SetupError> {
         Ok(rootfs::build_dev(root_dir)?)
     }
-    fn mount_tmpfs(
-        &mut self,
-        root_dir: &Path,
-        m: &TmpfsMount,
-        uid: u32,
-        gid: u32,
-    ) -> Result<(), SetupError> {
-        Ok(rootfs::mount_tmpfs(root_dir, m, uid, gid)?)
+    fn bind_job_dir(&mut self, root_dir: &Path, bind: &BindMount) -> Result<(), SetupError> {
+        Ok(rootfs::bind_job_dir(root_dir, bind)?)
     }
     fn write_file(
         &mut self,

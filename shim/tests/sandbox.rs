@@ -2,10 +2,12 @@
 //! agent does) with a small job — usually `shim-probe report`, which tries what a hostile
 //! job would — and asserts the specific outcome. They never skip: without root they fail
 //! and say so. Everything the shim mounts lives in its own mount namespace and disappears
-//! with it; the directories, cgroups and helper processes the tests create are removed by
-//! Drop guards, also on failure.
+//! with it; the job's tmpfs (mounted on the host, as the agent does), the directories,
+//! cgroups and helper processes the tests create are removed by Drop guards, also on
+//! failure.
 
-use airlock_shim::{Rlimits, SandboxSpec, SpecFile, TmpfsMount};
+use airlock_shim::{BindMount, Rlimits, SandboxSpec, SpecFile};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -41,9 +43,35 @@ fn require_root() {
     );
 }
 
+/// A tmpfs mounted on the host for a test, detached on drop (before its directory goes).
+struct HostMount(PathBuf);
+
+impl HostMount {
+    fn tmpfs(at: &Path, options: &str) -> HostMount {
+        std::fs::create_dir_all(at).unwrap();
+        mount(
+            Some("tmpfs"),
+            at,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(options),
+        )
+        .unwrap_or_else(|e| panic!("cannot mount a tmpfs at {at:?}: {e}"));
+        HostMount(at.to_path_buf())
+    }
+}
+
+impl Drop for HostMount {
+    fn drop(&mut self) {
+        let _ = umount2(&self.0, MntFlags::MNT_DETACH);
+    }
+}
+
 /// One job's sandbox: a private directory (visible to the job, read-only, because the host
-/// is), its spec and the run.
+/// is), the job's tmpfs in it (`fs`, laid out as the agent does: `tmp`, `run`, `home`), its
+/// spec and the run. `fs` is declared first, so it is detached before the directory goes.
 struct Sandbox {
+    fs: HostMount,
     dir: tempfile::TempDir,
     spec: SandboxSpec,
 }
@@ -62,10 +90,20 @@ impl Sandbox {
         let home = dir.path().join("home");
         std::fs::create_dir(&root).unwrap();
         std::fs::create_dir(&home).unwrap();
-        let tmpfs = |t: &Path, mode| TmpfsMount {
-            target: t.to_path_buf(),
-            size_bytes: 8 << 20,
-            mode,
+        let fs = HostMount::tmpfs(&dir.path().join("fs"), "size=8388608,mode=0755");
+        for (sub, mode, owner) in [
+            ("tmp", 0o1777, 0),
+            ("run", 0o755, 0),
+            ("home", 0o700, JOB_UID),
+        ] {
+            let d = fs.0.join(sub);
+            std::fs::create_dir(&d).unwrap();
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
+            std::os::unix::fs::chown(&d, Some(owner), Some(owner)).unwrap();
+        }
+        let bind = |sub: &str, target: &Path| BindMount {
+            source: fs.0.join(sub),
+            target: target.to_path_buf(),
         };
         let spec = SandboxSpec {
             job_id: "al-test".into(),
@@ -81,10 +119,10 @@ impl Sandbox {
             hostname: "al-job".into(),
             netns: None,
             cgroups: vec![],
-            tmpfs: vec![
-                tmpfs(Path::new("/tmp"), 0o1777),
-                tmpfs(Path::new("/run"), 0o755),
-                tmpfs(&home, 0o700),
+            binds: vec![
+                bind("tmp", Path::new("/tmp")),
+                bind("run", Path::new("/run")),
+                bind("home", &home),
             ],
             files: vec![],
             hide: vec![],
@@ -94,7 +132,7 @@ impl Sandbox {
                 core: None,
             },
         };
-        Sandbox { dir, spec }
+        Sandbox { fs, dir, spec }
     }
 
     fn probe() -> Self {
@@ -179,7 +217,7 @@ fn job_runs_as_its_user_without_any_capability_under_seccomp() {
 }
 
 #[test]
-fn host_is_read_only_and_the_jobs_tmpfs_are_empty_and_writable() {
+fn host_is_read_only_and_the_jobs_directories_are_empty_and_writable() {
     let sb = Sandbox::probe();
     let r = sb.report();
     assert_eq!(get(&r, "write_root"), "EROFS");
@@ -188,10 +226,21 @@ fn host_is_read_only_and_the_jobs_tmpfs_are_empty_and_writable() {
     assert_eq!(get(&r, "write_tmp"), "ok");
     assert_eq!(get(&r, "home_entries"), "0");
     assert_eq!(get(&r, "write_home"), "ok");
-    // The writes went to the job's tmpfs, not to the host.
+    // The writes went to the job's tmpfs, not to the host's disk.
     let home = sb.dir.path().join("home");
     assert_eq!(std::fs::read_dir(&home).unwrap().count(), 0);
     assert!(!Path::new("/al-probe").exists() && !Path::new("/usr/al-probe").exists());
+    assert!(sb.fs.0.join("tmp/al-probe").is_file());
+    assert!(sb.fs.0.join("home/al-probe").is_file());
+    // Bound nosuid and nodev, writable.
+    for dir in ["/tmp".to_string(), home.display().to_string()] {
+        let opts = get(&r, &format!("mount_options {dir}"));
+        let opts: Vec<&str> = opts.split(',').collect();
+        assert!(
+            opts.contains(&"rw") && opts.contains(&"nosuid") && opts.contains(&"nodev"),
+            "{dir}: {opts:?}"
+        );
+    }
     // A minimal /dev.
     assert_eq!(
         get(&r, "dev_entries"),
@@ -229,6 +278,43 @@ fn hidden_paths_are_empty_and_read_only() {
         std::fs::read_to_string(secret_dir.join("token")).unwrap(),
         "s3cr3t-in-dir"
     );
+}
+
+/// What the host has mounted under a hidden path or a job directory (another job's tmpfs,
+/// a network namespace) is detached in the job's namespace, not only covered: a copy under
+/// the cover would keep it alive for as long as the job runs.
+#[test]
+fn mounts_under_hidden_paths_and_job_directories_are_detached_not_only_covered() {
+    let mut sb = Sandbox::probe();
+    let state = sb.dir.path().join("state");
+    let under_hidden = HostMount::tmpfs(&state.join("other-job-fs"), "size=65536");
+    std::fs::write(under_hidden.0.join("token"), "s3cr3t").unwrap();
+    let home = sb.dir.path().join("home");
+    let under_home = HostMount::tmpfs(&home.join("al-inner"), "size=65536");
+    sb.spec.hide = vec![state.clone()];
+    sb.spec
+        .env
+        .insert("PROBE_HIDDEN_DIR".into(), state.display().to_string());
+    let r = sb.report();
+    assert_eq!(get(&r, "hidden_dir_entries"), "0");
+    let points: Vec<&str> = get(&r, "mount_points").split(',').collect();
+    let state = state.display().to_string();
+    let home = home.display().to_string();
+    let under = |p: &str, dir: &str| p == dir || p.starts_with(&format!("{dir}/"));
+    // Exactly one mount at each (the cover, the job's home), nothing below.
+    for dir in [&state, &home, &"/tmp".to_string(), &"/run".to_string()] {
+        let here: Vec<&&str> = points.iter().filter(|p| under(p, dir)).collect();
+        assert_eq!(
+            here,
+            [dir],
+            "mounts at or under {dir} in the job: {points:?}"
+        );
+    }
+    // Still mounted on the host.
+    let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for m in [&under_hidden, &under_home] {
+        assert!(host.contains(&m.0.display().to_string()), "{m:?}", m = m.0);
+    }
 }
 
 #[test]
@@ -407,14 +493,26 @@ fn a_setup_failure_exits_125_and_names_the_step() {
     assert!(out.stdout.is_empty(), "the job must not have run");
 
     let mut sb = Sandbox::probe();
-    sb.spec.tmpfs.push(TmpfsMount {
+    let source = sb.fs.0.join("tmp");
+    sb.spec.binds.push(BindMount {
+        source,
         target: "/nonexistent/al-ws".into(),
-        size_bytes: 1 << 20,
-        mode: 0o700,
     });
     let out = sb.run();
     assert_eq!(out.status.code(), Some(125));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("mount the job's tmpfs"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bind the job's directories"), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+
+    // A job directory must come from a tmpfs: never the host's disk, writable.
+    let mut sb = Sandbox::probe();
+    sb.spec.binds[0].source = sb.dir.path().to_path_buf();
+    let out = sb.run();
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bind the job's directories"), "{err}");
+    assert!(err.contains("must be a directory on a tmpfs"), "{err}");
+    assert!(out.stdout.is_empty(), "the job must not have run");
 
     let mut sb = Sandbox::probe();
     sb.spec.uid = 0;

@@ -51,9 +51,15 @@ impl Stack {
     }
 
     /// Like [`Stack::sandboxed`], but with the repository's policies changed so that the
-    /// production rule's jobs get `network = "outbound"` (`[rule.sandbox]` appended to the
-    /// last rule of `10-production.toml`, which is the production rule).
+    /// production rule's jobs get `network = "outbound"`.
     pub fn sandboxed_outbound_production(extra: &str) -> Stack {
+        Self::sandboxed_production_rule(extra, "network = \"outbound\"\n")
+    }
+
+    /// Like [`Stack::sandboxed`], with the repository's policies, the production rule given
+    /// the `[rule.sandbox]` table `rule_sandbox` (appended to the last rule of
+    /// `10-production.toml`, which is the production rule).
+    pub fn sandboxed_production_rule(extra: &str, rule_sandbox: &str) -> Stack {
         let src = crate::paths::repo_root().join("policies");
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&src).expect("the repository's policies/") {
@@ -65,7 +71,8 @@ impl Stack {
                     !text.contains("[rule.sandbox]"),
                     "{name} has a sandbox table"
                 );
-                text.push_str("\n[rule.sandbox]\nnetwork = \"outbound\"\n");
+                text.push_str("\n[rule.sandbox]\n");
+                text.push_str(rule_sandbox);
             }
             files.push((name, text));
         }

@@ -1,7 +1,8 @@
 //! Escapes between sandboxed jobs and across a job's end: the host's real metadata service,
-//! a concurrent job's endpoint, processes and files, a background process that outlives
-//! the job, files left for the next job, fork bombs and memory exhaustion, an agent killed
-//! mid-job, and 16 jobs fetching credentials at once. Each test asserts the specific
+//! a concurrent job's endpoint, processes, files and mounts, a background process that
+//! outlives the job, files left for the next job, a wiped job's tmpfs kept alive, fork
+//! bombs, memory exhaustion and a full tmpfs, an agent killed mid-job, and 16 jobs fetching
+//! credentials at once. Each test asserts the specific
 //! failure (errno, status code, the exact absence), never only a non-zero exit.
 //!
 //! Tests run as root. Whatever a test makes on the host (a dummy link, a live job) is
@@ -189,6 +190,34 @@ fn procs() -> Vec<Proc> {
         });
     }
     v
+}
+
+/// `Shmem` of the host's /proc/meminfo in bytes: what its tmpfs mounts hold.
+fn shmem_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Shmem:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .expect("a Shmem line in /proc/meminfo")
+}
+
+/// The mount table of every mount namespace on the host: `(a pid in it, its mountinfo)`.
+fn all_mount_tables() -> Vec<(u32, String)> {
+    let mut seen = BTreeSet::new();
+    let mut tables = Vec::new();
+    for p in procs() {
+        let Ok(ns) = std::fs::read_link(format!("/proc/{}/ns/mnt", p.pid)) else {
+            continue;
+        };
+        if seen.insert(ns) {
+            if let Ok(t) = std::fs::read_to_string(format!("/proc/{}/mountinfo", p.pid)) {
+                tables.push((p.pid, t));
+            }
+        }
+    }
+    tables
 }
 
 /// Leaves out zombies: a killed process that its parent has not reaped yet runs nothing
@@ -1021,6 +1050,138 @@ fn a_job_cannot_signal_a_concurrent_jobs_processes() {
     assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", a.job.transcript());
 }
 
+/// The shim's new mount namespace starts as a copy of the host's, and the job's root as a
+/// recursive bind of `/`: without care, job B would hold copies of job A's tmpfs and
+/// network namespace mounts (hidden under B's own `/tmp` or `/run`), and keep them alive
+/// after A's wipe for as long as B runs.
+#[test]
+fn a_job_holds_no_mount_of_another_job_and_a_wiped_jobs_tmpfs_is_freed() {
+    const BIG: u64 = 256 << 20;
+    let stack = Stack::sandboxed("");
+    let before = shmem_bytes();
+    let mut a = LiveJob::start(
+        &stack.agent,
+        &GithubJob::production().token(),
+        &format!("head -c {BIG} /dev/zero > /home/job/work/al-big && echo wrote\necho ready\nread _\nexit 0\n"),
+    );
+    assert!(
+        a.wait_line("ready", Duration::from_secs(60)).is_some(),
+        "job A did not start\n{}\nagent log:\n{}",
+        a.transcript(),
+        stack.agent.log()
+    );
+    assert!(a.stdout_text().contains("wrote"), "{}", a.transcript());
+    let full = shmem_bytes();
+    assert!(
+        full.saturating_sub(before) >= BIG * 3 / 4,
+        "A wrote {BIG} bytes but the host's Shmem rose by {}: its workspace is not on a host tmpfs",
+        full.saturating_sub(before)
+    );
+    // A's mounts on the host: its tmpfs (named after it) and its network namespace.
+    let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let a_source = format!(" - tmpfs airlock-{} ", a.job_id);
+    let a_fs = host
+        .lines()
+        .find(|l| l.contains(&a_source))
+        .unwrap_or_else(|| panic!("A's tmpfs is not mounted on the host:\n{host}"));
+    let a_dev = a_fs.split(' ').nth(2).unwrap().to_string();
+    let a_ns = sandbox_of(&stack.agent, &a.job_id)["netns"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        host.lines()
+            .any(|l| l.split(' ').nth(4) == Some(a_ns.as_str())),
+        "A's namespace {a_ns} is not mounted on the host"
+    );
+    let a_ns_root = format!(
+        "net:[{}]",
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&a_ns).unwrap())
+    );
+    // By A's id (mount points, the tmpfs's name), device or namespace inode.
+    let of_a = |table: &str| -> Vec<String> {
+        table
+            .lines()
+            .filter(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                l.contains(&a.job_id)
+                    || f.get(2) == Some(&&*a_dev)
+                    || f.get(3) == Some(&&*a_ns_root)
+            })
+            .map(str::to_string)
+            .collect()
+    };
+
+    let mut b = LiveJob::start(
+        &stack.agent,
+        &GithubJob::staging().token(),
+        "echo ready\nread _\nexit 0\n",
+    );
+    assert!(
+        b.wait_line("ready", Duration::from_secs(30)).is_some(),
+        "{}",
+        b.transcript()
+    );
+    let b_pid = running(procs_of_job(&b.job_id))
+        .first()
+        .map(|p| p.pid)
+        .unwrap_or_else(|| panic!("no process of B in its cgroup\n{}", b.transcript()));
+    let b_table = std::fs::read_to_string(format!("/proc/{b_pid}/mountinfo")).unwrap();
+    // The table is B's: its own tmpfs is bound over its /tmp.
+    let b_source = format!(" - tmpfs airlock-{} ", b.job_id);
+    assert!(
+        b_table
+            .lines()
+            .any(|l| l.contains(&b_source) && l.split(' ').nth(4) == Some("/tmp")),
+        "B's /tmp is not its tmpfs:\n{b_table}"
+    );
+    assert_eq!(
+        of_a(&b_table),
+        Vec::<String>::new(),
+        "B's namespace holds mounts of A's"
+    );
+
+    // A ends while B runs: A's wipe detaches its tmpfs, and nothing else holds it.
+    a.release();
+    let st = a.wait(Duration::from_secs(30));
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", a.transcript());
+    let wiped = wiped_record(&stack.agent, &a.job_id);
+    assert_eq!(wiped["leftovers"], serde_json::json!([]), "{wiped}");
+    assert_eq!(wiped["files_detached"], true, "{wiped}");
+    // No mount namespace of the host has a copy left (by A's id only: its device number
+    // and namespace inode are free for reuse now).
+    for (pid, table) in all_mount_tables() {
+        let left: Vec<&str> = table.lines().filter(|l| l.contains(&a.job_id)).collect();
+        assert!(
+            left.is_empty(),
+            "the mount namespace of pid {pid} still holds A's mounts: {left:?}"
+        );
+    }
+    // Its memory comes back in the background (B still running).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = shmem_bytes();
+        if full.saturating_sub(now) >= BIG * 3 / 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's tmpfs was not freed after its wipe: Shmem {now} bytes, {full} with A's file"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        b.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None))),
+        "B ended early\n{}",
+        b.transcript()
+    );
+    b.release();
+    let st = b.wait(Duration::from_secs(30));
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", b.transcript());
+}
+
 // ---------------------------------------------------------------------------------------
 // Across a job's end.
 // ---------------------------------------------------------------------------------------
@@ -1189,6 +1350,53 @@ for d in ("/tmp", "/var/tmp", "/home/job", "/home/job/work", "/dev/shm"):
 // ---------------------------------------------------------------------------------------
 // Resource exhaustion.
 // ---------------------------------------------------------------------------------------
+
+/// `[sandbox] tmpfs_size` caps the job's files as a whole: /tmp, /var/tmp, /run, its home
+/// and its workspace are one tmpfs.
+#[test]
+fn the_tmpfs_size_caps_the_job_as_a_whole() {
+    let stack = Stack::sandboxed("tmpfs_size = 16777216\n");
+    let probe = py_file(
+        "/tmp/probe.py",
+        r#"MIB = 1 << 20
+def write(path, n):
+    try:
+        with open(path, "wb") as f:
+            f.write(b"x" * (n * MIB))
+        return "ok"
+    except OSError as e:
+        return err(e)
+dirs = ("/tmp", "/var/tmp", "/run", "/home/job", "/home/job/work")
+print("sizes=" + ",".join(str(os.statvfs(d).f_blocks * os.statvfs(d).f_frsize) for d in dirs))
+print("devices=" + str(len({os.stat(d).st_dev for d in dirs})))
+print("tmp_10m=" + write("/tmp/a", 10))
+print("work_10m=" + write("/home/job/work/b", 10))
+print("var_tmp_1m=" + write("/var/tmp/c", 1))
+print("run_1m=" + write("/run/d", 1))
+for f in ("/tmp/a", "/home/job/work/b", "/var/tmp/c", "/run/d"):
+    if os.path.exists(f):
+        os.unlink(f)
+print("run_12m_after_rm=" + write("/run/e", 12))"#,
+    );
+    let (_, stdout, stderr, out) = run_job(
+        &stack,
+        &GithubJob::production(),
+        &format!("{probe}{PY} /tmp/probe.py\n"),
+    );
+    let ctx = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(out.status.success(), "{}\n{ctx}", out.status);
+    let k = kv(&stdout);
+    let get = |key: &str| k.get(key).map(String::as_str);
+    let cap = "16777216";
+    assert_eq!(get("sizes"), Some([cap; 5].join(",").as_str()), "{ctx}");
+    assert_eq!(get("devices"), Some("1"), "one filesystem\n{ctx}");
+    assert_eq!(get("tmp_10m"), Some("ok"), "{ctx}");
+    // 10 MiB in /tmp leave less than 10 for everything else.
+    assert_eq!(get("work_10m"), Some("ENOSPC"), "{ctx}");
+    assert_eq!(get("var_tmp_1m"), Some("ENOSPC"), "{ctx}");
+    assert_eq!(get("run_1m"), Some("ENOSPC"), "{ctx}");
+    assert_eq!(get("run_12m_after_rm"), Some("ok"), "{ctx}");
+}
 
 #[test]
 fn a_fork_bomb_hits_the_jobs_pids_limit_without_hurting_the_agent_or_other_jobs() {

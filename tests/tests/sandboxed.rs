@@ -223,3 +223,57 @@ fn stopping_the_agent_wipes_its_sandboxed_jobs() {
         .map(|d| d.count() == 0)
         .unwrap_or(true));
 }
+
+/// `[rule.sandbox]` limits reach the job: the deciding rule's, not the agent's defaults.
+#[test]
+fn a_rules_sandbox_section_sets_the_jobs_limits() {
+    let stack = Stack::sandboxed_production_rule(
+        "",
+        "pids = 64\nmemory = \"96M\"\ntmpfs = \"8M\"\ncpus = 0.5\n",
+    );
+    // 8 MiB for the whole job: 6 MiB fit in /tmp, 3 more in the workspace do not.
+    let out = stack.run_sh(
+        &GithubJob::production().token(),
+        "df -k /tmp | tail -1 | awk '{print \"tmp_kib=\" $2}'; \
+         head -c 6291456 /dev/zero > /tmp/a && echo six=ok; \
+         head -c 3145728 /dev/zero > \"$HOME/work/b\" 2>/dev/null && echo three=ok || echo three=ENOSPC",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ctx = format!(
+        "stdout:\n{stdout}\nstderr:\n{}\nagent log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stack.agent.log()
+    );
+    assert!(out.status.success(), "{ctx}");
+    assert!(stdout.contains("tmp_kib=8192\n"), "{ctx}");
+    assert!(stdout.contains("six=ok\n"), "{ctx}");
+    assert!(stdout.contains("three=ENOSPC\n"), "{ctx}");
+    let started = stack
+        .agent
+        .audit_records()
+        .into_iter()
+        .find(|r| r["event"] == "job_started")
+        .unwrap();
+    let sb = &started["sandbox"];
+    assert_eq!(sb["pids_max"], 64, "{started}");
+    assert_eq!(sb["memory_max"], 96 * 1024 * 1024, "{started}");
+    assert_eq!(sb["tmpfs_size"], 8 * 1024 * 1024, "{started}");
+    assert_eq!(sb["cpu_max_us"], "50000 100000", "{started}");
+    assert_eq!(sb["network"], "endpoint-only", "{started}");
+    // The staging job (its rule has no [rule.sandbox]) gets the agent's defaults.
+    let out = stack.run_sh(&GithubJob::staging().token(), "true");
+    assert!(out.status.success());
+    let staging = stack
+        .agent
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["event"] == "job_started")
+        .nth(1)
+        .unwrap();
+    assert_ne!(staging["sandbox"]["pids_max"], 64, "{staging}");
+    assert_ne!(
+        staging["sandbox"]["tmpfs_size"],
+        8 * 1024 * 1024,
+        "{staging}"
+    );
+}

@@ -1,12 +1,14 @@
 //! One job's sandbox from the agent's side, end to end: a user slot, a cgroup, a network
-//! namespace with the job's endpoint listeners bound inside it, the shim's spec — and the
-//! wipe that removes all of it and checks that nothing is left.
+//! namespace with the job's endpoint listeners bound inside it, the job's tmpfs, the shim's
+//! spec — and the wipe that removes all of it and checks that nothing is left.
 //!
 //! The order of a wipe matters: the cgroup is killed first (nothing of the job runs any
-//! more, so its mount namespace and with it every tmpfs of the job are gone: the wipe of the
-//! job's files costs the same whatever they hold), then the network objects, then the
-//! job's directory; only then is the slot given back — unless something was left, in which
-//! case the slot stays taken (tainted) and the audit says what remained.
+//! more, so its mount namespace is gone and with it every mount of its tmpfs but the
+//! host's), then the network objects, then the tmpfs is detached (cheap: the agent's handle
+//! still holds it, and the kernel frees its files when a background reclaim drops that
+//! handle, so the wipe costs the same whatever the job left) and the job's directory
+//! removed; only then is the slot given back — unless something was left, in which case
+//! the slot stays taken (tainted) and the audit says what remained.
 
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -14,9 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use airlock_shim::{Rlimits, SandboxSpec, SpecFile, TmpfsMount};
+use airlock_shim::{Rlimits, SandboxSpec, SpecFile};
 
 use super::cgroup::{CgroupError, CgroupRoot, CpuMax, JobCgroup, Limits, ParentGroup};
+use super::jobfs::{self, Holds, JobFs, JobFsError, Reclaimer};
 use super::netns::{self, JobNet, NetConfig, NetManager, NetMode, NetnsError};
 use super::users::{JobUser, RunnerIds, UserPool, UsersError};
 use crate::config::Config;
@@ -40,6 +43,8 @@ pub enum SandboxError {
     Users(#[from] UsersError),
     #[error("sandbox directory {0}: {1}")]
     Dir(PathBuf, std::io::Error),
+    #[error("sandbox files: {0}")]
+    Fs(#[from] JobFsError),
     #[error("the sandbox init {0} is missing or not executable: install airlock-shim or set [sandbox] shim")]
     NoShim(PathBuf),
     #[error("[sandbox] {0}")]
@@ -95,6 +100,8 @@ pub struct Prepared {
     pub cgroup: JobCgroup,
     /// The cgroup limits the job got (its rule's over the agent's).
     pub limits: Limits,
+    /// Size cap of the job's tmpfs (its rule's, else the agent's).
+    pub tmpfs_size: u64,
     pub net: JobNet,
     /// The job's endpoint sockets, bound inside its namespace (container, then IMDS).
     pub listeners: Vec<std::net::TcpListener>,
@@ -107,6 +114,9 @@ pub struct WipeReport {
     pub processes_killed: usize,
     pub cgroup_removed: bool,
     pub network_removed: bool,
+    /// The job's tmpfs is detached: no path leads to its files, which a background reclaim
+    /// frees.
+    pub files_detached: bool,
     pub dir_removed: bool,
     /// Anything of the job still there after the wipe: the slot is tainted.
     pub leftovers: Vec<String>,
@@ -116,9 +126,17 @@ pub struct WipeReport {
 #[derive(Debug)]
 pub struct Sandboxes {
     shim: PathBuf,
+    /// Canonical (it is compared with the mount table), a shared mount point of its own.
     runtime_dir: PathBuf,
+    /// `runtime_dir` is a bind of itself (this agent's, or one's before a crash): taken
+    /// away at shutdown.
+    bound_runtime_dir: bool,
     limits: Limits,
+    /// Size cap of each job's tmpfs, for the job as a whole.
     tmpfs_size: u64,
+    /// Handles on live jobs' tmpfs roots, until their wipe.
+    holds: Holds,
+    reclaimer: Reclaimer,
     hide: Vec<PathBuf>,
     pass_env: Vec<String>,
     /// One file per tainted slot (`<state>/tainted/<slot>`): kept across restarts until an
@@ -184,7 +202,11 @@ impl Sandboxes {
             .mode(0o700)
             .create(&s.runtime_dir)
             .map_err(|e| SandboxError::Dir(s.runtime_dir.clone(), e))?;
-        // airlock's own files are never visible to a job, whatever the operator lists.
+        let runtime_dir = std::fs::canonicalize(&s.runtime_dir)
+            .map_err(|e| SandboxError::Dir(s.runtime_dir.clone(), e))?;
+        let bound_runtime_dir = jobfs::prepare_runtime_dir(&runtime_dir)?;
+        // airlock's own files (and mounts: the shim detaches what lies under a hidden path)
+        // are never visible to a job, whatever the operator lists.
         let mut hide: Vec<PathBuf> = vec![
             "/root".into(),
             "/var/run/docker.sock".into(),
@@ -193,7 +215,8 @@ impl Sandboxes {
             "/var/lib/docker".into(),
             "/var/lib/containerd".into(),
             cfg.agent.state_dir.clone(),
-            s.runtime_dir.clone(),
+            runtime_dir.clone(),
+            s.netns_dir.clone(),
         ];
         for p in [
             config_path.parent(),
@@ -211,9 +234,12 @@ impl Sandboxes {
         hide.dedup();
         Ok(Sandboxes {
             shim,
-            runtime_dir: s.runtime_dir.clone(),
+            runtime_dir,
+            bound_runtime_dir,
             limits,
             tmpfs_size: s.tmpfs_size,
+            holds: Holds::default(),
+            reclaimer: Reclaimer::new(),
             hide,
             pass_env: s.pass_env.clone(),
             taint_dir,
@@ -311,6 +337,7 @@ impl Sandboxes {
             user,
             cgroup,
             limits,
+            tmpfs_size: settings.tmpfs_size.unwrap_or(self.tmpfs_size),
             net,
             listeners,
             dir,
@@ -337,7 +364,9 @@ impl Sandboxes {
         env
     }
 
-    /// Write the shim's spec for `argv` (0600, in the job's root-only directory).
+    /// Mount the job's tmpfs (`<job dir>/fs`, held until the wipe) and write the shim's spec
+    /// for `argv` (0600, in the job's root-only directory). On failure the wipe removes
+    /// what was made.
     pub fn write_spec(
         &self,
         job: &str,
@@ -346,11 +375,9 @@ impl Sandboxes {
         env: BTreeMap<String, String>,
         token: &str,
     ) -> Result<PathBuf, SandboxError> {
-        let tmpfs = |target: &str, mode| TmpfsMount {
-            target: target.into(),
-            size_bytes: self.tmpfs_size,
-            mode,
-        };
+        let fs = JobFs::create(job, &p.dir, p.tmpfs_size, p.user.uid, p.user.gid)?;
+        let binds = fs.binds();
+        self.holds.insert(job, fs.into_hold());
         let spec = SandboxSpec {
             job_id: job.to_string(),
             argv,
@@ -362,14 +389,7 @@ impl Sandboxes {
             hostname: "airlock-job".into(),
             netns: Some(p.net.ns_path.clone()),
             cgroups: p.cgroup.dirs().map(Path::to_path_buf).collect(),
-            tmpfs: vec![
-                tmpfs("/tmp", 0o1777),
-                tmpfs("/var/tmp", 0o1777),
-                tmpfs("/run", 0o755),
-                tmpfs("/home", 0o755),
-                tmpfs(JOB_HOME, 0o700),
-                tmpfs(JOB_WORKSPACE, 0o700),
-            ],
+            binds,
             files: vec![SpecFile {
                 path: JOB_TOKEN_FILE.into(),
                 contents: token.to_string(),
@@ -433,16 +453,41 @@ impl Sandboxes {
                 .extend(left.iter().map(|l| format!("network: {l:?}"))),
             Err(e) => report.leftovers.push(format!("network check: {e}")),
         }
+        // The job's files: with nothing of the job running, only the host's mount of its
+        // tmpfs and the agent's handle hold it. The detach is cheap and leaves no path to the
+        // files; the kernel frees them when the reclaim drops the handle, off this path.
         let dir = self.job_dir(job);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => report.dir_removed = true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => report.dir_removed = true,
-            Err(e) => report.leftovers.push(format!("{}: {e}", dir.display())),
-        }
-        if dir.exists() {
-            report
+        let hold = self
+            .holds
+            .take(job)
+            .or_else(|| jobfs::hold(&dir.join(jobfs::FS_DIR)));
+        match jobfs::detach_all_under(&dir) {
+            Ok(left) if left.is_empty() => report.files_detached = true,
+            Ok(left) => report
                 .leftovers
-                .push(format!("{} still exists", dir.display()));
+                .extend(left.iter().map(|m| format!("mount {}", m.display()))),
+            Err(e) => report.leftovers.push(format!("mounts: {e}")),
+        }
+        if !report.files_detached {
+            // Removing the directory would walk into what is still mounted in it.
+            report.leftovers.push(format!(
+                "{} not removed: a mount in it is left",
+                dir.display()
+            ));
+        } else {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => report.dir_removed = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => report.dir_removed = true,
+                Err(e) => report.leftovers.push(format!("{}: {e}", dir.display())),
+            }
+            if dir.exists() {
+                report
+                    .leftovers
+                    .push(format!("{} still exists", dir.display()));
+            }
+        }
+        if let Some(hold) = hold {
+            self.reclaimer.reclaim(job, hold);
         }
         if let Some(slot) = slot {
             if report.leftovers.is_empty() {
@@ -461,12 +506,30 @@ impl Sandboxes {
     }
 
     /// At agent shutdown with no jobs left: remove the agent's own (empty) cgroup parent
-    /// and the bind mount of its namespace directory.
+    /// and the bind mounts of its namespace and runtime directories.
     pub fn remove_parent(&self) {
         if let Err(e) = self.parent.remove() {
             tracing::debug!("cgroup parent not removed: {e}");
         }
         self.net.release_dir();
+        if self.bound_runtime_dir {
+            jobfs::release_runtime_dir(&self.runtime_dir);
+        }
+    }
+
+    /// Keep `gauge` at the number of wiped jobs whose files are still being freed.
+    pub fn count_reclaims_in(&self, gauge: prometheus_client::metrics::gauge::Gauge) {
+        self.reclaimer.count_in(gauge);
+    }
+
+    /// At agent shutdown: wait up to `timeout` for the background reclaims; `true` when
+    /// none is left. (Were the agent to exit first, the kernel would finish them in its
+    /// exit instead.)
+    pub async fn finish_reclaims(&self, timeout: Duration) -> bool {
+        let r = self.reclaimer.clone();
+        tokio::task::spawn_blocking(move || r.wait_idle(timeout))
+            .await
+            .unwrap_or(false)
     }
 
     /// Tainted slots and why.
@@ -522,9 +585,29 @@ impl Sandboxes {
         if let Ok(entries) = std::fs::read_dir(&self.runtime_dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
-                if crate::jobs::valid_job_id(&name) && !keep.contains(&name) {
-                    let _ = std::fs::remove_dir_all(e.path());
-                    reaped.push(format!("directory {}", e.path().display()));
+                if !crate::jobs::valid_job_id(&name) || keep.contains(&name) {
+                    continue;
+                }
+                // The job's tmpfs first, as in a wipe: removing the directory would walk
+                // into it file by file.
+                let dir = e.path();
+                let hold = jobfs::hold(&dir.join(jobfs::FS_DIR));
+                match jobfs::detach_all_under(&dir) {
+                    Ok(left) if left.is_empty() => {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        reaped.push(format!("directory {}", dir.display()));
+                    }
+                    Ok(left) => tracing::error!(
+                        dir = %dir.display(),
+                        mounts = ?left,
+                        "an orphaned job directory keeps mounts that cannot be detached; left in place"
+                    ),
+                    Err(e) => {
+                        tracing::error!(dir = %dir.display(), "orphaned job directory left in place: {e}")
+                    }
+                }
+                if let Some(hold) = hold {
+                    self.reclaimer.reclaim(&name, hold);
                 }
             }
         }

@@ -791,7 +791,10 @@ fn ensure_netns_dir(dir: &Path) -> Result<bool, NetnsError> {
         )
     };
     match shared() {
-        Ok(()) => Ok(false),
+        // Already a mount point: ours when it is the directory bound onto itself (as a
+        // restarted agent finds the bind its predecessor made), so it is released at
+        // shutdown all the same.
+        Ok(()) => Ok(super::jobfs::bound_onto_itself(dir)),
         // Not a mount point yet: bind it onto itself, then make it shared.
         Err(Errno::EINVAL) => {
             nix::mount::mount(

@@ -142,6 +142,23 @@ fn report() {
         v.join(",")
     });
     put("write_dev_null", io(std::fs::write("/dev/null", "x")));
+    // The job's mount table: every mount point, and the options of /tmp's and home's.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mounts: Vec<(&str, &str)> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ').skip(4);
+            Some((f.next()?, f.next()?))
+        })
+        .collect();
+    let mut points: Vec<&str> = mounts.iter().map(|(p, _)| *p).collect();
+    points.sort_unstable();
+    put("mount_points", points.join(","));
+    for dir in ["/tmp", home.as_str()] {
+        if let Some((_, opts)) = mounts.iter().rev().find(|(p, _)| *p == dir) {
+            put(&format!("mount_options {dir}"), opts.to_string());
+        }
+    }
     if let Ok(dir) = std::env::var("PROBE_HIDDEN_DIR") {
         put("hidden_dir_entries", entries(Path::new(&dir)));
         put(

@@ -230,9 +230,52 @@ fn main() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let rss32 = rss_kib(pid);
         println!("airlockd RSS: idle {idle_rss} KiB, with 32 jobs {rss32} KiB");
+        let sandboxed = sandboxed_rss(&moto);
         println!(
-            "connections={CONNECTIONS} secs={secs} agent_rps={:.0} bare_rps={:.0} ratio={:.3} agent_p50_us={} agent_p99_us={} bare_p50_us={} bare_p99_us={} agent_errors={} idle_rss_kib={idle_rss} rss_32_jobs_kib={rss32}",
+            "connections={CONNECTIONS} secs={secs} agent_rps={:.0} bare_rps={:.0} ratio={:.3} agent_p50_us={} agent_p99_us={} bare_p50_us={} bare_p99_us={} agent_errors={} idle_rss_kib={idle_rss} rss_32_jobs_kib={rss32} rss_32_sandboxed_jobs_kib={sandboxed}",
             a.rps, b.rps, a.rps / b.rps, a.p50_us, a.p99_us, b.p50_us, b.p99_us, a.errors
         );
     });
+}
+
+/// As root: a second agent with `[sandbox] enabled = true` and 32 live jobs, each with its
+/// cgroup, network namespace, endpoint listeners inside it and prefetched credentials
+/// (`airlock job start` prepares the sandbox). Its RSS, in KiB. Target (issue 3): ≤ 64 MiB.
+fn sandboxed_rss(moto: &MotoServer) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    assert!(
+        root,
+        "the sandboxed RSS figure needs root (make bench runs as root)"
+    );
+    let mut opts = AgentOptions::new(
+        moto.endpoint(),
+        moto.agent_access_key(),
+        moto.agent_secret_key(),
+    );
+    opts.extra_config = format!(
+        "[sandbox]\nenabled = true\nruntime_dir = \"jobs\"\nnetns_dir = \"netns\"\ncgroup_parent = \"al-bench-rss-{}\"\n[sandbox.users]\nmode = \"range\"\nfirst_uid = 2000000\nfirst_gid = 2000000\nslots = 32\n",
+        std::process::id()
+    );
+    let mut agent = Agent::start(opts).expect("a sandboxed airlockd starts");
+    let pid = agent.pid().expect("airlockd pid");
+    let mut jobs = Vec::new();
+    for _ in 0..32 {
+        jobs.push(
+            agent
+                .start_job(&GithubJob::production().token())
+                .expect("a sandboxed job starts"),
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let rss = rss_kib(pid);
+    println!("sandboxed airlockd RSS with 32 live sandboxed jobs: {rss} KiB (target <= 65536)");
+    let status = agent.stop();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the sandboxed agent did not stop cleanly: {status:?}"
+    );
+    rss
 }
