@@ -51,9 +51,9 @@ pub struct Config {
     /// Running jobs in sandboxes (`airlock run` with the shim).
     #[serde(default)]
     pub sandbox: SandboxSection,
-    /// Reserved for the egress issue; accepted and ignored for now.
+    /// Egress-controlled jobs: where their resolver (the agent) forwards allowed names.
     #[serde(default)]
-    pub egress: Option<toml::Table>,
+    pub egress: EgressSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -242,6 +242,60 @@ impl Default for JobsSection {
         JobsSection {
             max_lifetime: default_max_lifetime(),
         }
+    }
+}
+
+/// `[egress]`: the upstream resolvers of egress-controlled jobs' names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressSection {
+    /// Resolvers (`IP` or `IP:port`) the agent forwards allowed names to, from the host's
+    /// namespace. Empty: the nameservers of `resolv_conf`.
+    #[serde(default)]
+    pub upstreams: Vec<String>,
+    /// Where the host's nameservers are read from when `upstreams` is empty. On a host with
+    /// systemd-resolved, `/run/systemd/resolve/resolv.conf` names the real upstreams.
+    #[serde(default = "default_resolv_conf")]
+    pub resolv_conf: PathBuf,
+}
+
+impl Default for EgressSection {
+    fn default() -> Self {
+        EgressSection {
+            upstreams: Vec::new(),
+            resolv_conf: default_resolv_conf(),
+        }
+    }
+}
+
+fn default_resolv_conf() -> PathBuf {
+    "/etc/resolv.conf".into()
+}
+
+impl EgressSection {
+    /// The upstream resolvers, as the agent's resolver takes them.
+    pub fn dns_config(&self) -> Result<crate::egress::dns::DnsConfig, String> {
+        use crate::egress::dns::DnsConfig;
+        if self.upstreams.is_empty() {
+            let text = std::fs::read_to_string(&self.resolv_conf)
+                .map_err(|e| format!("[egress] resolv_conf {}: {e}", self.resolv_conf.display()))?;
+            return DnsConfig::from_resolv_conf(&text)
+                .map_err(|e| format!("[egress] resolv_conf {}: {e}", self.resolv_conf.display()));
+        }
+        let mut addrs = Vec::new();
+        for u in &self.upstreams {
+            let addr = u
+                .parse::<std::net::SocketAddr>()
+                .or_else(|_| {
+                    u.parse::<std::net::IpAddr>()
+                        .map(|ip| std::net::SocketAddr::new(ip, 53))
+                })
+                .map_err(|_| {
+                    format!("[egress] upstreams: {u:?} is not an IP address or IP:port")
+                })?;
+            addrs.push(addr);
+        }
+        Ok(DnsConfig::new(addrs))
     }
 }
 

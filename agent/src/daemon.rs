@@ -375,6 +375,8 @@ impl Daemon {
             f.insert("repository".into(), id.repository.clone().into());
             f.insert("ref".into(), id.git_ref.clone().into());
             f.insert("environment".into(), id.environment.clone().into());
+            f.insert("workflow".into(), id.workflow.clone().into());
+            f.insert("event".into(), id.event.clone().into());
             f.insert("run_id".into(), id.run_id.clone().into());
             f.insert("attempt".into(), id.attempt.clone().into());
         }
@@ -548,14 +550,17 @@ impl Daemon {
         let (listeners, addr, prepared) = match &self.sandboxes {
             Some(sb) => {
                 let settings = self.sandbox_settings(decision.as_ref());
-                let p = sb.prepare(&job_id, &settings).await.map_err(|e| {
-                    tracing::error!(job = %job_id, "cannot build the job's sandbox: {e}");
-                    ApiError::new(
-                        503,
-                        "SandboxUnavailable",
-                        format!("cannot build the job's sandbox: {e}"),
-                    )
-                })?;
+                let p = sb
+                    .prepare(&job_id, &settings, &self.audit)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(job = %job_id, "cannot build the job's sandbox: {e}");
+                        ApiError::new(
+                            503,
+                            "SandboxUnavailable",
+                            format!("cannot build the job's sandbox: {e}"),
+                        )
+                    })?;
                 let mut ls = Vec::new();
                 for l in &p.listeners {
                     let l = l
@@ -649,9 +654,10 @@ impl Daemon {
         let rule = decision
             .filter(|d| d.refused.is_none())
             .and_then(|d| d.rule.as_deref())
-            .and_then(|name| policies.rule(name))
-            .and_then(|r| r.sandbox.clone());
-        crate::sandbox::job::JobSettings::from_rule(rule.as_ref())
+            .and_then(|name| policies.rule(name).map(|r| (name, r)));
+        let sandbox = rule.and_then(|(_, r)| r.sandbox.clone());
+        let egress = rule.and_then(|(name, _)| policies.egress_for(name));
+        crate::sandbox::job::JobSettings::from_rule(sandbox.as_ref(), egress)
     }
 
     /// Persist and audit a new job, then write its token where the job will read it: a

@@ -10,6 +10,7 @@ pub mod broker;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod egress;
 pub mod endpoint;
 pub mod exit;
 pub mod http_client;

@@ -70,6 +70,13 @@ pub struct SandboxSpec {
     /// job's tmpfs and goes with it.
     #[serde(default)]
     pub files: Vec<SpecFile>,
+    /// The job's `/etc/resolv.conf` (an egress-controlled job's resolver is the agent).
+    /// `None`: the host's file, as the read-only root shows it. The shim writes it into the
+    /// job's `/run` and binds it read-only over `/etc/resolv.conf`; where the host's
+    /// `/etc/resolv.conf` is a symlink into one of the job's directories (systemd-resolved's
+    /// `/run/systemd/resolve/stub-resolv.conf`), it writes it at the link's target instead.
+    #[serde(default)]
+    pub resolv_conf: Option<String>,
     /// Host paths hidden from the job: whatever is mounted at or under one in the job's root
     /// is detached, then a directory is covered by an empty read-only tmpfs, anything else by
     /// a read-only `/dev/null`. Paths absent on the host are skipped.
@@ -283,6 +290,7 @@ pub(crate) mod testutil {
                 contents: "secret-token".into(),
                 mode: 0o400,
             }],
+            resolv_conf: None,
             hide: vec!["/etc/airlock".into()],
             rlimits: Rlimits {
                 nofile: Some(4096),

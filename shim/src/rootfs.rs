@@ -396,6 +396,88 @@ pub fn write_file(root_dir: &Path, f: &SpecFile, uid: u32, gid: u32) -> Result<(
     Ok(())
 }
 
+/// Gives the job its own `/etc/resolv.conf` (see `SandboxSpec::resolv_conf`). `job_dirs`
+/// are the job's writable directories (the bind targets). The file is root's, mode 0644:
+/// the job reads it and cannot change it.
+pub fn set_resolv_conf(root_dir: &Path, contents: &str, job_dirs: &[PathBuf]) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let etc_conf = Path::new("/etc/resolv.conf");
+    let err = |e| Error::WriteFile(etc_conf.to_path_buf(), e);
+    let in_root = inside(root_dir, etc_conf)?;
+    let write = |path: &Path| -> Result<(), Error> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        std::fs::write(path, contents).map_err(err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(err)
+    };
+    match std::fs::symlink_metadata(&in_root) {
+        Ok(m) if m.file_type().is_symlink() => {
+            // Resolved by hand against the job's root: the host's target may not exist.
+            let link = std::fs::read_link(&in_root).map_err(err)?;
+            let target = if link.is_absolute() {
+                link
+            } else {
+                Path::new("/etc").join(link)
+            };
+            let target = normalize(&target);
+            if job_dirs.iter().any(|d| target.starts_with(d)) {
+                return write(&inside(root_dir, &target)?);
+            }
+            // A link elsewhere on the read-only host: bind over what it points to.
+            bind_file(root_dir, &inside(root_dir, &target)?, write)
+        }
+        Ok(_) => bind_file(root_dir, &in_root, write),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// Writes `contents` to `/run/airlock/resolv.conf` in the job's root and binds it read-only
+/// over `target` (a file that exists in the job's root).
+fn bind_file(
+    root_dir: &Path,
+    target: &Path,
+    write: impl Fn(&Path) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let source = inside(root_dir, Path::new("/run/airlock/resolv.conf"))?;
+    write(&source)?;
+    mnt(
+        "the job's resolv.conf",
+        Some(&source),
+        target,
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )?;
+    mnt(
+        "the job's resolv.conf (read-only)",
+        None,
+        target,
+        None,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV,
+        None,
+    )
+}
+
+/// `..` and `.` removed lexically (the path is absolute).
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Hides a host path from the job: whatever is mounted at or under it in the job's root is
 /// detached, then a directory goes under an empty read-only tmpfs, anything else (file,
 /// socket, device) under a read-only `/dev/null`. Returns `false` when there is nothing to

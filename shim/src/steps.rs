@@ -160,6 +160,10 @@ fn child<S: Syscalls>(
         sys.write_file(root, f, spec.uid, spec.gid)
             .at(Step::Files)?;
     }
+    if let Some(conf) = &spec.resolv_conf {
+        let dirs: Vec<_> = spec.binds.iter().map(|b| b.target.clone()).collect();
+        sys.set_resolv_conf(root, conf, &dirs).at(Step::Files)?;
+    }
     for path in &spec.hide {
         sys.hide(root, path).at(Step::Hide)?;
     }
@@ -279,6 +283,14 @@ mod tests {
             _: u32,
         ) -> Result<(), SetupError> {
             self.call("write_file", format!("{} uid={uid}", file.path.display()))
+        }
+        fn set_resolv_conf(
+            &mut self,
+            _: &Path,
+            _: &str,
+            _: &[std::path::PathBuf],
+        ) -> Result<(), SetupError> {
+            self.call("set_resolv_conf", String::new())
         }
         fn hide(&mut self, _: &Path, path: &Path) -> Result<(), SetupError> {
             self.call("hide", path.display().to_string())

@@ -9,7 +9,7 @@ use nix::sched::CloneFlags;
 use nix::sys::resource::Resource;
 use seccompiler::BpfProgram;
 use std::ffi::{CStr, CString};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The privileged calls of the shim, one per setup step.
 pub trait Syscalls {
@@ -28,6 +28,12 @@ pub trait Syscalls {
         file: &SpecFile,
         uid: u32,
         gid: u32,
+    ) -> Result<(), SetupError>;
+    fn set_resolv_conf(
+        &mut self,
+        root_dir: &Path,
+        contents: &str,
+        job_dirs: &[PathBuf],
     ) -> Result<(), SetupError>;
     fn hide(&mut self, root_dir: &Path, path: &Path) -> Result<(), SetupError>;
     fn pivot_root(&mut self, root_dir: &Path) -> Result<(), SetupError>;
@@ -106,6 +112,14 @@ impl Syscalls for Linux {
         gid: u32,
     ) -> Result<(), SetupError> {
         Ok(rootfs::write_file(root_dir, file, uid, gid)?)
+    }
+    fn set_resolv_conf(
+        &mut self,
+        root_dir: &Path,
+        contents: &str,
+        job_dirs: &[PathBuf],
+    ) -> Result<(), SetupError> {
+        Ok(rootfs::set_resolv_conf(root_dir, contents, job_dirs)?)
     }
     fn hide(&mut self, root_dir: &Path, path: &Path) -> Result<(), SetupError> {
         rootfs::hide(root_dir, path)?;

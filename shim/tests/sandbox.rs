@@ -125,6 +125,7 @@ impl Sandbox {
                 bind("home", &home),
             ],
             files: vec![],
+            resolv_conf: None,
             hide: vec![],
             rlimits: Rlimits {
                 nofile: Some(1024),
@@ -402,6 +403,41 @@ fn the_jobs_files_are_written_into_its_tmpfs_for_it_alone() {
     let out = sb.run();
     assert_eq!(out.status.code(), Some(125));
     assert!(!Path::new("/etc/cron.d/al-evil").exists());
+}
+
+#[test]
+fn the_job_gets_its_own_read_only_resolv_conf() {
+    let host_before = std::fs::read_to_string("/etc/resolv.conf").ok();
+    let mut sb = Sandbox::new(&[
+        "/bin/sh",
+        "-c",
+        "cat /etc/resolv.conf; stat -L -c 'mode=%a uid=%u' /etc/resolv.conf; \
+         (echo x >> /etc/resolv.conf) 2>/dev/null && echo write=ok || echo write=refused",
+    ]);
+    sb.spec.resolv_conf = Some("nameserver 169.254.170.53\n".into());
+    let out = sb.run();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout,
+        "nameserver 169.254.170.53\nmode=644 uid=0\nwrite=refused\n"
+    );
+    // The host's file is untouched.
+    assert_eq!(
+        std::fs::read_to_string("/etc/resolv.conf").ok(),
+        host_before
+    );
+    // Without it, the job reads the host's.
+    sb.spec.resolv_conf = None;
+    let out = sb.run();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if let Some(host) = &host_before {
+        assert!(stdout.starts_with(host.as_str()), "{stdout}");
+    }
 }
 
 #[test]

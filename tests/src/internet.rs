@@ -37,8 +37,20 @@ impl Internet {
     pub fn new(range: [u8; 3]) -> Internet {
         let tag: u32 = rand_u32();
         let name = format!("alti{tag:08x}");
-        let k = 4 * (tag % 64) as u8;
         let [a, b, c] = range;
+        // A /30 no other test process has on the host right now.
+        let taken = Command::new("ip")
+            .args(["-o", "-4", "addr", "show"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let mut k = 4 * (tag % 64) as u8;
+        for _ in 0..64 {
+            if !taken.contains(&format!("inet {a}.{b}.{c}.{}/", k + 1)) {
+                break;
+            }
+            k = k.wrapping_add(4) % 252;
+        }
         let host_addr = Ipv4Addr::new(a, b, c, k + 1);
         let addr = Ipv4Addr::new(a, b, c, k + 2);
         ip(&["netns", "add", &name]);

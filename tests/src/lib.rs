@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod clients;
+pub mod fakedns;
 pub mod internet;
 pub mod moto;
 pub mod oidc;

@@ -60,6 +60,14 @@ impl Stack {
     /// the `[rule.sandbox]` table `rule_sandbox` (appended to the last rule of
     /// `10-production.toml`, which is the production rule).
     pub fn sandboxed_production_rule(extra: &str, rule_sandbox: &str) -> Stack {
+        Self::sandboxed_production_tables(extra, &format!("[rule.sandbox]\n{rule_sandbox}"))
+    }
+
+    /// Like [`Stack::sandboxed`], with `tables` (TOML sub-tables of the rule, such as
+    /// `[rule.egress]`) appended to the production rule, the last of `10-production.toml`.
+    /// `extra` is appended to the agent's config after the `[sandbox]` keys, so it may also
+    /// open tables of its own (`[egress]`).
+    pub fn sandboxed_production_tables(extra: &str, tables: &str) -> Stack {
         let src = crate::paths::repo_root().join("policies");
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&src).expect("the repository's policies/") {
@@ -68,11 +76,14 @@ impl Stack {
             let mut text = std::fs::read_to_string(&path).expect("a policy file");
             if name == "10-production.toml" {
                 assert!(
-                    !text.contains("[rule.sandbox]"),
-                    "{name} has a sandbox table"
+                    !text.lines().any(|l| {
+                        let l = l.trim_start();
+                        l.starts_with("[rule.sandbox]") || l.starts_with("[rule.egress]")
+                    }),
+                    "{name} has a sandbox or egress table"
                 );
-                text.push_str("\n[rule.sandbox]\n");
-                text.push_str(rule_sandbox);
+                text.push('\n');
+                text.push_str(tables);
             }
             files.push((name, text));
         }
@@ -89,6 +100,8 @@ impl Stack {
                 "[sandbox]\nenabled = true\nruntime_dir = \"jobs\"\nnetns_dir = \"netns\"\ncgroup_parent = \"al-e2e-{pid}-o{n}\"\n{extra}"
             );
             o.policies = policies;
+            // For debugging a test: `AIRLOCK_TEST_LOG=airlock=debug cargo nextest run ...`.
+            o.log_filter = std::env::var("AIRLOCK_TEST_LOG").ok();
             o
         })
     }

@@ -45,7 +45,7 @@ enum Cmd {
     /// Start, end and list jobs.
     #[command(subcommand)]
     Job(JobCmd),
-    /// Check and explain policies.
+    /// Check and explain policies; suggest egress allowlists from the audit log.
     #[command(subcommand)]
     Policy(PolicyCmd),
     /// Verify and query the audit log.
@@ -124,6 +124,29 @@ enum PolicyCmd {
         /// JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Write a [rule.egress] section from what chosen jobs did (run them with
+    /// mode = "audit" first): every name and address they connected to, on its port, minus
+    /// what the [egress] baseline allows. Give at least one of --repository, --workflow,
+    /// --job; several must all match. Exit 65 when no job matches or the log is not an
+    /// audit log.
+    Suggest {
+        /// Audit log to read (default: the configured one).
+        #[arg(long)]
+        audit: Option<PathBuf>,
+        /// Policy directory whose [egress] baseline is left out (default: the configured one).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Jobs of this repository (exactly, e.g. acme/web).
+        #[arg(long)]
+        repository: Option<String>,
+        /// Jobs of this workflow: the whole value, or its file (deploy.yml) or path
+        /// (.github/workflows/deploy.yml).
+        #[arg(long)]
+        workflow: Option<String>,
+        /// This job id.
+        #[arg(long)]
+        job: Option<String>,
     },
 }
 
@@ -408,6 +431,20 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
         Cmd::Policy(PolicyCmd::Explain { id, dir, json }) => {
             explain(&cli.config, id, dir, json).await
         }
+        Cmd::Policy(PolicyCmd::Suggest {
+            audit,
+            dir,
+            repository,
+            workflow,
+            job,
+        }) => {
+            let selector = airlock::policy::suggest::JobSelector {
+                repository,
+                workflow,
+                job,
+            };
+            suggest(&cli.config, audit, dir, &selector)
+        }
         Cmd::Audit(AuditCmd::Verify { file }) => {
             let file = match file {
                 Some(f) => f,
@@ -541,6 +578,64 @@ async fn explain(
     if let Some(s) = &ex.sandbox {
         println!("  sandbox: {s}");
     }
+    if let Some(e) = &ex.egress {
+        if e.allow.is_empty() {
+            println!("  egress: mode {}, nothing allowed", e.mode);
+        } else {
+            println!("  egress: mode {}, allow:", e.mode);
+        }
+        for a in &e.allow {
+            let from = if a.baseline { " (baseline)" } else { "" };
+            println!("    {a}{from}");
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// `airlock policy suggest`: the selected jobs' egress from the audit log, as a section to
+/// paste into their rule.
+fn suggest(
+    cfg_path: &Path,
+    audit: Option<PathBuf>,
+    dir: Option<PathBuf>,
+    selector: &airlock::policy::suggest::JobSelector,
+) -> Result<i32, Fail> {
+    use airlock::policy::suggest::SuggestError;
+    if selector.is_empty() {
+        return Err(Fail(
+            exit::USAGE,
+            "choose the jobs to learn from with --repository, --workflow and/or --job".into(),
+        ));
+    }
+    let audit = match audit {
+        Some(a) => a,
+        None => config(cfg_path)?.audit.path,
+    };
+    let dir = match dir {
+        Some(d) => d,
+        None => config(cfg_path)?.policy.dir,
+    };
+    let policies =
+        airlock::policy::load_dir(&dir).map_err(|e| Fail(exit::DATAERR, e.to_string()))?;
+    let file = std::fs::File::open(&audit).map_err(|e| {
+        Fail(
+            exit::NOINPUT,
+            format!("cannot read the audit log {}: {e}", audit.display()),
+        )
+    })?;
+    let suggestion = airlock::policy::suggest::suggest(
+        std::io::BufReader::new(file),
+        selector,
+        policies.baseline(),
+    )
+    .map_err(|e| {
+        let code = match e {
+            SuggestError::Read(_) => exit::IOERR,
+            SuggestError::Parse { .. } | SuggestError::NoJob(_) => exit::DATAERR,
+        };
+        Fail(code, format!("{}: {e}", audit.display()))
+    })?;
+    print!("{suggestion}");
     Ok(exit::OK)
 }
 

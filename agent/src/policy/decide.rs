@@ -5,7 +5,8 @@
 //! caller passes `now` and records the decision.
 
 use super::{
-    Matcher, Method, Origin, OutsideWindow, PolicySet, Rule, RuleSandbox, FLAG_OUTSIDE_WINDOW,
+    EgressPolicy, Matcher, Method, Origin, OutsideWindow, PolicySet, Rule, RuleSandbox,
+    FLAG_OUTSIDE_WINDOW,
 };
 use crate::identity::{IdentitySource, JobIdentity};
 use serde::Serialize;
@@ -48,6 +49,9 @@ pub struct Explanation {
     /// The granting rule's `[rule.sandbox]` settings. `None` when the job is refused or its
     /// rule sets none: its sandbox is then built from the agent's `[sandbox]` defaults.
     pub sandbox: Option<RuleSandbox>,
+    /// The granting rule's `[rule.egress]` merged with the baseline (entries marked
+    /// `baseline`). `None` when the job is refused or its rule has no `[rule.egress]`.
+    pub egress: Option<EgressPolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -114,16 +118,16 @@ impl PolicySet {
                 }
             })
             .collect();
-        let sandbox = decision
-            .rule
-            .as_deref()
-            .filter(|_| !decision.is_refused())
+        let granting = decision.rule.as_deref().filter(|_| !decision.is_refused());
+        let sandbox = granting
             .and_then(|name| self.rule(name))
             .and_then(|rule| rule.sandbox.clone());
+        let egress = granting.and_then(|name| self.egress_for(name));
         Explanation {
             decision,
             rules,
             sandbox,
+            egress,
         }
     }
 }
@@ -561,6 +565,64 @@ mod tests {
     }
 
     #[test]
+    fn explain_shows_the_granting_rules_egress_with_the_baseline_marked() {
+        let text = "[egress]\nbaseline = [\"github.com:443\", \"*.actions.githubusercontent.com:443\"]\n\
+                    [[rule]]\nname = \"first\"\n[rule.match]\nowner = \"acme\"\n\
+                    [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n\
+                    [rule.egress]\nallow = [\"registry.npmjs.org:443\", \"github.com:443\", \"203.0.113.0/24:8443\"]\n\
+                    [[rule]]\nname = \"second\"\n[rule.match]\n\
+                    [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n";
+        let set = load_str(Path::new("p.toml"), text).unwrap();
+        let ex = set.explain(
+            &github("acme/web", "refs/heads/main", None, "push"),
+            WEEKDAY,
+        );
+        let egress = ex.egress.clone().unwrap();
+        assert_eq!(egress.mode, crate::policy::EgressMode::Block);
+        let shown: Vec<(String, bool)> = egress
+            .allow
+            .iter()
+            .map(|a| (a.to_string(), a.baseline))
+            .collect();
+        // The rule's entries first; github.com is the rule's own, so it is not repeated.
+        assert_eq!(
+            shown,
+            [
+                ("registry.npmjs.org:443".to_string(), false),
+                ("github.com:443".to_string(), false),
+                ("203.0.113.0/24:8443".to_string(), false),
+                ("*.actions.githubusercontent.com:443".to_string(), true),
+            ]
+        );
+        // [rule.egress] without a network key: the job runs outbound, narrowed by the list.
+        assert_eq!(
+            ex.sandbox.as_ref().map(|s| s.to_string()).as_deref(),
+            Some("network=outbound")
+        );
+        let json = serde_json::to_value(&ex).unwrap();
+        assert_eq!(json["egress"]["mode"], "block");
+        assert_eq!(
+            json["egress"]["allow"][3],
+            serde_json::json!({"entry": "*.actions.githubusercontent.com:443", "baseline": true, "origin": "p.toml:2:31"})
+        );
+        assert_eq!(json["egress"]["allow"][0]["origin"], "p.toml:11:10");
+        // A rule without [rule.egress] shows none, even with a baseline loaded.
+        let ex = set.explain(
+            &github("other/web", "refs/heads/main", None, "push"),
+            WEEKDAY,
+        );
+        assert_eq!(ex.decision.rule.as_deref(), Some("second"));
+        assert_eq!(ex.egress, None);
+        assert!(serde_json::to_value(&ex).unwrap()["egress"].is_null());
+        // Nor does a refused job.
+        let mut attested = github("acme/web", "refs/heads/main", None, "push");
+        attested.source = IdentitySource::Attested;
+        let ex = set.explain(&attested, WEEKDAY);
+        assert!(ex.decision.is_refused());
+        assert_eq!(ex.egress, None);
+    }
+
+    #[test]
     fn explain_gives_every_rule_its_reasons() {
         let set = shipped();
         let ex = set.explain(
@@ -608,6 +670,7 @@ mod tests {
         );
         // Staging's rule has no [rule.sandbox]: the agent's defaults, nothing to show.
         assert_eq!(ex.sandbox, None);
+        assert_eq!(ex.egress, None);
         let json = serde_json::to_value(&ex).unwrap();
         assert_eq!(json["decision"]["grants"][0]["method"], "assume-role");
         assert_eq!(json["rules"][1]["matched"], true);

@@ -5,6 +5,7 @@
 //! `session_policy_file`), so that deciding never does I/O. It must never return a partly
 //! checked set: one error refuses the whole directory (the caller keeps its old set).
 
+use super::egress::{self, EgressAllow, EgressMode, RuleEgress};
 use super::{
     Grant, Matcher, Method, Origin, OutsideWindow, PolicySet, Rule, RuleNetwork, RuleSandbox,
     Window, DAY_NAMES,
@@ -106,6 +107,15 @@ pub fn load_str(path: &Path, text: &str) -> Result<PolicySet, PolicyError> {
 struct RawFile {
     #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
+    /// The global `[egress]` table: only `baseline`.
+    egress: Option<RawBaseline>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBaseline {
+    #[serde(default)]
+    baseline: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -122,8 +132,16 @@ struct RawRule {
     window: Vec<Spanned<RawWindow>>,
     #[serde(default)]
     grant: Vec<Spanned<RawGrant>>,
-    egress: Option<toml::Table>,
+    egress: Option<Spanned<RawEgress>>,
     sandbox: Option<RawSandbox>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEgress {
+    mode: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
 }
 
 fn yes() -> bool {
@@ -276,6 +294,13 @@ impl Loader {
             origin: cx.origin(&e.span().unwrap_or(0..0)),
             message: e.message().trim_end().to_string(),
         })?;
+        if let Some(b) = raw.egress {
+            for e in entries(&cx, "[egress] baseline", b.baseline, true)? {
+                if !self.set.baseline.iter().any(|have| have.same_entry(&e)) {
+                    self.set.baseline.push(e);
+                }
+            }
+        }
         for raw_rule in raw.rule {
             let span = raw_rule.span();
             let rule = self.rule(&cx, span, raw_rule.into_inner())?;
@@ -329,7 +354,19 @@ impl Loader {
             None => OutsideWindow::Refuse,
         };
         let grants = grants(cx, &name, &span, raw.grant)?;
-        let sandbox = raw.sandbox.map(|s| sandbox(cx, s)).transpose()?;
+        let egress = match raw.egress {
+            Some(e) => Some(self.egress(cx, &name, e, raw.sandbox.as_ref())?),
+            None => None,
+        };
+        let mut sandbox = raw.sandbox.map(|s| sandbox(cx, s)).transpose()?;
+        if egress.is_some() {
+            // The allowlist narrows outbound; without a network key the job would stay
+            // endpoint-only and the list would mean nothing.
+            sandbox
+                .get_or_insert_with(RuleSandbox::default)
+                .network
+                .get_or_insert(RuleNetwork::Outbound);
+        }
 
         let rule = Rule {
             name,
@@ -340,7 +377,7 @@ impl Loader {
             matchers,
             windows,
             grants,
-            egress: raw.egress,
+            egress,
             sandbox: sandbox.filter(|s| !s.is_empty()),
         };
         self.warn(cx, &rule, &match_span);
@@ -362,6 +399,17 @@ impl Loader {
                  every Buildkite organisation shares the issuer https://agent.buildkite.com, so pin the organisation"
             ));
         }
+        if rule
+            .egress
+            .as_ref()
+            .is_some_and(|e| e.mode == EgressMode::Audit)
+        {
+            self.set.warnings.push(format!(
+                "{at}: rule {name:?}: [rule.egress] mode = \"audit\" lets its jobs reach every address but the \
+                 metadata service, private ranges and the host (each one recorded); once `airlock policy suggest` \
+                 has written the allowlist, switch to mode = \"block\""
+            ));
+        }
         for g in &rule.grants {
             if g.duration_secs < SHORT_GRANT_WARNING {
                 self.set.warnings.push(format!(
@@ -379,6 +427,82 @@ impl Loader {
             }
         }
     }
+
+    /// `[rule.egress]`: its mode and entries, duplicates dropped with a warning; an error
+    /// when the rule also sets `network = "endpoint-only"`, which leaves nothing to allow.
+    fn egress(
+        &mut self,
+        cx: &FileCtx,
+        rule: &str,
+        raw: Spanned<RawEgress>,
+        sandbox: Option<&RawSandbox>,
+    ) -> Result<RuleEgress, PolicyError> {
+        let table = cx.origin(&raw.span());
+        let raw = raw.into_inner();
+        if let Some(network) = sandbox.and_then(|s| s.network.as_ref()) {
+            if network.get_ref().as_str() == Some("endpoint-only") {
+                return cx.err(
+                    &network.span(),
+                    format!(
+                        "rule {rule:?}: [rule.sandbox] network = \"endpoint-only\" contradicts its [rule.egress] at {table}: \
+                         an endpoint-only job reaches nothing but its credential endpoint, so there is no egress to allow; \
+                         remove one of them (with [rule.egress] the job runs outbound, narrowed by the allowlist)"
+                    ),
+                );
+            }
+        }
+        let mode = match &raw.mode {
+            None => EgressMode::Block,
+            Some(v) => match v.get_ref().as_str() {
+                Some("block") => EgressMode::Block,
+                Some("audit") => EgressMode::Audit,
+                _ => {
+                    return cx.err(
+                        &v.span(),
+                        format!(
+                            "[rule.egress] mode {} is not an egress mode; use \"block\" (the default) or \"audit\"",
+                            v.get_ref()
+                        ),
+                    )
+                }
+            },
+        };
+        let mut allow: Vec<EgressAllow> = Vec::new();
+        for e in entries(cx, "[rule.egress] allow", raw.allow, false)? {
+            match allow.iter().find(|have| have.same_entry(&e)) {
+                Some(first) => self.set.warnings.push(format!(
+                    "{}: rule {rule:?}: [rule.egress] allow lists {e} again (first at {}); the duplicate is ignored",
+                    e.origin, first.origin
+                )),
+                None => allow.push(e),
+            }
+        }
+        Ok(RuleEgress { mode, allow })
+    }
+}
+
+/// Allowlist entries (`[rule.egress] allow`, `[egress] baseline`), each checked at its own
+/// place in the file.
+fn entries(
+    cx: &FileCtx,
+    what: &str,
+    raw: Vec<Spanned<String>>,
+    baseline: bool,
+) -> Result<Vec<EgressAllow>, PolicyError> {
+    raw.into_iter()
+        .map(|text| match egress::parse_entry(text.get_ref()) {
+            Ok((target, port)) => Ok(EgressAllow {
+                target,
+                port,
+                baseline,
+                origin: cx.origin(&text.span()).to_string(),
+            }),
+            Err(why) => cx.err(
+                &text.span(),
+                format!("{what} entry {:?} {why}", text.get_ref()),
+            ),
+        })
+        .collect()
 }
 
 fn matchers(cx: &FileCtx, table: Ordered<RawMatch>) -> Result<Vec<Matcher>, PolicyError> {
@@ -1001,6 +1125,7 @@ fn cpus(cx: &FileCtx, v: &Spanned<toml::Value>) -> Result<u64, PolicyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::EgressTarget;
 
     const GRANT: &str =
         "[[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n";
@@ -1444,19 +1569,297 @@ mod tests {
     }
 
     #[test]
-    fn the_egress_table_is_kept_and_the_sandbox_table_checked() {
+    fn the_egress_and_sandbox_tables_are_both_checked() {
         let text = rule(&format!(
-            "{GRANT}[rule.egress]\nallow = [\"github.com\"]\n[rule.sandbox]\nmemory = \"2G\"\n"
+            "{GRANT}[rule.egress]\nallow = [\"github.com:443\"]\n[rule.sandbox]\nmemory = \"2G\"\n"
         ));
         let set = load(&text).unwrap();
         let r = set.rule("r").unwrap();
-        assert!(r.egress.as_ref().is_some_and(|t| t.contains_key("allow")));
+        let egress = r.egress.as_ref().unwrap();
+        assert_eq!(egress.mode, EgressMode::Block);
+        assert_eq!(egress.allow[0].to_string(), "github.com:443");
+        // The allowlist narrows outbound: a rule that does not say so gets it.
         assert_eq!(
             r.sandbox,
             Some(RuleSandbox {
+                network: Some(RuleNetwork::Outbound),
                 memory_max: Some(2_147_483_648),
                 ..RuleSandbox::default()
             })
+        );
+    }
+
+    /// The rule's `[rule.egress]` (line 8), with `body` as its keys (line 9 onwards).
+    fn egress_rule(body: &str) -> String {
+        rule(&format!("{GRANT}[rule.egress]\n{body}\n"))
+    }
+
+    fn load_egress(body: &str) -> RuleEgress {
+        load(&egress_rule(body))
+            .unwrap_or_else(|e| panic!("{body}: {e}"))
+            .rules()[0]
+            .egress
+            .clone()
+            .unwrap()
+    }
+
+    #[test]
+    fn egress_entries_of_every_form_load_in_order_with_their_place() {
+        let e = load_egress(
+            "mode = \"audit\"\nallow = [\n  \"GitHub.com.:443\",\n  \"*.githubusercontent.com:443\",\n  \
+             \"203.0.113.0/24:8443\", # a comment\n  \"[2001:db8::/32]:443\",\n]",
+        );
+        assert_eq!(e.mode, EgressMode::Audit);
+        let shown: Vec<(String, &str, bool)> = e
+            .allow
+            .iter()
+            .map(|a| (a.to_string(), a.origin.as_str(), a.baseline))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("github.com:443".to_string(), "p.toml:11:3", false),
+                (
+                    "*.githubusercontent.com:443".to_string(),
+                    "p.toml:12:3",
+                    false
+                ),
+                ("203.0.113.0/24:8443".to_string(), "p.toml:13:3", false),
+                ("[2001:db8::/32]:443".to_string(), "p.toml:14:3", false),
+            ]
+        );
+        assert_eq!(
+            e.allow[1].target,
+            EgressTarget::Wildcard("githubusercontent.com".into())
+        );
+        // Defaults: block mode; no entries (only the baseline, if any).
+        let e = load_egress("");
+        assert_eq!((e.mode, e.allow.len()), (EgressMode::Block, 0));
+        assert_eq!(load_egress("mode = \"block\"").mode, EgressMode::Block);
+    }
+
+    #[test]
+    fn egress_audit_mode_and_duplicates_are_warnings() {
+        let set = load(&egress_rule(
+            "mode = \"audit\"\nallow = [\"a.example.com:443\", \"A.example.com.:443\", \"a.example.com:80\"]",
+        ))
+        .unwrap();
+        assert_eq!(set.rules()[0].egress.as_ref().unwrap().allow.len(), 2);
+        assert_eq!(set.warnings().len(), 2, "{:?}", set.warnings());
+        assert!(
+            set.warnings()[1].starts_with(
+                "p.toml:1:1: rule \"r\": [rule.egress] mode = \"audit\" lets its jobs reach"
+            ),
+            "{:?}",
+            set.warnings()
+        );
+        assert_eq!(
+            set.warnings()[0],
+            "p.toml:10:31: rule \"r\": [rule.egress] allow lists a.example.com:443 again (first at p.toml:10:10); \
+             the duplicate is ignored"
+        );
+    }
+
+    #[test]
+    fn bad_egress_entries_are_errors_at_the_entry() {
+        for (entry, why) in [
+            ("", "is empty"),
+            ("github.com :443", "contains a space"),
+            ("https://github.com", "is a URL"),
+            ("github.com", "has no port"),
+            ("github.com:0", "has the port 0, outside 1 to 65535"),
+            ("github.com:65536", "has the port 65536, outside 1 to 65535"),
+            (
+                "github.com:443-444",
+                "has the port range 443-444; ranges are not supported",
+            ),
+            ("*:443", "is `*` alone"),
+            ("*.com:443", "a wildcard needs at least two labels"),
+            ("a.*.com:443", "`*` other than as the whole first label"),
+            ("-a.example.com:443", "starts or ends with `-`"),
+            ("a..example.com:443", "empty label"),
+            ("192.0.2.1:443", "is an IP address; write it as a network"),
+            ("[2001:db8::1]:443", "is an address, not a network"),
+            ("2001:db8::/32:443", "write IPv6 networks in brackets"),
+            ("203.0.113.1/24:443", "has host bits set"),
+            ("203.0.113.0/33:443", "an IPv4 prefix length is 0 to 32"),
+            ("[2001:db8::/129]:443", "an IPv6 prefix length is 0 to 128"),
+            ("169.254.169.254/32:80", "which no job may reach"),
+            ("0.0.0.0/0:443", "which no job may reach"),
+        ] {
+            let e = err(&egress_rule(&format!("allow = [{entry:?}]")));
+            let want = format!("p.toml:9:10: [rule.egress] allow entry {entry:?} ");
+            assert!(
+                e.starts_with(&want),
+                "{entry:?}: {e:?} does not start with {want:?}"
+            );
+            assert!(e.contains(why), "{entry:?}: {e:?} lacks {why:?}");
+        }
+        // A later entry is found at its own line and column.
+        assert_err(
+            &egress_rule("allow = [\n    \"github.com:443\",\n    \"*.com:443\",\n]"),
+            "11:5",
+            "[rule.egress] allow entry \"*.com:443\" is *.com",
+        );
+        assert_err(
+            &egress_rule("allow = [\"github.com:443\", \"github.com:http\"]"),
+            "9:28",
+            "allow entry \"github.com:http\" has the port \"http\"",
+        );
+    }
+
+    #[test]
+    fn bad_egress_keys_and_values() {
+        assert_err(
+            &egress_rule("alow = [\"github.com:443\"]"),
+            "9:1",
+            "unknown field `alow`, expected `mode` or `allow`",
+        );
+        assert_err(
+            &egress_rule("mode = \"deny\""),
+            "9:8",
+            "[rule.egress] mode \"deny\" is not an egress mode; use \"block\" (the default) or \"audit\"",
+        );
+        assert_err(&egress_rule("mode = true"), "9:8", "mode true is not");
+        assert_err(
+            &egress_rule("allow = \"github.com:443\""),
+            "9:9",
+            "invalid type: string \"github.com:443\", expected a sequence",
+        );
+        assert_err(
+            &egress_rule("allow = [443]"),
+            "9:10",
+            "invalid type: integer `443`, expected a string",
+        );
+    }
+
+    #[test]
+    fn egress_with_endpoint_only_is_a_contradiction() {
+        let text = rule(&format!(
+            "{GRANT}[rule.egress]\nallow = [\"github.com:443\"]\n[rule.sandbox]\nnetwork = \"endpoint-only\"\n"
+        ));
+        assert_err(
+            &text,
+            "11:11",
+            "rule \"r\": [rule.sandbox] network = \"endpoint-only\" contradicts its [rule.egress] at p.toml:8:1",
+        );
+        // Either order of the tables.
+        let text = rule(&format!(
+            "{GRANT}[rule.sandbox]\nnetwork = \"endpoint-only\"\n[rule.egress]\nmode = \"audit\"\n"
+        ));
+        assert_err(
+            &text,
+            "9:11",
+            "contradicts its [rule.egress] at p.toml:10:1",
+        );
+        // Outbound is what an allowlist narrows.
+        let text = rule(&format!(
+            "{GRANT}[rule.sandbox]\nnetwork = \"outbound\"\npids = 64\n[rule.egress]\n"
+        ));
+        let set = load(&text).unwrap();
+        let r = &set.rules()[0];
+        assert_eq!(
+            r.sandbox.as_ref().unwrap().network,
+            Some(RuleNetwork::Outbound)
+        );
+        assert_eq!(r.sandbox.as_ref().unwrap().pids_max, Some(64));
+        // Without [rule.egress], the sandbox stays as written.
+        assert_eq!(load(&rule(GRANT)).unwrap().rules()[0].sandbox, None);
+    }
+
+    #[test]
+    fn baselines_merge_across_files_once_each_and_only_into_rules_with_egress() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("00-base.toml"),
+            "# what the runner needs\n[egress]\nbaseline = [\"github.com:443\", \"*.actions.githubusercontent.com:443\"]\n",
+        )
+        .unwrap();
+        let with = rule(&format!(
+            "{GRANT}[rule.egress]\nallow = [\"GITHUB.com:443\", \"registry.npmjs.org:443\"]\n"
+        ));
+        std::fs::write(
+            dir.path().join("10-rules.toml"),
+            format!(
+                "[egress]\nbaseline = [\"github.com.:443\", \"api.github.com:443\"]\n{with}{}",
+                rule(GRANT).replace("\"r\"", "\"plain\"")
+            ),
+        )
+        .unwrap();
+        let set = load_dir(dir.path()).unwrap();
+        let base: Vec<(String, bool, String)> = set
+            .baseline()
+            .iter()
+            .map(|a| {
+                let file = a.origin.rsplit('/').next().unwrap_or_default().to_string();
+                (a.to_string(), a.baseline, file)
+            })
+            .collect();
+        assert_eq!(
+            base,
+            [
+                (
+                    "github.com:443".to_string(),
+                    true,
+                    "00-base.toml:3:13".to_string()
+                ),
+                (
+                    "*.actions.githubusercontent.com:443".to_string(),
+                    true,
+                    "00-base.toml:3:31".to_string()
+                ),
+                (
+                    "api.github.com:443".to_string(),
+                    true,
+                    "10-rules.toml:2:32".to_string()
+                ),
+            ]
+        );
+        let p = set.egress_for("r").unwrap();
+        let shown: Vec<(String, bool)> = p
+            .allow
+            .iter()
+            .map(|a| (a.to_string(), a.baseline))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("github.com:443".to_string(), false),
+                ("registry.npmjs.org:443".to_string(), false),
+                ("*.actions.githubusercontent.com:443".to_string(), true),
+                ("api.github.com:443".to_string(), true),
+            ]
+        );
+        assert_eq!(
+            p.ports_for("pipelines.actions.githubusercontent.com"),
+            [443]
+        );
+        assert!(!p.name_allowed("actions.githubusercontent.com"));
+        assert_eq!(set.egress_for("plain"), None);
+        assert_eq!(set.egress_for("nope"), None);
+        // The rule keeps its own entries only.
+        assert_eq!(
+            set.rule("r").unwrap().egress.as_ref().unwrap().allow.len(),
+            2
+        );
+    }
+
+    #[test]
+    fn bad_baselines_are_errors_at_their_place() {
+        assert_err(
+            "[egress]\nbaseline = [\"github.com:443\", \"*.com:443\"]\n",
+            "2:31",
+            "[egress] baseline entry \"*.com:443\" is *.com",
+        );
+        assert_err(
+            "[egress]\nallow = [\"github.com:443\"]\n",
+            "2:1",
+            "unknown field `allow`, expected `baseline`",
+        );
+        assert_err(
+            "[egress]\nmode = \"audit\"\n",
+            "2:1",
+            "unknown field `mode`, expected `baseline`",
         );
     }
 
@@ -1625,6 +2028,25 @@ mod tests {
             "10:8",
             "[rule.sandbox] pids 8",
         );
+    }
+
+    #[test]
+    fn the_shipped_commented_egress_example_loads_when_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/10-production.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let set = load_str(&path, &text).unwrap();
+        assert_eq!(set.rule("web-production").unwrap().egress, None);
+        let at = text.find("# [rule.egress]").expect("the commented example");
+        let uncommented: String = text[at..]
+            .lines()
+            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+            .collect();
+        let set = load_str(&path, &format!("{}{uncommented}", &text[..at])).unwrap();
+        let p = set.egress_for("web-production").unwrap();
+        assert_eq!(p.mode, EgressMode::Block);
+        assert_eq!(p.ports_for("sts.us-east-1.amazonaws.com"), [443]);
+        assert!(!p.name_allowed("amazonaws.com"));
+        assert_eq!(p.ports_for("GitHub.com."), [443]);
     }
 
     #[test]

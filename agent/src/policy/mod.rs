@@ -1,4 +1,5 @@
-//! Policies: which job gets which roles. Pure: identity and time in, a [`Decision`] out.
+//! Policies: which job gets which roles, and where it may connect. Pure: identity and time
+//! in, a [`Decision`] out; a rule's name in, its [`EgressPolicy`] out.
 //!
 //! Loading (`load`) reads TOML files from a directory and checks everything once, so that a
 //! loaded [`PolicySet`] cannot fail at decision time. Deciding (`decide`) does no I/O and
@@ -6,12 +7,15 @@
 //! no grants.
 
 pub mod decide;
+pub mod egress;
 pub mod load;
+pub mod suggest;
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 pub use decide::{Decision, Explanation, RuleVerdict};
+pub use egress::{EgressAllow, EgressMode, EgressPolicy, EgressTarget, RuleEgress};
 pub use load::{load_dir, load_str, PolicyError};
 
 /// The flag a decision carries when a rule with `outside_window = "flag"` granted outside
@@ -25,6 +29,8 @@ pub const FLAG_OUTSIDE_WINDOW: &str = "outside-window";
 pub struct PolicySet {
     pub(crate) rules: Vec<Rule>,
     pub(crate) warnings: Vec<String>,
+    /// Every file's `[egress] baseline`, in file order, each target and port once.
+    pub(crate) baseline: Vec<EgressAllow>,
 }
 
 impl PolicySet {
@@ -51,9 +57,32 @@ impl PolicySet {
         &self.rules
     }
 
-    /// A rule by name (e.g. to read its `sandbox` settings or its reserved `egress` table).
+    /// A rule by name (e.g. to read its `sandbox` settings).
     pub fn rule(&self, name: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| r.name == name)
+    }
+
+    /// What the runner itself needs, from every policy file's `[egress] baseline`: merged
+    /// into the allowlist of every rule that has one.
+    pub fn baseline(&self) -> &[EgressAllow] {
+        &self.baseline
+    }
+
+    /// The allowlist of a job this rule decides: the rule's mode and entries, then the
+    /// baseline's entries the rule does not already list. `None` when there is no such rule
+    /// or it has no `[rule.egress]`.
+    pub fn egress_for(&self, rule_name: &str) -> Option<EgressPolicy> {
+        let own = self.rule(rule_name)?.egress.as_ref()?;
+        let mut allow = own.allow.clone();
+        for b in &self.baseline {
+            if !allow.iter().any(|a| a.same_entry(b)) {
+                allow.push(b.clone());
+            }
+        }
+        Some(EgressPolicy {
+            mode: own.mode,
+            allow,
+        })
     }
 
     /// Load-time warnings, each starting with `<file>:<line>:<column>:`. The set is usable;
@@ -77,10 +106,11 @@ pub struct Rule {
     pub windows: Vec<Window>,
     /// Default grant first, then the others in file order.
     pub grants: Vec<Grant>,
-    /// Reserved for the egress issue: kept as written.
-    pub egress: Option<toml::Table>,
+    /// `[rule.egress]`, checked, without the baseline (see [`PolicySet::egress_for`]).
+    pub egress: Option<RuleEgress>,
     /// `[rule.sandbox]`, checked; `None` when the rule has none or sets nothing in it, so
-    /// the job gets the agent's `[sandbox]` defaults.
+    /// the job gets the agent's `[sandbox]` defaults. A rule with `[rule.egress]` always has
+    /// `network` set: to `outbound` when it does not write it.
     pub sandbox: Option<RuleSandbox>,
 }
 

@@ -194,6 +194,21 @@ impl Builder {
         }));
     }
 
+    fn base_chain_with_policy(&mut self, name: &str, hook: NfHook, policy: NfChainPolicy) {
+        self.add(NfListObject::Chain(Chain {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: Cow::Owned(name.to_string()),
+            newname: None,
+            handle: None,
+            _type: Some(NfChainType::Filter),
+            hook: Some(hook),
+            prio: Some(0),
+            dev: None,
+            policy: Some(policy),
+        }));
+    }
+
     fn blocked_set(&mut self) {
         let elem: Vec<Expression<'static>> = BLOCKED_V4
             .iter()
@@ -264,6 +279,234 @@ pub fn job_ruleset() -> Nftables<'static> {
         "output",
         vec![is(meta(MetaKey::Nfproto), s("ipv6")), counter(), reject()],
     );
+    b.build()
+}
+
+/// How an egress-controlled job's table is built (issue 4). Addresses a DNS answer allowed
+/// are added to the sets later, by [`admit_addresses`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressRules {
+    /// Audit mode: everything but the blocked ranges is allowed and every new connection
+    /// is logged; block mode: only the allowed sets, the rest is logged and refused.
+    pub audit: bool,
+    /// Explicit `CIDR:port` entries of the policy (they may name a blocked range on
+    /// purpose, so they are checked before the blocked ranges).
+    pub static_v4: Vec<(std::net::Ipv4Addr, u8, u16)>,
+    /// The NFLOG group the agent listens on inside the job's namespace.
+    pub log_group: u16,
+}
+
+/// The set of (address, port) pairs DNS answers admitted, with a timeout per element.
+pub const ALLOWED_SET: &str = "allowed4";
+/// Log prefixes the agent's NFLOG reader tells apart.
+pub const LOG_BLOCKED: &str = "block";
+pub const LOG_CONNECT: &str = "conn";
+/// Rate of logged packets per job (the agent rate-limits the audit again).
+const LOG_RATE_PER_SECOND: u32 = 20;
+
+fn log(prefix: &str, group: u16) -> Statement<'static> {
+    Statement::Log(Some(nftables::stmt::Log {
+        prefix: Some(Cow::Owned(prefix.to_string())),
+        group: Some(u32::from(group)),
+        snaplen: Some(64),
+        queue_threshold: None,
+        level: None,
+        flags: None,
+    }))
+}
+
+fn limited() -> Statement<'static> {
+    Statement::Limit(nftables::stmt::Limit {
+        rate: LOG_RATE_PER_SECOND,
+        rate_unit: None,
+        per: Some("second".into()),
+        burst: Some(2 * LOG_RATE_PER_SECOND),
+        burst_unit: None,
+        inv: None,
+    })
+}
+
+fn concat(parts: Vec<Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(parts))
+}
+
+fn ct_state(states: &[&str]) -> Statement<'static> {
+    Statement::Match(Match {
+        left: Expression::Named(NamedExpression::CT(CT {
+            key: "state".into(),
+            family: None,
+            dir: None,
+        })),
+        right: Expression::List(states.iter().map(|v| s(v)).collect()),
+        op: Operator::IN,
+    })
+}
+
+/// The table inside an egress-controlled job's namespace (instead of [`job_ruleset`]):
+///
+/// 1. `lo` accepted (the job's endpoint and its resolver, 169.254.170.53);
+/// 2. replies to the job's own connections accepted;
+/// 3. DNS (port 53, TCP or UDP) anywhere else logged and refused: the agent is the only
+///    resolver;
+/// 4. explicit `CIDR:port` entries accepted (before 5, so a rule can name a private range);
+/// 5. the blocked ranges (metadata, link-local, private, ...) logged and refused, in audit
+///    mode too — an allowed name that resolves there (DNS rebinding) gains nothing;
+/// 6. block mode: (address, port) pairs admitted from DNS answers accepted, everything else
+///    logged and refused; audit mode: new connections logged and accepted;
+/// 7. IPv6 refused (it is off in the namespace).
+pub fn job_egress_ruleset(rules: &EgressRules) -> Nftables<'static> {
+    let mut b = Builder::new();
+    b.table();
+    b.blocked_set();
+    b.add(NfListObject::Set(Box::new(Set {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: ALLOWED_SET.into(),
+        handle: None,
+        set_type: SetTypeValue::Concatenated(Cow::Owned(vec![
+            SetType::Ipv4Addr,
+            SetType::InetService,
+        ])),
+        policy: None,
+        flags: Some([SetFlag::Timeout].into_iter().collect()),
+        elem: None,
+        timeout: None,
+        gc_interval: None,
+        size: Some(65_536),
+        comment: None,
+    })));
+    b.base_chain_with_policy("output", NfHook::Output, NfChainPolicy::Drop);
+    let g = rules.log_group;
+    b.rule(
+        "output",
+        vec![is(meta(MetaKey::Oifname), s("lo")), accept()],
+    );
+    b.rule(
+        "output",
+        vec![ct_state(&["established", "related"]), accept()],
+    );
+    b.rule(
+        "output",
+        vec![is(meta(MetaKey::Nfproto), s("ipv6")), counter(), reject()],
+    );
+    b.rule(
+        "output",
+        vec![
+            is(
+                meta(MetaKey::L4proto),
+                Expression::Named(NamedExpression::Set(vec![
+                    nftables::expr::SetItem::Element(s("tcp")),
+                    nftables::expr::SetItem::Element(s("udp")),
+                ])),
+            ),
+            is(field("th", "dport"), Expression::Number(53)),
+            limited(),
+            log(LOG_BLOCKED, g),
+        ],
+    );
+    b.rule(
+        "output",
+        vec![
+            is(
+                meta(MetaKey::L4proto),
+                Expression::Named(NamedExpression::Set(vec![
+                    nftables::expr::SetItem::Element(s("tcp")),
+                    nftables::expr::SetItem::Element(s("udp")),
+                ])),
+            ),
+            is(field("th", "dport"), Expression::Number(53)),
+            counter(),
+            reject(),
+        ],
+    );
+    for &(net, len, port) in &rules.static_v4 {
+        b.rule(
+            "output",
+            vec![
+                is(field("ip", "daddr"), prefix(&net.to_string(), len)),
+                is(field("th", "dport"), Expression::Number(u32::from(port))),
+                accept(),
+            ],
+        );
+    }
+    // A `limit` that is exceeded makes its whole rule not match, so the logging (limited)
+    // and the refusal (never limited) are separate rules: a flood is refused all the same.
+    b.rule(
+        "output",
+        vec![
+            in_set(field("ip", "daddr"), "blocked4"),
+            limited(),
+            log(LOG_BLOCKED, g),
+        ],
+    );
+    b.rule(
+        "output",
+        vec![
+            in_set(field("ip", "daddr"), "blocked4"),
+            counter(),
+            reject(),
+        ],
+    );
+    if rules.audit {
+        b.rule(
+            "output",
+            vec![ct_state(&["new"]), limited(), log(LOG_CONNECT, g)],
+        );
+        b.rule("output", vec![accept()]);
+    } else {
+        b.rule(
+            "output",
+            vec![
+                in_set(
+                    concat(vec![field("ip", "daddr"), field("th", "dport")]),
+                    ALLOWED_SET,
+                ),
+                accept(),
+            ],
+        );
+        b.rule("output", vec![limited(), log(LOG_BLOCKED, g)]);
+        b.rule("output", vec![counter(), reject()]);
+    }
+    b.build()
+}
+
+/// Puts (address, port) pairs into the job's allowed set, each for `ttl_secs` from now.
+/// `add` alone keeps an element that is already there with its old timeout, so the batch
+/// adds (so that it exists), deletes and adds again: one transaction, after which every pair
+/// expires `ttl_secs` from now, also when a name is resolved again before it expired.
+pub fn admit_addresses(pairs: &[(std::net::Ipv4Addr, u16)], ttl_secs: u32) -> Nftables<'static> {
+    let elems = |timeout: Option<u32>| -> Vec<Expression<'static>> {
+        pairs
+            .iter()
+            .map(|&(addr, port)| {
+                let val = concat(vec![
+                    s(&addr.to_string()),
+                    Expression::Number(u32::from(port)),
+                ]);
+                match timeout {
+                    Some(t) => Expression::Named(NamedExpression::Elem(nftables::expr::Elem {
+                        val: Box::new(val),
+                        timeout: Some(t),
+                        expires: None,
+                        comment: None,
+                        counter: None,
+                    })),
+                    None => val,
+                }
+            })
+            .collect()
+    };
+    let element = |elem| nftables::schema::Element {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: ALLOWED_SET.into(),
+        elem: Cow::Owned(elem),
+    };
+    let mut b = Builder::new();
+    b.add(NfListObject::Element(element(elems(Some(ttl_secs)))));
+    b.cmds
+        .push(NfCmd::Delete(NfListObject::Element(element(elems(None)))));
+    b.add(NfListObject::Element(element(elems(Some(ttl_secs)))));
     b.build()
 }
 

@@ -10,10 +10,10 @@
 //! removed; only then is the slot given back — unless something was left, in which case
 //! the slot stays taken (tainted) and the audit says what remained.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use airlock_shim::{Rlimits, SandboxSpec, SpecFile};
@@ -22,8 +22,11 @@ use super::cgroup::{CgroupError, CgroupRoot, CpuMax, JobCgroup, Limits, ParentGr
 use super::jobfs::{self, Holds, JobFs, JobFsError, Reclaimer};
 use super::netns::{self, JobNet, NetConfig, NetManager, NetMode, NetnsError};
 use super::users::{JobUser, RunnerIds, UserPool, UsersError};
+use crate::audit::AuditLog;
 use crate::config::Config;
-use crate::policy::{RuleNetwork, RuleSandbox};
+use crate::egress::job::JobEgress;
+use crate::policy::{EgressMode, EgressPolicy, RuleNetwork, RuleSandbox};
+use crate::sandbox::firewall::EgressRules;
 
 /// Inside the job: its home, its workspace and its token file.
 pub const JOB_HOME: &str = "/home/job";
@@ -60,6 +63,9 @@ pub struct JobSettings {
     pub pids_max: Option<u64>,
     pub cpu_millis: Option<u64>,
     pub tmpfs_size: Option<u64>,
+    /// The rule's `[rule.egress]` merged with the baseline: the job's network is then
+    /// egress-controlled, with the agent as its resolver.
+    pub egress: Option<EgressPolicy>,
 }
 
 impl Default for JobSettings {
@@ -71,24 +77,40 @@ impl Default for JobSettings {
             pids_max: None,
             cpu_millis: None,
             tmpfs_size: None,
+            egress: None,
         }
     }
 }
 
 impl JobSettings {
-    pub fn from_rule(rule: Option<&RuleSandbox>) -> JobSettings {
-        let Some(r) = rule else {
-            return JobSettings::default();
+    /// `egress`: the rule's egress policy (with the baseline), if it has `[rule.egress]`;
+    /// it decides the network whatever `[rule.sandbox] network` says (the policy loader
+    /// refuses `endpoint-only` beside it).
+    pub fn from_rule(rule: Option<&RuleSandbox>, egress: Option<EgressPolicy>) -> JobSettings {
+        let r = rule.cloned().unwrap_or_default();
+        let network = match (&egress, r.network) {
+            (Some(p), _) => NetMode::Egress(EgressRules {
+                audit: p.mode == EgressMode::Audit,
+                static_v4: p
+                    .cidrs()
+                    .into_iter()
+                    .filter_map(|(addr, prefix, port)| match addr {
+                        std::net::IpAddr::V4(v4) => Some((v4, prefix, port)),
+                        std::net::IpAddr::V6(_) => None,
+                    })
+                    .collect(),
+                log_group: crate::egress::nflog::DEFAULT_GROUP,
+            }),
+            (None, Some(RuleNetwork::Outbound)) => NetMode::Outbound,
+            (None, Some(RuleNetwork::EndpointOnly) | None) => NetMode::EndpointOnly,
         };
         JobSettings {
-            network: match r.network {
-                Some(RuleNetwork::Outbound) => NetMode::Outbound,
-                Some(RuleNetwork::EndpointOnly) | None => NetMode::EndpointOnly,
-            },
+            network,
             memory_max: r.memory_max,
             pids_max: r.pids_max,
             cpu_millis: r.cpu_millis,
             tmpfs_size: r.tmpfs_size,
+            egress,
         }
     }
 }
@@ -102,6 +124,8 @@ pub struct Prepared {
     pub limits: Limits,
     /// Size cap of the job's tmpfs (its rule's, else the agent's).
     pub tmpfs_size: u64,
+    /// The job's own `/etc/resolv.conf`, when the agent is its resolver.
+    pub resolv_conf: Option<String>,
     pub net: JobNet,
     /// The job's endpoint sockets, bound inside its namespace (container, then IMDS).
     pub listeners: Vec<std::net::TcpListener>,
@@ -145,6 +169,10 @@ pub struct Sandboxes {
     parent: ParentGroup,
     net: NetManager,
     users: Mutex<UserPool>,
+    /// Where egress-controlled jobs' names are forwarded (`[egress]`).
+    egress_cfg: crate::config::EgressSection,
+    /// The running resolver and NFLOG reader of each egress-controlled job, until its wipe.
+    egress: Mutex<HashMap<String, JobEgress>>,
 }
 
 impl Sandboxes {
@@ -246,6 +274,8 @@ impl Sandboxes {
             parent,
             net,
             users: Mutex::new(users),
+            egress_cfg: cfg.egress.clone(),
+            egress: Mutex::new(HashMap::new()),
         })
     }
 
@@ -266,6 +296,10 @@ impl Sandboxes {
         self.users.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn egress_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, JobEgress>> {
+        self.egress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn job_dir(&self, job: &str) -> PathBuf {
         self.runtime_dir.join(job)
     }
@@ -275,6 +309,7 @@ impl Sandboxes {
         &self,
         job: &str,
         settings: &JobSettings,
+        audit: &Arc<AuditLog>,
     ) -> Result<Prepared, SandboxError> {
         let limits = Limits {
             pids_max: settings.pids_max.or(self.limits.pids_max),
@@ -300,7 +335,7 @@ impl Sandboxes {
             let _ = cgroup.teardown(KILL_TIMEOUT);
             undo_user(me);
         };
-        let net = match self.net.create(job, settings.network).await {
+        let net = match self.net.create(job, settings.network.clone()).await {
             Ok(n) => n,
             Err(e) => {
                 fail(self, &cgroup);
@@ -333,11 +368,39 @@ impl Sandboxes {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(SandboxError::Dir(dir, e));
         }
+        let mut resolv_conf = None;
+        if let Some(policy) = &settings.egress {
+            let started = match self.egress_cfg.dns_config() {
+                Ok(dns_cfg) => {
+                    JobEgress::start(job, &net.ns_path, policy.clone(), dns_cfg, audit.clone())
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok(eg) => {
+                    self.egress_map().insert(job.to_string(), eg);
+                    resolv_conf = Some(crate::egress::job::resolv_conf());
+                }
+                Err(e) => {
+                    drop(listeners);
+                    let _ = self.net.teardown(job).await;
+                    let _ = self.net.verify_gone(job).await;
+                    fail(self, &cgroup);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(SandboxError::Config(format!(
+                        "cannot start the job's egress control: {e}"
+                    )));
+                }
+            }
+        }
         Ok(Prepared {
             user,
             cgroup,
             limits,
             tmpfs_size: settings.tmpfs_size.unwrap_or(self.tmpfs_size),
+            resolv_conf,
             net,
             listeners,
             dir,
@@ -395,6 +458,7 @@ impl Sandboxes {
                 contents: token.to_string(),
                 mode: 0o400,
             }],
+            resolv_conf: p.resolv_conf.clone(),
             hide: self.hide.clone(),
             rlimits: Rlimits {
                 nofile: None,
@@ -442,6 +506,11 @@ impl Sandboxes {
                     .extend(cg.verify_gone().iter().map(|l| format!("cgroup: {l:?}")));
             }
             Err(e) => report.leftovers.push(format!("cgroup: {e}")),
+        }
+        // The resolver's and NFLOG sockets live in the job's namespace: closed first.
+        let egress = self.egress_map().remove(job);
+        if let Some(eg) = egress {
+            eg.stop().await;
         }
         match self.net.teardown(job).await {
             Ok(()) => report.network_removed = true,

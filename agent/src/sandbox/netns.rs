@@ -20,7 +20,6 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fmt;
@@ -50,6 +49,8 @@ pub const CONTAINER_ENDPOINT: SocketAddr =
 /// IMDSv2 endpoint.
 pub const IMDS_ENDPOINT: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80));
+/// The resolver of an egress-controlled job (the agent, inside the job's namespace).
+pub const RESOLVER_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 170, 53);
 /// Both endpoint sockets of a job, as [`bind_in_netns`] takes them.
 pub const ENDPOINT_ADDRS: [SocketAddr; 2] = [CONTAINER_ENDPOINT, IMDS_ENDPOINT];
 
@@ -117,8 +118,7 @@ fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetnsErr
 }
 
 /// What a job's network lets it reach.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum NetMode {
     /// The job reaches its own endpoint and nothing else. Its namespace has a loopback with
@@ -130,6 +130,17 @@ pub enum NetMode {
     /// except the metadata service, link-local, private and other special ranges and the
     /// host's own addresses (see `firewall`).
     Outbound,
+    /// Like `Outbound`, but the job reaches only what its policy's `[rule.egress]` allows
+    /// (or, in audit mode, everything but the blocked ranges, every connection logged);
+    /// its resolver is the agent (see `crate::egress`).
+    Egress(firewall::EgressRules),
+}
+
+impl NetMode {
+    /// Whether the job has a link off its namespace (a veth and a /30).
+    pub fn has_link(&self) -> bool {
+        !matches!(self, NetMode::EndpointOnly)
+    }
 }
 
 impl fmt::Display for NetMode {
@@ -137,6 +148,8 @@ impl fmt::Display for NetMode {
         f.write_str(match self {
             NetMode::EndpointOnly => "endpoint-only",
             NetMode::Outbound => "outbound",
+            NetMode::Egress(r) if r.audit => "egress-audit",
+            NetMode::Egress(_) => "egress-block",
         })
     }
 }
@@ -299,6 +312,7 @@ impl NetManager {
         let pool = AddressPool::new(cfg.pool)?;
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetnsError::NetlinkSocket)?;
         let conn = rt.spawn(conn);
+        let cfg_dir = cfg.netns_dir.clone();
         Ok(NetManager {
             cfg,
             handle,
@@ -308,7 +322,8 @@ impl NetManager {
                 inodes: HashMap::new(),
                 held: HashMap::new(),
             }),
-            bound_dir: std::sync::atomic::AtomicBool::new(false),
+            // A bind an earlier agent made (and a crash left) is this agent's to release.
+            bound_dir: std::sync::atomic::AtomicBool::new(dir_is_self_bind(&cfg_dir)),
         })
     }
 
@@ -335,9 +350,10 @@ impl NetManager {
             self.bound_dir
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
-        let subnet = match mode {
-            NetMode::Outbound => Some(self.state().pool.allocate(job)?),
-            NetMode::EndpointOnly => None,
+        let subnet = if mode.has_link() {
+            Some(self.state().pool.allocate(job)?)
+        } else {
+            None
         };
         match self.build(job, mode, subnet).await {
             Ok(net) => {
@@ -389,9 +405,18 @@ impl NetManager {
                 .await
                 .map_err(netlink(format!("add {}/32 to lo", ep.ip())))?;
         }
+        if matches!(mode, NetMode::Egress(_)) {
+            // The job's resolver (the agent), beside its endpoint.
+            inside
+                .address()
+                .add(lo, RESOLVER_IP.into(), 32)
+                .execute()
+                .await
+                .map_err(netlink(format!("add {RESOLVER_IP}/32 to lo")))?;
+        }
         set_up(&inside, lo, "lo").await?;
         let host_link = match subnet {
-            Some(subnet) => Some(self.outbound(job, &ns_path, &inside, subnet).await?),
+            Some(subnet) => Some(self.outbound(job, &ns_path, &inside, subnet, &mode).await?),
             None => None,
         };
         Ok(JobNet {
@@ -412,11 +437,16 @@ impl NetManager {
         ns_path: &Path,
         inside: &rtnetlink::Handle,
         subnet: Subnet,
+        mode: &NetMode,
     ) -> Result<String, NetnsError> {
         let path = ns_path.to_path_buf();
         let proc_dir = self.cfg.proc_dir.clone();
+        let ruleset = match mode {
+            NetMode::Egress(rules) => firewall::job_egress_ruleset(rules),
+            _ => firewall::job_ruleset(),
+        };
         tokio::task::spawn_blocking(move || -> Result<(), NetnsError> {
-            firewall::apply_in_netns(&path, firewall::job_ruleset(), "job's ruleset")?;
+            firewall::apply_in_netns(&path, ruleset, "job's ruleset")?;
             firewall::apply(&firewall::host_ruleset(), "host's ruleset")?;
             if firewall::enable_forwarding(&proc_dir)? {
                 tracing::info!("turned on IPv4 forwarding (net.ipv4.ip_forward=1) for outbound jobs; it stays on");
@@ -700,6 +730,35 @@ pub fn bind_in_netns(ns_path: &Path, addrs: &[SocketAddr]) -> Result<Vec<TcpList
         .map_err(|_| NetnsError::Thread(ns_path.to_path_buf()))?
 }
 
+/// Runs `f` on a dedicated thread that has entered the network namespace at `ns_path`
+/// (sockets `f` makes stay in that namespace), and returns what it returns.
+pub fn run_in_netns<T, F>(ns_path: &Path, f: F) -> Result<T, NetnsError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let path = ns_path.to_path_buf();
+    let thread = std::thread::Builder::new()
+        .name("airlock-netns-run".into())
+        .spawn(move || {
+            let ns = File::open(&path).map_err(|source| NetnsError::Open {
+                path: path.clone(),
+                source,
+            })?;
+            nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|source| {
+                NetnsError::Enter {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            Ok(f())
+        })
+        .map_err(|_| NetnsError::Thread(ns_path.to_path_buf()))?;
+    thread
+        .join()
+        .map_err(|_| NetnsError::Thread(ns_path.to_path_buf()))?
+}
+
 /// Runs on a fresh thread: makes the namespace, pins it on `path`, and opens a netlink socket
 /// inside it. The thread exits afterwards; the bind mount and the socket keep the namespace.
 fn new_namespace(path: &Path, rt: &tokio::runtime::Handle) -> Result<NewNamespace, NetnsError> {
@@ -766,6 +825,16 @@ fn new_namespace(path: &Path, rt: &tokio::runtime::Handle) -> Result<NewNamespac
         conn,
         handle,
     })
+}
+
+/// Whether `dir` is a mount point on which the directory itself is bound (as
+/// [`ensure_netns_dir`] and iproute2 leave it).
+fn dir_is_self_bind(dir: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let is_mount_point = mount_points(&mounts).any(|m| Path::new(&m) == dir);
+    is_mount_point && super::jobfs::bound_onto_itself(dir)
 }
 
 /// Makes `dir` exist and be a shared mount point, as iproute2 does, so that namespace
@@ -950,9 +1019,7 @@ mod tests {
     fn endpoint_addresses_are_the_ones_the_sdks_use() {
         assert_eq!(CONTAINER_ENDPOINT.to_string(), "169.254.170.2:80");
         assert_eq!(IMDS_ENDPOINT.to_string(), "169.254.169.254:80");
-        assert_eq!(
-            serde_json::to_string(&NetMode::EndpointOnly).unwrap(),
-            "\"endpoint-only\""
-        );
+        assert_eq!(NetMode::EndpointOnly.to_string(), "endpoint-only");
+        assert_eq!(NetMode::Outbound.to_string(), "outbound");
     }
 }

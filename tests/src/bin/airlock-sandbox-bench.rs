@@ -330,7 +330,7 @@ impl Bench {
             .map_err(|e| e.to_string())?;
         let net = self
             .rt
-            .block_on(self.net.create(&id, self.net_mode))
+            .block_on(self.net.create(&id, self.net_mode.clone()))
             .map_err(|e| e.to_string())?;
         let listeners = bind_in_netns(&net.ns_path, &ENDPOINT_ADDRS).map_err(|e| e.to_string())?;
         let dir = self.runtime_dir.join(&id);
@@ -365,6 +365,7 @@ impl Bench {
                 contents: format!("bench-token-{id}"),
                 mode: 0o400,
             }],
+            resolv_conf: None,
             hide: vec![
                 "/root".into(),
                 "/etc/airlock".into(),

@@ -1,0 +1,319 @@
+//! One egress-controlled job's moving parts, from the agent's side: its resolver (inside its
+//! namespace, on [`RESOLVER_ADDR`]), the admission of answered addresses into its nftables
+//! set before the answer is released, its NFLOG reader, and the audit of what it resolved,
+//! connected to and was refused — rate-limited, so a job that floods cannot fill the disk.
+//!
+//! Built by `Sandboxes::prepare` after the job's network, dropped by the wipe before the
+//! network is torn down (its sockets live in the job's namespace and would keep it alive).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::dns::{self, AdmitFn, AllowFn, Answer, DnsConfig, DnsEvent, DnsServer, Verdict};
+use super::nflog::{self, NflogEvent, NflogReader};
+use crate::audit::AuditLog;
+use crate::policy::{EgressMode, EgressPolicy};
+use crate::sandbox::firewall;
+use crate::sandbox::netns::{self, NetnsError};
+
+pub use dns::RESOLVER_ADDR;
+
+/// The job's `/etc/resolv.conf`: the agent is its only resolver.
+pub fn resolv_conf() -> String {
+    format!(
+        "# airlock: this job's resolver is the agent; names outside the job's policy are refused\nnameserver {}\noptions edns0\n",
+        RESOLVER_ADDR.ip()
+    )
+}
+
+/// Audit records per job per second, and the burst above it. What exceeds them is counted and
+/// reported in one `egress_audit_dropped` record when the job's egress stops.
+const AUDIT_RATE: f64 = 20.0;
+const AUDIT_BURST: f64 = 100.0;
+/// How long the wipe lets the kernel flush the job's last NFLOG reports.
+const NFLOG_DRAIN: Duration = Duration::from_millis(250);
+/// Names remembered per job for the records of blocked connections (address → name).
+const MAX_NAMES: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    #[error("cannot open the job's resolver sockets: {0}")]
+    Sockets(#[from] NetnsError),
+    #[error("cannot bind the job's resolver on {addr} inside its namespace: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the job's resolver: {0}")]
+    Dns(#[from] dns::DnsError),
+    #[error("the job's NFLOG socket: {0}")]
+    Nflog(#[from] nflog::NflogError),
+}
+
+/// A running egress of one job. Stop it with [`JobEgress::stop`] (the wipe does).
+pub struct JobEgress {
+    dns: Option<DnsServer>,
+    nflog: Option<NflogReader>,
+    auditor: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for JobEgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobEgress").finish_non_exhaustive()
+    }
+}
+
+/// Address → the names the job resolved to it, first first (CDNs put many names on one
+/// address), for the records of its connections.
+type Names = Arc<Mutex<HashMap<IpAddr, Vec<String>>>>;
+/// Names kept per address.
+const NAMES_PER_ADDR: usize = 8;
+
+impl JobEgress {
+    /// Starts the job's resolver and NFLOG reader inside the namespace at `ns_path` (built in
+    /// egress mode, with [`RESOLVER_ADDR`] on its loopback and its table in place).
+    pub async fn start(
+        job: &str,
+        ns_path: &Path,
+        policy: EgressPolicy,
+        dns_cfg: DnsConfig,
+        audit: Arc<AuditLog>,
+    ) -> Result<JobEgress, EgressError> {
+        let (udp, tcp) = netns::run_in_netns(ns_path, || {
+            let udp = std::net::UdpSocket::bind(RESOLVER_ADDR);
+            let tcp = std::net::TcpListener::bind(RESOLVER_ADDR);
+            (udp, tcp)
+        })?;
+        let bind_err = |source| EgressError::Bind {
+            addr: RESOLVER_ADDR,
+            source,
+        };
+        let (udp, tcp) = (udp.map_err(bind_err)?, tcp.map_err(bind_err)?);
+        let audit_mode = policy.mode == EgressMode::Audit;
+        let policy = Arc::new(policy);
+        let names: Names = Arc::new(Mutex::new(HashMap::new()));
+        let allow: AllowFn = if audit_mode {
+            Arc::new(|_: &str| true)
+        } else {
+            let p = policy.clone();
+            Arc::new(move |name: &str| p.name_allowed(name))
+        };
+        let admit = admitter(
+            ns_path.to_path_buf(),
+            policy.clone(),
+            names.clone(),
+            audit_mode,
+        );
+        let (dns_tx, dns_rx) = mpsc::channel(256);
+        let server = dns::serve(udp, tcp, dns_cfg, allow, audit_mode, admit, dns_tx)?;
+        let (log_tx, log_rx) = mpsc::channel(256);
+        let reader = nflog::open_in_netns(ns_path, nflog::DEFAULT_GROUP)?.spawn(log_tx);
+        let auditor = tokio::spawn(audit_events(
+            job.to_string(),
+            audit_mode,
+            names,
+            dns_rx,
+            log_rx,
+            audit,
+        ));
+        Ok(JobEgress {
+            dns: Some(server),
+            nflog: Some(reader),
+            auditor: Some(auditor),
+        })
+    }
+
+    /// Stops the resolver (waiting until its sockets are closed), the NFLOG reader and the
+    /// auditor, which writes what it still holds and the count of what it had to drop.
+    pub async fn stop(mut self) {
+        if let Some(dns) = self.dns.take() {
+            dns.shutdown().await;
+        }
+        // The kernel hands NFLOG reports over in batches (the reader asks for at most
+        // 100 ms of holding): wait that long and a bit, so the job's last refused packets
+        // reach the audit. Then dropping the reader closes its socket and its channel; the
+        // auditor drains both channels and ends.
+        tokio::time::sleep(NFLOG_DRAIN).await;
+        drop(self.nflog.take());
+        if let Some(auditor) = self.auditor.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), auditor).await;
+        }
+    }
+}
+
+impl Drop for JobEgress {
+    fn drop(&mut self) {
+        if let Some(a) = self.auditor.take() {
+            a.abort();
+        }
+    }
+}
+
+/// Admission: the answered IPv4 addresses, on every port the policy allows the name, go into
+/// the job's `allowed4` set for the answer's TTL (floored and capped by the resolver) before
+/// the job sees them. IPv6 is off in jobs: AAAA addresses are remembered for the audit only.
+/// In audit mode nothing needs admitting (everything outside the blocked ranges is open).
+fn admitter(
+    ns_path: PathBuf,
+    policy: Arc<EgressPolicy>,
+    names: Names,
+    audit_mode: bool,
+) -> AdmitFn {
+    Arc::new(move |answer: Answer| {
+        let ns_path = ns_path.clone();
+        let policy = policy.clone();
+        let names = names.clone();
+        Box::pin(async move {
+            {
+                let mut names = names.lock().unwrap_or_else(|p| p.into_inner());
+                if names.len() > MAX_NAMES {
+                    names.clear();
+                }
+                for (addr, _) in &answer.addrs {
+                    let known = names.entry(*addr).or_default();
+                    if !known.contains(&answer.name) && known.len() < NAMES_PER_ADDR {
+                        known.push(answer.name.clone());
+                    }
+                }
+            }
+            if audit_mode {
+                return Ok(());
+            }
+            let ports = policy.ports_for(&answer.name);
+            // One batch per TTL: nft takes a timeout per element, so group by TTL.
+            let mut by_ttl: HashMap<u32, Vec<(Ipv4Addr, u16)>> = HashMap::new();
+            for (addr, ttl) in &answer.addrs {
+                if let IpAddr::V4(v4) = addr {
+                    for &port in &ports {
+                        by_ttl.entry(*ttl).or_default().push((*v4, port));
+                    }
+                }
+            }
+            if by_ttl.is_empty() {
+                return Ok(());
+            }
+            tokio::task::spawn_blocking(move || {
+                for (ttl, pairs) in by_ttl {
+                    firewall::apply_in_netns(
+                        &ns_path,
+                        firewall::admit_addresses(&pairs, ttl),
+                        "admission of answered addresses",
+                    )
+                    .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| format!("admission task: {e}"))?
+        })
+    })
+}
+
+/// A token bucket: `AUDIT_RATE` records a second, `AUDIT_BURST` at once.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    dropped: u64,
+}
+
+impl Bucket {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * AUDIT_RATE).min(AUDIT_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            self.dropped += 1;
+            false
+        }
+    }
+}
+
+/// Turns the job's resolver and NFLOG events into audit records until both channels close.
+/// Block mode records refused names and blocked packets; audit mode also every name resolved
+/// and every new connection.
+async fn audit_events(
+    job: String,
+    audit_mode: bool,
+    names: Names,
+    mut dns_rx: mpsc::Receiver<DnsEvent>,
+    mut log_rx: mpsc::Receiver<NflogEvent>,
+    audit: Arc<AuditLog>,
+) {
+    let mut bucket = Bucket {
+        tokens: AUDIT_BURST,
+        at: Instant::now(),
+        dropped: 0,
+    };
+    let (mut dns_open, mut log_open) = (true, true);
+    while dns_open || log_open {
+        tokio::select! {
+            ev = dns_rx.recv(), if dns_open => match ev {
+                None => dns_open = false,
+                Some(ev) => {
+                    let wanted = audit_mode || !matches!(ev.verdict, Verdict::Allowed);
+                    if wanted && bucket.take() {
+                        let mut fields = crate::fields! {
+                            "name" => ev.name,
+                            "qtype" => ev.qtype,
+                            "verdict" => ev.verdict.as_str(),
+                            "answers" => ev.answers.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                            "ttl" => ev.ttl,
+                        };
+                        if let Verdict::Error(why) = &ev.verdict {
+                            fields.insert("reason".into(), why.clone().into());
+                        }
+                        let _ = audit.append("egress_dns", Some(&job), fields);
+                    }
+                }
+            },
+            ev = log_rx.recv(), if log_open => match ev {
+                None => log_open = false,
+                Some(ev) => {
+                    tracing::debug!(job = %job, prefix = %ev.prefix, dst = %ev.dst, port = ?ev.dport, proto = %ev.proto, "packet logged by the job's firewall");
+                    let event = if ev.prefix == firewall::LOG_CONNECT {
+                        "egress_connect"
+                    } else {
+                        "egress_blocked"
+                    };
+                    if bucket.take() {
+                        let known = names
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(&ev.dst)
+                            .cloned()
+                            .unwrap_or_default();
+                        // `name`: the first name the job resolved to the address; `names`:
+                        // all of them, when several share it.
+                        let mut fields = crate::fields! {
+                            "dst" => ev.dst.to_string(),
+                            "port" => ev.dport,
+                            "proto" => ev.proto.to_string(),
+                            "name" => known.first().cloned(),
+                        };
+                        if known.len() > 1 {
+                            fields.insert("names".into(), known.into());
+                        }
+                        let _ = audit.append(event, Some(&job), fields);
+                    }
+                }
+            },
+        }
+    }
+    if bucket.dropped > 0 {
+        let _ = audit.append(
+            "egress_audit_dropped",
+            Some(&job),
+            crate::fields! {"records" => bucket.dropped, "rate_per_second" => AUDIT_RATE},
+        );
+    }
+}

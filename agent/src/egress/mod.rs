@@ -1,0 +1,5 @@
+//! Per-job egress control (issue 4).
+
+pub mod dns;
+pub mod job;
+pub mod nflog;
