@@ -22,9 +22,23 @@ fn fqdn(name: &str) -> Name {
 #[derive(Debug, Clone, Default)]
 pub struct Zone {
     records: Vec<Record>,
+    /// Names whose answers are held this long (the rest are answered at once).
+    delays: HashMap<String, Duration>,
 }
 
 impl Zone {
+    /// Holds every answer for `name` for `delay`.
+    pub fn delay(mut self, name: &str, delay: Duration) -> Zone {
+        self.delays.insert(name.to_string(), delay);
+        self
+    }
+
+    fn delay_for(&self, query: &Message) -> Option<Duration> {
+        let q = query.queries.first()?;
+        let name = q.name().to_ascii().trim_end_matches('.').to_lowercase();
+        self.delays.get(&name).copied()
+    }
+
     pub fn a(mut self, name: &str, ip: Ipv4Addr, ttl: u32) -> Zone {
         self.records
             .push(Record::from_rdata(fqdn(name), ttl, RData::A(A(ip))));
@@ -122,8 +136,19 @@ impl FakeDns {
                         continue;
                     };
                     count(&query);
-                    if let Ok(bytes) = zone.answer(&query).to_vec() {
-                        let _ = udp.send_to(&bytes, peer);
+                    let Ok(bytes) = zone.answer(&query).to_vec() else {
+                        continue;
+                    };
+                    match (zone.delay_for(&query), udp.try_clone()) {
+                        (Some(delay), Ok(sock)) => {
+                            std::thread::spawn(move || {
+                                std::thread::sleep(delay);
+                                let _ = sock.send_to(&bytes, peer);
+                            });
+                        }
+                        _ => {
+                            let _ = udp.send_to(&bytes, peer);
+                        }
                     }
                 }
             });

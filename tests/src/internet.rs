@@ -38,7 +38,15 @@ impl Internet {
         let tag: u32 = rand_u32();
         let name = format!("alti{tag:08x}");
         let [a, b, c] = range;
-        // A /30 no other test process has on the host right now.
+        // A /30 no other test process has on the host right now: chosen and taken under a
+        // lock shared by every test process, so two cannot pick the same one.
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/tmp/airlock-tests-internet.lock")
+            .expect("the test internet's lock file");
+        lock.lock().expect("the test internet's lock");
         let taken = Command::new("ip")
             .args(["-o", "-4", "addr", "show"])
             .output()
@@ -63,6 +71,7 @@ impl Internet {
             "link", "add", &me.name, "type", "veth", "peer", "name", "eth0", "netns", &me.name,
         ]);
         ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &me.name]);
+        drop(lock);
         ip(&["link", "set", &me.name, "up"]);
         let inside = |args: &[&str]| {
             let mut full = vec!["netns", "exec", &me.name, "ip"];

@@ -38,16 +38,7 @@ impl Stack {
     /// directory and job directories (so parallel tests never reap each other's jobs), and
     /// `extra` appended to the `[sandbox]` table (e.g. `"pids_max = 64\n"`).
     pub fn sandboxed(extra: &str) -> Stack {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        Self::start_with(|mut o| {
-            o.extra_config = format!(
-                "[sandbox]\nenabled = true\nruntime_dir = \"jobs\"\nnetns_dir = \"netns\"\ncgroup_parent = \"al-e2e-{pid}-{n}\"\n{extra}"
-            );
-            o
-        })
+        Self::sandboxed_with(extra, crate::agent::Policies::Repo)
     }
 
     /// Like [`Stack::sandboxed`], but with the repository's policies changed so that the
@@ -68,13 +59,20 @@ impl Stack {
     /// `extra` is appended to the agent's config after the `[sandbox]` keys, so it may also
     /// open tables of its own (`[egress]`).
     pub fn sandboxed_production_tables(extra: &str, tables: &str) -> Stack {
+        Self::sandboxed_rule_tables(extra, &[("10-production.toml", tables)])
+    }
+
+    /// Like [`Stack::sandboxed`], with each `(file, tables)`: `tables` appended to the last
+    /// rule of that file of the repository's policies (`10-production.toml`: production,
+    /// `20-staging.toml`: staging), which must not have such tables yet.
+    pub fn sandboxed_rule_tables(extra: &str, edits: &[(&str, &str)]) -> Stack {
         let src = crate::paths::repo_root().join("policies");
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&src).expect("the repository's policies/") {
             let path = entry.expect("a policies/ entry").path();
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
             let mut text = std::fs::read_to_string(&path).expect("a policy file");
-            if name == "10-production.toml" {
+            if let Some((_, tables)) = edits.iter().find(|(f, _)| *f == name) {
                 assert!(
                     !text.lines().any(|l| {
                         let l = l.trim_start();
@@ -95,9 +93,10 @@ impl Stack {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
+        let pool = unique_pool();
         Self::start_with(|mut o| {
             o.extra_config = format!(
-                "[sandbox]\nenabled = true\nruntime_dir = \"jobs\"\nnetns_dir = \"netns\"\ncgroup_parent = \"al-e2e-{pid}-o{n}\"\n{extra}"
+                "[sandbox]\nenabled = true\nruntime_dir = \"jobs\"\nnetns_dir = \"netns\"\ncgroup_parent = \"al-e2e-{pid}-{n}\"\naddress_pool = \"{pool}\"\n{extra}"
             );
             o.policies = policies;
             // For debugging a test: `AIRLOCK_TEST_LOG=airlock=debug cargo nextest run ...`.
@@ -139,4 +138,27 @@ fn start_moto() -> MotoServer {
         Ok(m) => m,
         Err(e) => panic!("moto_server did not start: {e}"),
     }
+}
+
+/// A /24 for one test agent's jobs that no other test agent on the host has: agents in
+/// parallel test processes with the same pool would give two jobs the same address, and the
+/// host would route one job's replies to the other. A counter in a file, under a lock shared
+/// by every test process, walks 10.128.0.0/9 (32,768 pools) round.
+fn unique_pool() -> String {
+    use std::io::{Read, Seek, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open("/tmp/airlock-tests-pools")
+        .expect("the test pool counter");
+    f.lock().expect("the test pool counter's lock");
+    let mut text = String::new();
+    let _ = f.read_to_string(&mut text);
+    let n: u32 = text.trim().parse().unwrap_or(0) % 32_768;
+    f.set_len(0).expect("truncate the counter");
+    f.rewind().expect("rewind the counter");
+    write!(f, "{}", n + 1).expect("write the counter");
+    format!("10.{}.{}.0/24", 128 + n / 256, n % 256)
 }

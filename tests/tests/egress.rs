@@ -55,8 +55,11 @@ def udp():
     s.recv(512)
 def tcp():
     socket.create_connection(("{tcp_host}", 53), timeout=2).close()
+def v6():
+    socket.create_connection(("2001:db8::1", 80), timeout=2).close()
 attempt("dns_udp_elsewhere", udp)
 attempt("dns_tcp_elsewhere", tcp)
+attempt("ipv6", v6)
 print("resolv_conf=" + open("/etc/resolv.conf").read().replace("\n", "|"))
 EOF
 "#
@@ -142,6 +145,8 @@ fn a_job_reaches_only_what_its_allowlist_names() {
     assert_eq!(get("direct_ip"), "curl7", "{ctx}");
     assert_eq!(get("dns_udp_elsewhere"), "EPERM", "{ctx}");
     assert_eq!(get("dns_tcp_elsewhere"), "EHOSTUNREACH", "{ctx}");
+    // IPv6 is off in a job's namespace: it has no IPv6 address to send from.
+    assert_eq!(get("ipv6"), "EADDRNOTAVAIL", "{ctx}");
     assert!(
         get("resolv_conf").contains("nameserver 169.254.170.53"),
         "{ctx}"
@@ -186,4 +191,187 @@ fn a_job_reaches_only_what_its_allowlist_names() {
     for r in records(&stack, "job_wiped") {
         assert_eq!(r["leftovers"], serde_json::json!([]), "{r}");
     }
+}
+
+#[test]
+fn an_address_opens_only_when_its_answer_is_released_and_only_for_that_job() {
+    let web = Internet::new([192, 0, 2]);
+    let web_addr = web.serve(8080, "web");
+    let staging_host = Internet::new([192, 0, 2]);
+    staging_host.serve(8080, "staging");
+    // slow.test's answer is held 1.5 s upstream (the agent waits up to 2 s).
+    let zone = Zone::default()
+        .a("slow.test", web.addr, 60)
+        .delay("slow.test", std::time::Duration::from_millis(1500))
+        .a("staging.test", staging_host.addr, 60);
+    let dns = FakeDns::start(zone);
+    let stack = Stack::sandboxed_rule_tables(
+        &format!("[egress]\nupstreams = [\"{}\"]\n", dns.addr),
+        &[
+            (
+                "10-production.toml",
+                "[rule.egress]\nallow = [\"slow.test:8080\"]\n",
+            ),
+            (
+                "20-staging.toml",
+                "[rule.egress]\nallow = [\"staging.test:8080\"]\n",
+            ),
+        ],
+    );
+    let direct = format!("http://{web_addr}/");
+    let try_direct = |label: &str| {
+        format!(
+            "out=$(curl -sS -m 3 -o /tmp/body -w '%{{http_code}}' '{direct}' 2>/dev/null); rc=$?; \
+             if [ $rc -eq 0 ]; then echo \"{label}=$out\"; else echo \"{label}=curl$rc\"; fi\n"
+        )
+    };
+    // Production: the address is refused before the name is resolved and while its answer
+    // is still held upstream; it opens once the answer reached the job. Then it stays
+    // alive a while, so that staging runs beside it.
+    let prod_script = format!(
+        "{}getent hosts slow.test > /tmp/resolved &\nsleep 0.5\n{}wait\necho \"resolved=$(cut -d' ' -f1 /tmp/resolved)\"\n{}sleep 5\n",
+        try_direct("before"),
+        try_direct("during"),
+        try_direct("after"),
+    );
+    // Staging, started while production holds the address open: still refused for it.
+    let staging_script = format!(
+        "{}{}",
+        try_direct("other_jobs_address"),
+        curls(&[("own_name", "http://staging.test:8080/".into())])
+    );
+    let (prod, staging) = std::thread::scope(|s| {
+        let prod = s.spawn(|| stack.run_sh(&GithubJob::production().token(), &prod_script));
+        std::thread::sleep(std::time::Duration::from_secs(4));
+        let staging = stack.run_sh(&GithubJob::staging().token(), &staging_script);
+        (prod.join().unwrap(), staging)
+    });
+    let out = |o: &std::process::Output| {
+        format!(
+            "stdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let ctx = format!(
+        "production {}\nstaging {}\nagent log:\n{}",
+        out(&prod),
+        out(&staging),
+        stack.agent.log()
+    );
+    assert!(prod.status.success() && staging.status.success(), "{ctx}");
+    let p = kv(&String::from_utf8_lossy(&prod.stdout));
+    let st = kv(&String::from_utf8_lossy(&staging.stdout));
+    let get = |m: &BTreeMap<String, String>, k: &str| m.get(k).cloned().unwrap_or_default();
+    assert_eq!(get(&p, "before"), "curl7", "{ctx}");
+    assert_eq!(
+        get(&p, "during"),
+        "curl7",
+        "the answer was not released yet\n{ctx}"
+    );
+    assert_eq!(get(&p, "resolved"), web.addr.to_string(), "{ctx}");
+    assert_eq!(get(&p, "after"), "200", "{ctx}");
+    assert_eq!(get(&st, "other_jobs_address"), "curl7", "{ctx}");
+    assert_eq!(
+        get(&st, "own_name"),
+        format!("200 staging from {}", staging_host.host_addr),
+        "{ctx}"
+    );
+}
+
+#[test]
+fn audit_mode_records_what_a_job_does_and_suggest_turns_it_into_a_block_list() {
+    let api = Internet::new([192, 0, 2]);
+    api.serve(8080, "api");
+    let cdn = Internet::new([192, 0, 2]);
+    cdn.serve(8081, "cdn");
+    let zone = Zone::default()
+        .a("api.test", api.addr, 60)
+        .a("assets.cdn.test", cdn.addr, 60)
+        .a("other.test", cdn.addr, 60);
+    let dns = FakeDns::start(zone);
+    let upstream = format!("[egress]\nupstreams = [\"{}\"]\n", dns.addr);
+    let targets = [
+        ("api", "http://api.test:8080/".to_string()),
+        ("cdn", "http://assets.cdn.test:8081/".to_string()),
+        ("metadata_range", "http://169.254.1.1/".to_string()),
+        ("private", "http://10.1.2.3/".to_string()),
+    ];
+    let script = curls(&targets);
+
+    // 1. Audit mode: everything but the blocked ranges works, and is recorded.
+    let audit_stack =
+        Stack::sandboxed_production_tables(&upstream, "[rule.egress]\nmode = \"audit\"\n");
+    let out = audit_stack.run_sh(&GithubJob::production().token(), &script);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ctx = format!("stdout:\n{stdout}\nagent log:\n{}", audit_stack.agent.log());
+    assert!(out.status.success(), "{ctx}");
+    let k = kv(&stdout);
+    assert_eq!(k["api"], format!("200 api from {}", api.host_addr), "{ctx}");
+    assert_eq!(k["cdn"], format!("200 cdn from {}", cdn.host_addr), "{ctx}");
+    // The metadata service and private ranges stay closed in audit mode.
+    assert_eq!(k["metadata_range"], "curl7", "{ctx}");
+    assert_eq!(k["private"], "curl7", "{ctx}");
+    let connects = records(&audit_stack, "egress_connect");
+    for (name, port) in [("api.test", 8080), ("assets.cdn.test", 8081)] {
+        assert!(
+            connects
+                .iter()
+                .any(|r| r["name"] == name && r["port"] == port),
+            "{name}:{port} not in {connects:?}"
+        );
+    }
+    let resolved: Vec<Value> = records(&audit_stack, "egress_dns");
+    assert!(
+        resolved
+            .iter()
+            .any(|r| r["name"] == "api.test" && r["verdict"] == "audit"),
+        "{resolved:?}"
+    );
+    assert_eq!(
+        records(&audit_stack, "job_started")[0]["sandbox"]["network"],
+        "egress-audit"
+    );
+
+    // 2. `airlock policy suggest` turns the audit into an allowlist.
+    let audit_path = audit_stack.agent.audit_path();
+    let suggest = audit_stack.agent.cli(&[
+        "policy",
+        "suggest",
+        "--audit",
+        audit_path.to_str().unwrap(),
+        "--repository",
+        "acme/web",
+    ]);
+    let section = String::from_utf8_lossy(&suggest.stdout).into_owned();
+    assert!(
+        suggest.status.success(),
+        "suggest: {}\n{section}\n{}",
+        suggest.status,
+        String::from_utf8_lossy(&suggest.stderr)
+    );
+    assert!(section.contains("\"api.test:8080\""), "{section}");
+    assert!(section.contains("\"assets.cdn.test:8081\""), "{section}");
+    drop(audit_stack);
+
+    // 3. Pasted into the rule, in block mode, the same job passes; a name it did not use
+    // stays closed.
+    let block_stack = Stack::sandboxed_production_tables(&upstream, &section);
+    let mut with_other = targets.to_vec();
+    with_other.push(("other", "http://other.test:8081/".to_string()));
+    let out = block_stack.run_sh(&GithubJob::production().token(), &curls(&with_other));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ctx = format!(
+        "section:\n{section}\nstdout:\n{stdout}\nagent log:\n{}",
+        block_stack.agent.log()
+    );
+    assert!(out.status.success(), "{ctx}");
+    let k = kv(&stdout);
+    assert_eq!(k["api"], format!("200 api from {}", api.host_addr), "{ctx}");
+    assert_eq!(k["cdn"], format!("200 cdn from {}", cdn.host_addr), "{ctx}");
+    assert_eq!(k["other"], "curl6", "{ctx}");
+    assert_eq!(
+        records(&block_stack, "job_started")[0]["sandbox"]["network"],
+        "egress-block"
+    );
 }
