@@ -746,3 +746,39 @@ async fn sixteen_jobs_at_once_each_get_their_own_network() {
     }
     assert_eq!(mgr.available_subnets(), 64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subnet_the_host_already_uses_is_skipped_and_a_pool_inside_a_host_network_refused() {
+    prerequisites();
+    let mut cleanup = Cleanup::default();
+    // Another agent's job (or anything else) holds 10.200.28.1/30 on the host.
+    let other = test_link(&mut cleanup, 'c');
+    ip(&["addr", "add", "10.200.28.1/30", "dev", &other]);
+    let mgr = NetManager::new(config("10.200.28.0/24")).unwrap();
+    let job = new_job_id();
+    cleanup.job(&job);
+    let net = mgr.create(&job, NetMode::Outbound).await.unwrap();
+    assert_eq!(net.subnet.unwrap().to_string(), "10.200.28.4/30");
+    assert_eq!(
+        mgr.available_subnets(),
+        63,
+        "the skipped subnet is free again"
+    );
+    mgr.teardown(&job).await.unwrap();
+    assert_eq!(mgr.verify_gone(&job).await.unwrap(), []);
+
+    // A pool inside a network the host has: no subnet is clear.
+    let wide = test_link(&mut cleanup, 'w');
+    ip(&["addr", "add", "10.200.29.1/24", "dev", &wide]);
+    let mgr = NetManager::new(config("10.200.29.0/24")).unwrap();
+    let job = new_job_id();
+    cleanup.job(&job);
+    let err = mgr.create(&job, NetMode::Outbound).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("10.200.29.1/24") && msg.contains(&wide) && msg.contains("address_pool"),
+        "{msg}"
+    );
+    assert_eq!(mgr.available_subnets(), 64);
+    assert_eq!(mgr.verify_gone(&job).await.unwrap(), []);
+}

@@ -108,6 +108,8 @@ pub enum NetnsError {
     Thread(PathBuf),
     #[error("firewall: {0}")]
     Firewall(#[from] FirewallError),
+    #[error("no job subnet clear of the host's addresses: {0}; give [sandbox] address_pool a range the host does not use")]
+    PoolClash(String),
     #[error("{0:?} is not an airlock-owned object (only {NETNS_PREFIX}* namespaces and {LINK_PREFIX}* links are)")]
     NotOurs(String),
 }
@@ -281,6 +283,8 @@ pub struct NetManager {
     /// This manager bound the namespace directory onto itself (as `ip netns` does) and
     /// takes that mount away again in [`NetManager::release_dir`].
     bound_dir: std::sync::atomic::AtomicBool,
+    /// Serialises netlink dumps on `handle`.
+    dumps: tokio::sync::Mutex<()>,
 }
 
 impl Drop for NetManager {
@@ -324,6 +328,7 @@ impl NetManager {
             }),
             // A bind an earlier agent made (and a crash left) is this agent's to release.
             bound_dir: std::sync::atomic::AtomicBool::new(dir_is_self_bind(&cfg_dir)),
+            dumps: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -342,6 +347,88 @@ impl NetManager {
         self.state().pool.available()
     }
 
+    /// A /30 for the job that no address on the host lies in. The pool should be clear of
+    /// the host's networks, but another agent with the same pool, or a network added after
+    /// the agent started, would give two links the same addresses, and the host would route
+    /// one job's replies to the other: such subnets are skipped (and logged), and a pool
+    /// that overlaps a network of the host is an error naming it.
+    async fn allocate_clear_subnet(&self, job: &str) -> Result<Subnet, NetnsError> {
+        const TRIES: usize = 8;
+        let host = self.host_networks().await?;
+        let mut skipped = Vec::new();
+        let mut found = Err(NetnsError::PoolClash(String::new()));
+        for i in 0..TRIES {
+            let subnet = match self.state().pool.allocate(job) {
+                Ok(s) => s,
+                Err(e) => {
+                    found = Err(e.into());
+                    break;
+                }
+            };
+            let (lo, hi) = subnet.cidr().range();
+            let clash = host.iter().find(|(_, addr, prefix)| {
+                let net = Cidr {
+                    addr: *addr,
+                    prefix: *prefix,
+                };
+                let (a, b) = net.range();
+                a <= hi && lo <= b
+            });
+            match clash {
+                None => {
+                    found = Ok(subnet);
+                    break;
+                }
+                Some((link, addr, prefix)) => {
+                    tracing::warn!(job, subnet = %subnet.cidr(), "skipping a job subnet: the host already has {addr}/{prefix} on {link} (another agent with the same address_pool?)");
+                    let mut state = self.state();
+                    state.pool.release(job);
+                    let key = format!("!clash-{job}-{i}");
+                    let _ = state.pool.reserve(&key, subnet);
+                    skipped.push(key);
+                    found = Err(NetnsError::PoolClash(format!(
+                        "the host has {addr}/{prefix} on {link} inside the job address pool"
+                    )));
+                }
+            }
+        }
+        let mut state = self.state();
+        for key in skipped {
+            state.pool.release(&key);
+        }
+        found
+    }
+
+    /// The host namespace's IPv4 addresses: (link name, address, prefix length).
+    async fn host_networks(&self) -> Result<Vec<(String, Ipv4Addr, u8)>, NetnsError> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        // One dump at a time on the shared netlink socket (a second one gets EBUSY).
+        let _dump = self.dumps.lock().await;
+        let mut names = HashMap::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(msg) = links.try_next().await.map_err(netlink("list links"))? {
+            for attr in msg.attributes {
+                if let LinkAttribute::IfName(n) = attr {
+                    names.insert(msg.header.index, n);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(msg) = addrs.try_next().await.map_err(netlink("list addresses"))? {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Local(IpAddr::V4(a))
+                | AddressAttribute::Address(IpAddr::V4(a)) = attr
+                {
+                    let link = names.get(&msg.header.index).cloned().unwrap_or_default();
+                    out.push((link, *a, msg.header.prefix_len));
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Builds the job's network: namespace, veth, addresses. On failure everything made so
     /// far is removed again.
     pub async fn create(&self, job: &str, mode: NetMode) -> Result<JobNet, NetnsError> {
@@ -351,7 +438,7 @@ impl NetManager {
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         let subnet = if mode.has_link() {
-            Some(self.state().pool.allocate(job)?)
+            Some(self.allocate_clear_subnet(job).await?)
         } else {
             None
         };
@@ -646,6 +733,7 @@ impl NetManager {
                 })
             }
         }
+        let _dump = self.dumps.lock().await;
         let mut links = self.handle.link().get().execute();
         while let Some(msg) = links.try_next().await.map_err(netlink("list links"))? {
             let mut name = None;
