@@ -1548,8 +1548,12 @@ exit $rc
 
 #[test]
 fn sigkill_of_airlockd_during_a_job_leaves_nothing_after_the_restart() {
-    // An outbound job: it has the most to leave behind (a veth on the host, a firewall).
-    let mut stack = Stack::sandboxed_outbound_production("");
+    // An egress-controlled job: it has the most to leave behind (a veth on the host, its
+    // firewall, its resolver's and NFLOG sockets in the agent).
+    let mut stack = Stack::sandboxed_production_tables(
+        "[egress]\nupstreams = [\"127.0.0.1:9\"]\n",
+        "[rule.egress]\nallow = [\"example.test:443\"]\n",
+    );
     let n = nonce();
     let (m1, m2) = ("alkill", format!("-{n}"));
     let marker = format!("{m1}{m2}");
@@ -1569,6 +1573,7 @@ wait
     );
     let id = job.job_id.clone();
     let sb = sandbox_of(&stack.agent, &id);
+    assert_eq!(sb["network"], "egress-block", "{sb}");
     let cg = PathBuf::from(sb["cgroup"].as_str().unwrap_or_default());
     let parent_name = cg
         .parent()

@@ -317,3 +317,41 @@ async fn audit_events(
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_audit_bucket_lets_a_burst_through_then_the_rate_and_counts_the_rest() {
+        let mut b = Bucket {
+            tokens: AUDIT_BURST,
+            at: Instant::now(),
+            dropped: 0,
+        };
+        let passed = (0..1000).filter(|_| b.take()).count();
+        // The burst, and whatever the rate refilled while the loop ran (well under 1 s).
+        assert!(
+            (AUDIT_BURST as usize..AUDIT_BURST as usize + 20).contains(&passed),
+            "{passed}"
+        );
+        assert_eq!(b.dropped as usize, 1000 - passed);
+        // A second later the rate has refilled about AUDIT_RATE tokens.
+        b.at -= Duration::from_secs(1);
+        let refilled = (0..1000).filter(|_| b.take()).count();
+        assert!(
+            (AUDIT_RATE as usize..AUDIT_RATE as usize + 5).contains(&refilled),
+            "{refilled}"
+        );
+    }
+
+    #[test]
+    fn the_jobs_resolv_conf_names_only_the_agent() {
+        let conf = resolv_conf();
+        let servers: Vec<&str> = conf
+            .lines()
+            .filter(|l| l.starts_with("nameserver"))
+            .collect();
+        assert_eq!(servers, ["nameserver 169.254.170.53"]);
+    }
+}
