@@ -48,7 +48,8 @@ demo: deps build
 	scripts/demo.sh
 
 # Release builds of the agent, measured against a bare hyper server in the same run; then the
-# sandbox (root only), measured against bubblewrap in the same run.
+# sandbox (root only), measured against bubblewrap in the same run; then egress (root only):
+# a job's rules against a namespace without rules, its resolver against the upstream.
 BENCH_BIN_DIR = $(if $(CARGO_TARGET_DIR),$(abspath $(CARGO_TARGET_DIR)),$(CURDIR)/target)/release
 bench: deps
 	$(CARGO) build --release -p airlock-agent --bins
@@ -56,3 +57,4 @@ bench: deps
 	scripts/setup-bench-deps.sh
 	$(CARGO) build --release -p airlock-shim --bins
 	AIRLOCK_BIN_DIR=$(BENCH_BIN_DIR) $(CARGO) run -p airlock-tests --bin airlock-sandbox-bench --release
+	$(CARGO) run -p airlock-tests --bin airlock-egress-bench --release

@@ -376,7 +376,7 @@ impl Daemon {
             f.insert("ref".into(), id.git_ref.clone().into());
             f.insert("environment".into(), id.environment.clone().into());
             f.insert("workflow".into(), id.workflow.clone().into());
-            f.insert("event".into(), id.event.clone().into());
+            f.insert("ci_event".into(), id.event.clone().into());
             f.insert("run_id".into(), id.run_id.clone().into());
             f.insert("attempt".into(), id.attempt.clone().into());
         }

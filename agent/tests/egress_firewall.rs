@@ -329,3 +329,141 @@ async fn refused_and_new_connections_reach_the_agent_through_nflog() {
         ]
     );
 }
+
+/// A test link on the host holding `addr/32`, with a server on `addr:port`; removed on drop.
+struct HostService {
+    link: String,
+}
+
+impl HostService {
+    fn start(addr: Ipv4Addr, port: u16) -> HostService {
+        let link = format!("alte{:08x}", rand::random::<u32>());
+        let ok = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ok(&[
+            "link",
+            "add",
+            &link,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{link}p"),
+        ]);
+        ok(&["addr", "add", &format!("{addr}/32"), "dev", &link]);
+        ok(&["link", "set", &link, "up"]);
+        let listener = std::net::TcpListener::bind((addr, port)).unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 512];
+                let _ = conn.read(&mut buf);
+                let _ = conn.write_all(b"HTTP/1.0 200 OK\r\n\r\nhost service");
+            }
+        });
+        HostService { link }
+    }
+}
+
+impl Drop for HostService {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.link])
+            .status();
+    }
+}
+
+fn exceptions_on_host() -> String {
+    let out = Command::new("nft")
+        .args(["list", "set", "inet", "airlock", "exceptions"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_cidr_entry_reaches_a_private_address_on_the_host_and_goes_with_the_job() {
+    prerequisites();
+    let private = Ipv4Addr::new(10, 200, 31, 1 + rand::random::<u8>() % 250);
+    let _service = HostService::start(private, 8443);
+    let mgr = NetManager::new(config("10.200.30.0/24")).unwrap();
+    let job = new_job_id();
+    let _cleanup = Cleanup(vec![job.clone()]);
+    let rules = EgressRules {
+        audit: false,
+        // The /32 is nested in the /24: only the wider one goes into the host's set.
+        static_v4: vec![
+            (Ipv4Addr::new(10, 200, 31, 0), 24, 8443),
+            (private, 32, 8443),
+        ],
+        log_group: 1,
+    };
+    let net = mgr.create(&job, NetMode::Egress(rules)).await.unwrap();
+    let link = net.host_link.clone().unwrap();
+    assert!(
+        exceptions_on_host().contains(&link),
+        "{}",
+        exceptions_on_host()
+    );
+    let got = probe(
+        &job,
+        &[format!("tcp:{private}:8443"), format!("tcp:{private}:8444")],
+    );
+    assert_eq!(got, ["ok host service", "err EHOSTUNREACH"]);
+    mgr.teardown(&job).await.unwrap();
+    assert_eq!(mgr.verify_gone(&job).await.unwrap(), []);
+    assert!(
+        !exceptions_on_host().contains(&link),
+        "{}",
+        exceptions_on_host()
+    );
+
+    // An agent that crashes leaves its job's entries; the next one removes them at start
+    // (their link is gone with the namespace), and leaves a live job's alone.
+    let live = new_job_id();
+    let crashed = new_job_id();
+    let _cleanup2 = Cleanup(vec![live.clone(), crashed.clone()]);
+    let rules = |port| EgressRules {
+        audit: false,
+        static_v4: vec![(private, 32, port)],
+        log_group: 1,
+    };
+    let live_net = mgr
+        .create(&live, NetMode::Egress(rules(9001)))
+        .await
+        .unwrap();
+    {
+        let first = NetManager::new(config("10.200.32.0/24")).unwrap();
+        let net = first
+            .create(&crashed, NetMode::Egress(rules(9002)))
+            .await
+            .unwrap();
+        let crashed_link = net.host_link.unwrap();
+        assert!(exceptions_on_host().contains(&crashed_link));
+        // The agent dies; its job's link and namespace go (as the kernel or a reboot would).
+        let _ = Command::new("ip")
+            .args(["link", "del", &crashed_link])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &netns_name(&crashed)])
+            .status();
+        let next = NetManager::new(config("10.200.32.0/24")).unwrap();
+        // At least this one (another test's crashed agent may have left some too).
+        assert!(next.remove_stale_exceptions().await.unwrap() >= 1);
+        let left = exceptions_on_host();
+        assert!(!left.contains(&crashed_link), "{left}");
+        assert!(
+            left.contains(live_net.host_link.as_ref().unwrap()),
+            "{left}"
+        );
+    }
+    mgr.teardown(&live).await.unwrap();
+    assert_eq!(mgr.verify_gone(&live).await.unwrap(), []);
+}

@@ -123,6 +123,18 @@ async fn run(args: Args, cfg: Config, policies: airlock::policy::PolicySet) -> E
         tracing::warn!(
             "[sandbox] is disabled: jobs run unsandboxed with loopback credential endpoints"
         );
+        let with_egress: Vec<&str> = policies
+            .rules()
+            .iter()
+            .filter(|r| r.egress.is_some())
+            .map(|r| r.name.as_str())
+            .collect();
+        if !with_egress.is_empty() {
+            tracing::warn!(
+                rules = ?with_egress,
+                "[rule.egress] has no effect with [sandbox] disabled: these rules' jobs reach whatever the host reaches"
+            );
+        }
         None
     };
     let daemon = match Daemon::new(

@@ -61,6 +61,8 @@ pub struct JobEgress {
     dns: Option<DnsServer>,
     nflog: Option<NflogReader>,
     auditor: Option<JoinHandle<()>>,
+    /// Where the count of NFLOG reports lost before the auditor saw them goes.
+    lost_to: Option<(Arc<AuditLog>, String)>,
 }
 
 impl std::fmt::Debug for JobEgress {
@@ -120,12 +122,13 @@ impl JobEgress {
             names,
             dns_rx,
             log_rx,
-            audit,
+            audit.clone(),
         ));
         Ok(JobEgress {
             dns: Some(server),
             nflog: Some(reader),
             auditor: Some(auditor),
+            lost_to: Some((audit, job.to_string())),
         })
     }
 
@@ -140,9 +143,18 @@ impl JobEgress {
         // reach the audit. Then dropping the reader closes its socket and its channel; the
         // auditor drains both channels and ends.
         tokio::time::sleep(NFLOG_DRAIN).await;
-        drop(self.nflog.take());
+        let lost = self.nflog.take().map_or(0, |r| r.dropped());
         if let Some(auditor) = self.auditor.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), auditor).await;
+        }
+        if lost > 0 {
+            if let Some((audit, job)) = &self.lost_to {
+                let _ = audit.append(
+                    "egress_audit_dropped",
+                    Some(job),
+                    crate::fields! {"nflog_reports" => lost},
+                );
+            }
         }
     }
 }
@@ -155,6 +167,12 @@ impl Drop for JobEgress {
     }
 }
 
+/// The admission hook the agent gives a block-mode job's resolver (see [`admitter`]), on
+/// its own: for benchmarks and tests that run `dns::serve` themselves.
+pub fn admission(ns_path: PathBuf, policy: Arc<EgressPolicy>) -> AdmitFn {
+    admitter(ns_path, policy, Arc::default(), false)
+}
+
 /// Admission: the answered IPv4 addresses, on every port the policy allows the name, go into
 /// the job's `allowed4` set for the answer's TTL (floored and capped by the resolver) before
 /// the job sees them. IPv6 is off in jobs: AAAA addresses are remembered for the audit only.
@@ -165,10 +183,15 @@ fn admitter(
     names: Names,
     audit_mode: bool,
 ) -> AdmitFn {
+    // When each admitted pair expires from the set, as far as the agent knows: a pair that
+    // is not there is only added (fast); one whose timeout must be extended is refreshed
+    // (delete and add, slower); one that stays long enough is left alone.
+    let admitted: Arc<Mutex<HashMap<(Ipv4Addr, u16), Instant>>> = Arc::default();
     Arc::new(move |answer: Answer| {
         let ns_path = ns_path.clone();
         let policy = policy.clone();
         let names = names.clone();
+        let admitted = admitted.clone();
         Box::pin(async move {
             {
                 let mut names = names.lock().unwrap_or_else(|p| p.into_inner());
@@ -186,31 +209,53 @@ fn admitter(
                 return Ok(());
             }
             let ports = policy.ports_for(&answer.name);
-            // One batch per TTL: nft takes a timeout per element, so group by TTL.
-            let mut by_ttl: HashMap<u32, Vec<(Ipv4Addr, u16)>> = HashMap::new();
-            for (addr, ttl) in &answer.addrs {
-                if let IpAddr::V4(v4) = addr {
+            // Batches by (TTL, refresh): nft takes a timeout per element.
+            let mut batches: HashMap<(u32, bool), Vec<(Ipv4Addr, u16)>> = HashMap::new();
+            let now = Instant::now();
+            {
+                let mut known = admitted.lock().unwrap_or_else(|p| p.into_inner());
+                known.retain(|_, until| *until > now);
+                for (addr, ttl) in &answer.addrs {
+                    let IpAddr::V4(v4) = addr else { continue };
+                    let until = now + Duration::from_secs(u64::from(*ttl));
                     for &port in &ports {
-                        by_ttl.entry(*ttl).or_default().push((*v4, port));
+                        let key = (*v4, port);
+                        let refresh = match known.get(&key) {
+                            None => false,
+                            // Still there for at least half of the new TTL: enough.
+                            Some(old) if *old >= now + Duration::from_secs(u64::from(*ttl / 2)) => {
+                                continue
+                            }
+                            Some(_) => true,
+                        };
+                        batches.entry((*ttl, refresh)).or_default().push(key);
+                        known.insert(key, until);
                     }
                 }
             }
-            if by_ttl.is_empty() {
+            if batches.is_empty() {
                 return Ok(());
             }
-            tokio::task::spawn_blocking(move || {
-                for (ttl, pairs) in by_ttl {
-                    firewall::apply_in_netns(
-                        &ns_path,
-                        firewall::admit_addresses(&pairs, ttl),
-                        "admission of answered addresses",
-                    )
-                    .map_err(|e| e.to_string())?;
+            let result = tokio::task::spawn_blocking(move || {
+                for ((ttl, refresh), pairs) in batches {
+                    let ruleset = if refresh {
+                        firewall::admit_addresses(&pairs, ttl)
+                    } else {
+                        firewall::add_addresses(&pairs, ttl)
+                    };
+                    firewall::apply_in_netns(&ns_path, ruleset, "admission of answered addresses")
+                        .map_err(|e| e.to_string())?;
                 }
                 Ok(())
             })
             .await
-            .map_err(|e| format!("admission task: {e}"))?
+            .map_err(|e| format!("admission task: {e}"))
+            .and_then(|r| r);
+            if result.is_err() {
+                // What the set holds is unknown now: admit everything again next time.
+                admitted.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            }
+            result
         })
     })
 }

@@ -311,7 +311,14 @@ pub fn parse_entry(text: &str) -> Result<(EgressTarget, u16), String> {
         };
         (target, port)
     };
-    Ok((target, port_number(port)?))
+    let port = port_number(port)?;
+    if port == 53 {
+        return Err(
+            "names port 53 (DNS): a job's only resolver is the agent, which refuses DNS to              anywhere else; allow the names the job looks up instead"
+                .into(),
+        );
+    }
+    Ok((target, port))
 }
 
 fn port_number(p: &str) -> Result<u16, String> {
@@ -773,5 +780,37 @@ mod tests {
             serde_json::to_value(EgressMode::Audit).unwrap(),
             serde_json::json!("audit")
         );
+    }
+}
+
+#[cfg(test)]
+mod dns_and_ipv6_tests {
+    use super::*;
+    use crate::policy::load_str;
+    use std::path::Path;
+
+    #[test]
+    fn port_53_is_refused_because_the_agent_is_the_only_resolver() {
+        for entry in ["dns.google:53", "*.example.com:53", "8.8.8.8/32:53"] {
+            let err = parse_entry(entry).unwrap_err();
+            assert!(err.contains("port 53"), "{entry}: {err}");
+        }
+        assert!(parse_entry("dns.google:853").is_ok());
+    }
+
+    #[test]
+    fn an_ipv6_entry_loads_with_a_warning_that_it_has_no_effect() {
+        let text = "[[rule]]\nname = \"web\"\n[rule.match]\nrepository = \"acme/web\"\n\
+                    [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n\
+                    [rule.egress]\nallow = [\"[2001:db8::/32]:443\", \"github.com:443\"]\n";
+        let set = load_str(Path::new("p.toml"), text).unwrap();
+        let w: Vec<&String> = set
+            .warnings()
+            .iter()
+            .filter(|w| w.contains("IPv6 is not routed"))
+            .collect();
+        assert_eq!(w.len(), 1, "{:?}", set.warnings());
+        assert!(w[0].starts_with("p.toml:"), "{}", w[0]);
+        assert!(w[0].contains("[2001:db8::/32]:443"), "{}", w[0]);
     }
 }

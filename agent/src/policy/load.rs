@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 use std::collections::HashMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -409,6 +410,18 @@ impl Loader {
                  metadata service, private ranges and the host (each one recorded); once `airlock policy suggest` \
                  has written the allowlist, switch to mode = \"block\""
             ));
+        }
+        for a in rule.egress.iter().flat_map(|e| &e.allow) {
+            if let super::egress::EgressTarget::Cidr {
+                addr: IpAddr::V6(_),
+                ..
+            } = &a.target
+            {
+                self.set.warnings.push(format!(
+                    "{}: rule {name:?}: [rule.egress] entry {a} has no effect yet: IPv6 is not routed for jobs                      (their namespaces have IPv6 off)",
+                    a.origin
+                ));
+            }
         }
         for g in &rule.grants {
             if g.duration_secs < SHORT_GRANT_WARNING {

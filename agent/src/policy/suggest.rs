@@ -248,6 +248,10 @@ fn connection(log: &mut JobLog, rec: &Map<String, Value>) -> Result<(), String> 
         .and_then(Value::as_str)
         .and_then(|d| d.parse().ok())
         .ok_or("no \"dst\" address")?;
+    // A packet without ports (ICMP, a later fragment) says nothing an allowlist could name.
+    if rec.get("port").is_none_or(Value::is_null) {
+        return Ok(());
+    }
     let port = rec
         .get("port")
         .and_then(Value::as_u64)
@@ -673,6 +677,18 @@ mod tests {
             conn("j-9", "198.51.100.1", 443, Some("other.example.com")),
             json!({"event": "credentials_issued", "job": "j-1", "alias": "a"}),
         ]
+    }
+
+    #[test]
+    fn a_logged_packet_without_ports_is_skipped_not_an_error() {
+        let mut records = audit();
+        records.push(
+            json!({"event": "egress_blocked", "job": "j-1", "dst": "192.0.2.1",
+                            "port": null, "proto": "icmp", "name": null}),
+        );
+        let with = run(&records, &repo("acme/web")).unwrap();
+        let without = run(&audit(), &repo("acme/web")).unwrap();
+        assert_eq!(with.to_string(), without.to_string());
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //!   outbound job start so a flushed ruleset cannot fail open): nothing from a job's link
 //!   (`al-*`) is delivered to the host itself, whatever address it is sent to (this is what
 //!   keeps the host's own public addresses out of reach); jobs never reach each other's
-//!   links; the same ranges are dropped again when forwarded; connections into a job are
+//!   links; the same ranges are dropped again when forwarded — except a job's explicit
+//!   `CIDR:port` entries, which the set `exceptions` holds for that job's link alone (added
+//!   with the link, deleted at its teardown); connections into a job are
 //!   refused unless they answer its own; and what jobs send out is masqueraded behind the
 //!   host's address. The table stays when the agent stops: it matches only job links, and
 //!   a crashed or restarted agent must not leave a window without it. Remove it by hand
@@ -209,6 +211,27 @@ impl Builder {
         }));
     }
 
+    fn exceptions_set(&mut self) {
+        self.add(NfListObject::Set(Box::new(Set {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: EXCEPTIONS_SET.into(),
+            handle: None,
+            set_type: SetTypeValue::Concatenated(Cow::Owned(vec![
+                SetType::Ifname,
+                SetType::Ipv4Addr,
+                SetType::InetService,
+            ])),
+            policy: None,
+            flags: Some([SetFlag::Interval].into_iter().collect()),
+            elem: None,
+            timeout: None,
+            gc_interval: None,
+            size: None,
+            comment: None,
+        })));
+    }
+
     fn blocked_set(&mut self) {
         let elem: Vec<Expression<'static>> = BLOCKED_V4
             .iter()
@@ -296,6 +319,9 @@ pub struct EgressRules {
     pub log_group: u16,
 }
 
+/// The host's set of (job link, network, port): a job's explicit `CIDR:port` entries, which
+/// the host's own rules would otherwise drop (private ranges, the host's addresses).
+pub const EXCEPTIONS_SET: &str = "exceptions";
 /// The set of (address, port) pairs DNS answers admitted, with a timeout per element.
 pub const ALLOWED_SET: &str = "allowed4";
 /// Log prefixes the agent's NFLOG reader tells apart.
@@ -342,18 +368,22 @@ fn ct_state(states: &[&str]) -> Statement<'static> {
     })
 }
 
-/// The table inside an egress-controlled job's namespace (instead of [`job_ruleset`]):
+/// The table inside an egress-controlled job's namespace (instead of [`job_ruleset`]), its
+/// `output` chain in this order, with policy drop:
 ///
 /// 1. `lo` accepted (the job's endpoint and its resolver, 169.254.170.53);
 /// 2. replies to the job's own connections accepted;
-/// 3. DNS (port 53, TCP or UDP) anywhere else logged and refused: the agent is the only
+/// 3. IPv6 refused (it is off in the namespace);
+/// 4. DNS (port 53, TCP or UDP) anywhere else logged and refused: the agent is the only
 ///    resolver;
-/// 4. explicit `CIDR:port` entries accepted (before 5, so a rule can name a private range);
-/// 5. the blocked ranges (metadata, link-local, private, ...) logged and refused, in audit
+/// 5. explicit `CIDR:port` entries accepted (before 6, so a rule can name a private range);
+/// 6. the blocked ranges (metadata, link-local, private, ...) logged and refused, in audit
 ///    mode too — an allowed name that resolves there (DNS rebinding) gains nothing;
-/// 6. block mode: (address, port) pairs admitted from DNS answers accepted, everything else
-///    logged and refused; audit mode: new connections logged and accepted;
-/// 7. IPv6 refused (it is off in the namespace).
+/// 7. block mode: (address, port) pairs admitted from DNS answers accepted, everything else
+///    logged and refused; audit mode: new connections logged, everything accepted.
+///
+/// Logging and refusing are separate rules: an exceeded `limit` makes its whole rule not
+/// match, so a limited "log and refuse" rule would let a flood through.
 pub fn job_egress_ruleset(rules: &EgressRules) -> Nftables<'static> {
     let mut b = Builder::new();
     b.table();
@@ -470,10 +500,39 @@ pub fn job_egress_ruleset(rules: &EgressRules) -> Nftables<'static> {
     b.build()
 }
 
-/// Puts (address, port) pairs into the job's allowed set, each for `ttl_secs` from now.
-/// `add` alone keeps an element that is already there with its old timeout, so the batch
-/// adds (so that it exists), deletes and adds again: one transaction, after which every pair
-/// expires `ttl_secs` from now, also when a name is resolved again before it expired.
+/// Adds (address, port) pairs that are not in the job's allowed set yet, each for
+/// `ttl_secs`. (`add` keeps an element that is already there with its old timeout: use
+/// [`admit_addresses`] to restart the timeout of pairs that may be there.)
+pub fn add_addresses(pairs: &[(std::net::Ipv4Addr, u16)], ttl_secs: u32) -> Nftables<'static> {
+    let elem: Vec<Expression<'static>> = pairs
+        .iter()
+        .map(|&(addr, port)| {
+            Expression::Named(NamedExpression::Elem(nftables::expr::Elem {
+                val: Box::new(concat(vec![
+                    s(&addr.to_string()),
+                    Expression::Number(u32::from(port)),
+                ])),
+                timeout: Some(ttl_secs),
+                expires: None,
+                comment: None,
+                counter: None,
+            }))
+        })
+        .collect();
+    let mut b = Builder::new();
+    b.add(NfListObject::Element(nftables::schema::Element {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: ALLOWED_SET.into(),
+        elem: Cow::Owned(elem),
+    }));
+    b.build()
+}
+
+/// Puts (address, port) pairs into the job's allowed set, each for `ttl_secs` from now,
+/// whether or not they are there already: the batch adds (so that each exists), deletes
+/// and adds again, in one transaction. Slower than [`add_addresses`] (the kernel waits for
+/// the deleted elements to be freed before the transaction's socket closes, ~10 ms).
 pub fn admit_addresses(pairs: &[(std::net::Ipv4Addr, u16)], ttl_secs: u32) -> Nftables<'static> {
     let elems = |timeout: Option<u32>| -> Vec<Expression<'static>> {
         pairs
@@ -515,22 +574,47 @@ pub fn admit_addresses(pairs: &[(std::net::Ipv4Addr, u16)], ttl_secs: u32) -> Nf
 pub fn host_ruleset() -> Nftables<'static> {
     let mut b = Builder::new();
     b.table();
-    b.cmds.push(NfCmd::Flush(FlushObject::Table(Table {
-        family: NfFamily::INet,
-        name: TABLE.into(),
-        handle: None,
-    })));
     b.blocked_set();
+    b.exceptions_set();
     // Before the usual filter priority, so a job's packet meets these rules first.
     b.base_chain("input", NfChainType::Filter, NfHook::Input, -10);
     b.base_chain("forward", NfChainType::Filter, NfHook::Forward, -10);
     b.base_chain("postrouting", NfChainType::NAT, NfHook::Postrouting, 100);
-    // Nothing a job sends is for the host itself: not its public address, not the job's
-    // gateway, not a service listening on any of the host's addresses.
+    // The chains' rules are replaced; the sets keep their elements (the exceptions of the
+    // jobs running now).
+    for chain in ["input", "forward", "postrouting"] {
+        b.cmds.push(NfCmd::Flush(FlushObject::Chain(Chain {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: chain.into(),
+            newname: None,
+            handle: None,
+            _type: None,
+            hook: None,
+            prio: None,
+            dev: None,
+            policy: None,
+        })));
+    }
+    // A job's explicit `CIDR:port` entries (which may name a private range or the host).
+    let exception = || {
+        in_set(
+            concat(vec![
+                meta(MetaKey::Iifname),
+                field("ip", "daddr"),
+                field("th", "dport"),
+            ]),
+            EXCEPTIONS_SET,
+        )
+    };
+    b.rule("input", vec![exception(), accept()]);
+    // Nothing else a job sends is for the host itself: not its public address, not the
+    // job's gateway, not a service listening on any of the host's addresses.
     b.rule(
         "input",
         vec![is(meta(MetaKey::Iifname), job_links()), counter(), drop()],
     );
+    b.rule("forward", vec![exception(), accept()]);
     // Jobs never reach each other.
     b.rule(
         "forward",
@@ -594,6 +678,133 @@ pub fn host_ruleset() -> Nftables<'static> {
         ],
     );
     b.build()
+}
+
+fn exception_elems(
+    link: &str,
+    entries: &[(std::net::Ipv4Addr, u8, u16)],
+) -> Vec<Expression<'static>> {
+    entries
+        .iter()
+        .map(|&(net, len, port)| {
+            concat(vec![
+                s(link),
+                prefix(&net.to_string(), len),
+                Expression::Number(u32::from(port)),
+            ])
+        })
+        .collect()
+}
+
+fn exceptions(
+    link: &str,
+    entries: &[(std::net::Ipv4Addr, u8, u16)],
+) -> nftables::schema::Element<'static> {
+    nftables::schema::Element {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: EXCEPTIONS_SET.into(),
+        elem: Cow::Owned(exception_elems(link, entries)),
+    }
+}
+
+/// Adds a job's explicit entries to the host's exceptions, for its host link.
+pub fn add_exceptions(link: &str, entries: &[(std::net::Ipv4Addr, u8, u16)]) -> Nftables<'static> {
+    let mut b = Builder::new();
+    b.add(NfListObject::Element(exceptions(link, entries)));
+    b.build()
+}
+
+/// Removes a job's entries from the host's exceptions (added first, so that removing ones
+/// already gone is not an error).
+pub fn delete_exceptions(
+    link: &str,
+    entries: &[(std::net::Ipv4Addr, u8, u16)],
+) -> Nftables<'static> {
+    let mut b = Builder::new();
+    b.add(NfListObject::Element(exceptions(link, entries)));
+    b.cmds.push(NfCmd::Delete(NfListObject::Element(exceptions(
+        link, entries,
+    ))));
+    b.build()
+}
+
+/// One element of the host's exceptions set: (link, network, prefix length, port).
+pub type Exception = (String, std::net::Ipv4Addr, u8, u16);
+
+/// The elements of the host's exceptions set (`nft -j list set`). Empty when the table or
+/// the set does not exist.
+pub fn list_exceptions() -> Result<Vec<Exception>, FirewallError> {
+    let out = match std::process::Command::new(nft_program())
+        .args(["-j", "list", "set", "inet", TABLE, EXCEPTIONS_SET])
+        .output()
+    {
+        Ok(out) => out,
+        // Without nft no job ever had exceptions.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(FirewallError::Spawn {
+                program: nft_program().to_string(),
+                source,
+            })
+        }
+    };
+    if !out.status.success() {
+        return Ok(Vec::new());
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| FirewallError::Apply {
+            what: "listing of the host's exceptions",
+            message: e.to_string(),
+        })?;
+    let mut found = Vec::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        for elem in item["set"]["elem"].as_array().into_iter().flatten() {
+            let parts = &elem["concat"];
+            let link = parts[0].as_str();
+            // A /32 is listed as a plain address, anything wider as a prefix.
+            let (addr, len) = match &parts[1] {
+                serde_json::Value::String(a) => (a.parse().ok(), Some(32)),
+                p => (
+                    p["prefix"]["addr"].as_str().and_then(|a| a.parse().ok()),
+                    p["prefix"]["len"]
+                        .as_u64()
+                        .and_then(|l| u8::try_from(l).ok()),
+                ),
+            };
+            let port = parts[2].as_u64().and_then(|p| u16::try_from(p).ok());
+            if let (Some(link), Some(addr), Some(len), Some(port)) = (link, addr, len, port) {
+                found.push((link.to_string(), addr, len, port));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Entries of one port nested in another's network would be conflicting intervals in the
+/// set: keep the widest.
+pub fn widest(entries: &[(std::net::Ipv4Addr, u8, u16)]) -> Vec<(std::net::Ipv4Addr, u8, u16)> {
+    let range = |&(a, len, _): &(std::net::Ipv4Addr, u8, u16)| {
+        let mask = if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len))
+        };
+        let start = u32::from(a) & mask;
+        (start, start | !mask)
+    };
+    let mut out: Vec<(std::net::Ipv4Addr, u8, u16)> = Vec::new();
+    for e in entries {
+        let (a, b) = range(e);
+        let covered = entries.iter().any(|o| {
+            let (c, d) = range(o);
+            o.2 == e.2 && c <= a && b <= d && (c, d) != (a, b)
+        });
+        if !covered && !out.iter().any(|o| o.2 == e.2 && range(o) == (a, b)) {
+            out.push(*e);
+        }
+    }
+    out
 }
 
 /// The `nft` program: `/usr/sbin/nft` where Debian and Fedora install it, else from PATH.

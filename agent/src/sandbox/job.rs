@@ -274,7 +274,20 @@ impl Sandboxes {
             parent,
             net,
             users: Mutex::new(users),
-            egress_cfg: cfg.egress.clone(),
+            egress_cfg: {
+                // Upstreams written in the config must parse; the host's resolv.conf is read
+                // again at each egress job's start (it may change), so only warn about it.
+                match cfg.egress.dns_config() {
+                    Ok(_) => {}
+                    Err(e) if !cfg.egress.upstreams.is_empty() => {
+                        return Err(SandboxError::Config(e));
+                    }
+                    Err(e) => tracing::warn!(
+                        "egress-controlled jobs cannot start until this is fixed: {e}"
+                    ),
+                }
+                cfg.egress.clone()
+            },
             egress: Mutex::new(HashMap::new()),
         })
     }
@@ -650,6 +663,14 @@ impl Sandboxes {
             // Links are not reaped one by one: a job's veth goes with its namespace, so a
             // link whose namespace still lives belongs to someone (another agent's test, an
             // operator's) and is not ours to remove.
+        }
+        // Exceptions in the host's table whose link is gone (jobs of a crashed agent).
+        match self.net.remove_stale_exceptions().await {
+            Ok(0) => {}
+            Ok(n) => reaped.push(format!(
+                "{n} stale exception(s) in the host's nftables table"
+            )),
+            Err(e) => tracing::warn!("cannot check the host's nftables exceptions: {e}"),
         }
         if let Ok(entries) = std::fs::read_dir(&self.runtime_dir) {
             for e in entries.flatten() {

@@ -226,6 +226,8 @@ pub enum Leftover {
     NamespaceMount(PathBuf),
     /// A process still in the job's namespace (it keeps the namespace alive).
     Process(i32),
+    /// Entries for the job's link still in the host's exceptions set.
+    Exceptions(String, usize),
 }
 
 impl fmt::Display for Leftover {
@@ -235,6 +237,12 @@ impl fmt::Display for Leftover {
             Leftover::NamespaceFile(p) => write!(f, "namespace file {}", p.display()),
             Leftover::NamespaceMount(p) => write!(f, "namespace mount {}", p.display()),
             Leftover::Process(pid) => write!(f, "process {pid} in the job's network namespace"),
+            Leftover::Exceptions(link, n) => write!(
+                f,
+                "{n} entr{} for link {link} in the host's nftables set {}",
+                if *n == 1 { "y" } else { "ies" },
+                firewall::EXCEPTIONS_SET
+            ),
         }
     }
 }
@@ -270,6 +278,8 @@ struct State {
     /// is held its inode cannot be given to a new namespace, so the process check cannot
     /// mistake another job's processes for this job's leftovers.
     held: HashMap<String, File>,
+    /// Each egress job's explicit entries in the host's exceptions set, until its teardown.
+    exceptions: HashMap<String, Vec<(Ipv4Addr, u8, u16)>>,
 }
 
 /// Builds and removes jobs' networks. One per agent; cheap to share behind an `Arc`.
@@ -325,6 +335,7 @@ impl NetManager {
                 pool,
                 inodes: HashMap::new(),
                 held: HashMap::new(),
+                exceptions: HashMap::new(),
             }),
             // A bind an earlier agent made (and a crash left) is this agent's to release.
             bound_dir: std::sync::atomic::AtomicBool::new(dir_is_self_bind(&cfg_dir)),
@@ -615,6 +626,24 @@ impl NetManager {
                 "add the default route via {}",
                 subnet.host_addr()
             )))?;
+        if let NetMode::Egress(rules) = mode {
+            let entries = firewall::widest(&rules.static_v4);
+            if !entries.is_empty() {
+                // Recorded first: the teardown removes them whatever happens below.
+                self.state()
+                    .exceptions
+                    .insert(job.to_string(), entries.clone());
+                let link = host_link.clone();
+                tokio::task::spawn_blocking(move || {
+                    firewall::apply(
+                        &firewall::add_exceptions(&link, &entries),
+                        "job's exceptions on the host",
+                    )
+                })
+                .await
+                .map_err(|_| NetnsError::Thread(ns_path.to_path_buf()))??;
+            }
+        }
         Ok(host_link)
     }
 
@@ -647,6 +676,18 @@ impl NetManager {
     async fn remove_objects(&self, job: &str) -> Result<(), NetnsError> {
         if let Ok(ns) = File::open(self.ns_path(job)) {
             self.state().held.insert(job.to_string(), ns);
+        }
+        let entries = self.state().exceptions.get(job).cloned();
+        if let Some(entries) = entries {
+            let link = host_link_name(job);
+            tokio::task::spawn_blocking(move || {
+                firewall::apply(
+                    &firewall::delete_exceptions(&link, &entries),
+                    "removal of the job's exceptions on the host",
+                )
+            })
+            .await
+            .map_err(|_| NetnsError::Thread(self.ns_path(job)))??;
         }
         // Deleting the host end deletes the job's end too, wherever it is.
         self.remove_link_named(&host_link_name(job)).await?;
@@ -690,11 +731,27 @@ impl NetManager {
                 left.push(Leftover::Process(pid));
             }
         }
+        // Only a job that had entries in the host's exceptions needs that set read (an `nft`
+        // run); a crashed agent's are found by `remove_stale_exceptions` at start.
+        let had_exceptions = self.state().exceptions.contains_key(job);
+        if had_exceptions {
+            let link = host_link_name(job);
+            let in_exceptions = tokio::task::spawn_blocking(firewall::list_exceptions)
+                .await
+                .map_err(|_| NetnsError::Thread(self.ns_path(job)))??
+                .iter()
+                .filter(|e| e.0 == link)
+                .count();
+            if in_exceptions > 0 {
+                left.push(Leftover::Exceptions(link, in_exceptions));
+            }
+        }
         let mut state = self.state();
         // Let the namespace go (it dies here when nothing else holds it).
         state.held.remove(job);
         if left.is_empty() {
             state.inodes.remove(job);
+            state.exceptions.remove(job);
         }
         Ok(left)
     }
@@ -758,6 +815,40 @@ impl NetManager {
             }
         }
         Ok(orphans)
+    }
+
+    /// Removes the host's exceptions of links that no longer exist (what a crashed agent's
+    /// jobs left); entries of live links (this agent's or another's) stay. Returns how many
+    /// were removed.
+    pub async fn remove_stale_exceptions(&self) -> Result<usize, NetnsError> {
+        let entries = tokio::task::spawn_blocking(firewall::list_exceptions)
+            .await
+            .map_err(|_| NetnsError::Thread(self.cfg.netns_dir.clone()))??;
+        let mut removed = 0;
+        let mut by_link: HashMap<String, Vec<(Ipv4Addr, u8, u16)>> = HashMap::new();
+        for (link, addr, len, port) in entries {
+            by_link.entry(link).or_default().push((addr, len, port));
+        }
+        for (link, entries) in by_link {
+            if link_index(&self.handle, &link).await?.is_some() {
+                continue;
+            }
+            removed += entries.len();
+            let l = link.clone();
+            tokio::task::spawn_blocking(move || {
+                firewall::apply(
+                    &firewall::delete_exceptions(&l, &entries),
+                    "removal of stale exceptions on the host",
+                )
+            })
+            .await
+            .map_err(|_| NetnsError::Thread(self.cfg.netns_dir.clone()))??;
+            tracing::info!(
+                link,
+                "removed a crashed job's exceptions from the host's table"
+            );
+        }
+        Ok(removed)
     }
 
     /// Removes an orphaned `al-*` link (one whose job is unknown; with a job id, use
