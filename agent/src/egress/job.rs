@@ -283,6 +283,27 @@ impl Bucket {
     }
 }
 
+/// Labels of a refused name longer than this are recorded as a fingerprint.
+const MAX_AUDITED_LABEL: usize = 20;
+
+/// `name` with each label longer than [`MAX_AUDITED_LABEL`] replaced by `~` and the first
+/// 12 hex digits of its SHA-256: the same label gives the same fingerprint (so repeated
+/// attempts can be told apart and counted), but its text stays out of the audit log.
+fn redact_long_labels(name: &str) -> String {
+    use sha2::Digest;
+    name.split('.')
+        .map(|label| {
+            if label.len() > MAX_AUDITED_LABEL {
+                let digest = hex::encode(sha2::Sha256::digest(label.as_bytes()));
+                format!("~{}", &digest[..12])
+            } else {
+                label.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 /// Turns the job's resolver and NFLOG events into audit records until both channels close.
 /// Block mode records refused names and blocked packets; audit mode also every name resolved
 /// and every new connection.
@@ -307,8 +328,16 @@ async fn audit_events(
                 Some(ev) => {
                     let wanted = audit_mode || !matches!(ev.verdict, Verdict::Allowed);
                     if wanted && bucket.take() {
+                        // A refused name never left the host, and may be a job trying to
+                        // smuggle something out in it (its own credentials, say): long
+                        // labels are recorded as a fingerprint, not verbatim.
+                        let name = if ev.verdict == Verdict::Refused {
+                            redact_long_labels(&ev.name)
+                        } else {
+                            ev.name
+                        };
                         let mut fields = crate::fields! {
-                            "name" => ev.name,
+                            "name" => name,
                             "qtype" => ev.qtype,
                             "verdict" => ev.verdict.as_str(),
                             "answers" => ev.answers.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
@@ -388,6 +417,17 @@ mod tests {
             (AUDIT_RATE as usize..AUDIT_RATE as usize + 5).contains(&refilled),
             "{refilled}"
         );
+    }
+
+    #[test]
+    fn long_labels_of_refused_names_are_fingerprinted_not_recorded() {
+        let secret = "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY";
+        let name = format!("{secret}.exfil.example.com");
+        let redacted = redact_long_labels(&name);
+        assert!(!redacted.contains(secret), "{redacted}");
+        assert!(redacted.starts_with('~') && redacted.ends_with(".exfil.example.com"));
+        assert_eq!(redacted, redact_long_labels(&name), "stable");
+        assert_eq!(redact_long_labels("github.com"), "github.com");
     }
 
     #[test]
