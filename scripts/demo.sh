@@ -183,7 +183,8 @@ import json, sys
 for line in sys.stdin:
     r = json.loads(line)
     print("    job_wiped %s: killed %s process(es), leftovers %s, %s ms" % (r["job"], r["processes_killed"], r["leftovers"], r["millis"]))'
-note "(Reaching STS from inside a sandbox needs the job's egress allowlist: the next release.)"
+note "(A sandboxed job never reaches the host itself, where this demo's STS stand-in listens;"
+note " on a runner, STS is on the internet, reached through the rule's [rule.egress] allowlist.)"
 
 step "The audit trail"
 # One line per record here; `airlock audit query` itself prints full JSON lines.
