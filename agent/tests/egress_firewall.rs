@@ -12,26 +12,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn prerequisites() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the egress firewall tests need root; run them as root"
+    airlock_tests::prereq::require_root_and(
+        "the egress firewall tests",
+        &[
+            ("ip", "iproute2"),
+            ("python3", "python3"),
+            ("nft", "nftables"),
+        ],
     );
-    for (tool, package) in [
-        ("ip", "iproute2"),
-        ("python3", "python3"),
-        ("nft", "nftables"),
-    ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(
-            found,
-            "the egress tests need `{tool}` (Debian package {package})"
-        );
-    }
 }
 
 /// Removes the job's objects with `ip`, whatever the code under test did.

@@ -21,26 +21,14 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 fn prerequisites() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the NFLOG tests need root (CAP_SYS_ADMIN to enter namespaces, CAP_NET_ADMIN for nfnetlink); run them as root"
+    airlock_tests::prereq::require_root_and(
+        "the NFLOG tests",
+        &[
+            ("ip", "iproute2"),
+            ("python3", "python3"),
+            ("nft", "nftables"),
+        ],
     );
-    for (tool, package) in [
-        ("ip", "iproute2"),
-        ("python3", "python3"),
-        ("nft", "nftables"),
-    ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(
-            found,
-            "the NFLOG tests need `{tool}` (Debian package {package})"
-        );
-    }
 }
 
 /// A network namespace of the test's own, with `lo` up and 192.0.2.2/24 on it (which makes

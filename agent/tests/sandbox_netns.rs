@@ -16,27 +16,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
 fn prerequisites() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the sandbox network tests need root (CAP_SYS_ADMIN, CAP_NET_ADMIN); run them as root"
+    airlock_tests::prereq::require_root_and(
+        "the sandbox network tests",
+        &[
+            ("ip", "iproute2"),
+            ("python3", "python3"),
+            ("setpriv", "util-linux"),
+            ("nft", "nftables"),
+        ],
     );
-    for (tool, package) in [
-        ("ip", "iproute2"),
-        ("python3", "python3"),
-        ("setpriv", "util-linux"),
-        ("nft", "nftables"),
-    ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(
-            found,
-            "the sandbox network tests need `{tool}` (Debian package {package})"
-        );
-    }
 }
 
 fn config(pool: &str) -> NetConfig {

@@ -10,4 +10,5 @@ pub mod internet;
 pub mod moto;
 pub mod oidc;
 pub mod paths;
+pub mod prereq;
 pub mod stack;

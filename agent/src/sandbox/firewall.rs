@@ -73,15 +73,8 @@ pub enum FirewallError {
     },
     #[error("nft refused the {what}: {message}")]
     Apply { what: &'static str, message: String },
-    #[error("cannot enter network namespace {path}: {source}")]
-    Enter { path: PathBuf, source: nix::Error },
-    #[error("cannot open network namespace {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the helper thread for network namespace {0} could not start or panicked")]
-    Thread(PathBuf),
+    #[error("{0}")]
+    Namespace(String),
     #[error("cannot turn on IPv4 forwarding ({path}): {source}")]
     Forwarding {
         path: PathBuf,
@@ -868,26 +861,8 @@ pub fn apply_in_netns(
     ruleset: Nftables<'static>,
     what: &'static str,
 ) -> Result<(), FirewallError> {
-    let path = ns_path.to_path_buf();
-    let thread = std::thread::Builder::new()
-        .name("airlock-nft".into())
-        .spawn(move || {
-            let ns = std::fs::File::open(&path).map_err(|source| FirewallError::Open {
-                path: path.clone(),
-                source,
-            })?;
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|source| {
-                FirewallError::Enter {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
-            apply(&ruleset, what)
-        })
-        .map_err(|_| FirewallError::Thread(ns_path.to_path_buf()))?;
-    thread
-        .join()
-        .map_err(|_| FirewallError::Thread(ns_path.to_path_buf()))?
+    super::netns::run_in_netns(ns_path, move || apply(&ruleset, what))
+        .map_err(|e| FirewallError::Namespace(e.to_string()))?
 }
 
 /// Turns on IPv4 forwarding in the host namespace, which outbound jobs need (as Docker

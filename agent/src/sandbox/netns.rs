@@ -876,37 +876,21 @@ impl NetManager {
 pub fn bind_in_netns(ns_path: &Path, addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, NetnsError> {
     let path = ns_path.to_path_buf();
     let addrs = addrs.to_vec();
-    let thread = std::thread::Builder::new()
-        .name("airlock-bind".into())
-        .spawn(move || {
-            let ns = File::open(&path).map_err(|source| NetnsError::Open {
-                path: path.clone(),
-                source,
-            })?;
-            nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|source| {
-                NetnsError::Enter {
+    run_in_netns(ns_path, move || {
+        addrs
+            .iter()
+            .map(|&addr| {
+                let bind_err = |source| NetnsError::Bind {
+                    addr,
                     path: path.clone(),
                     source,
-                }
-            })?;
-            addrs
-                .iter()
-                .map(|&addr| {
-                    let bind_err = |source| NetnsError::Bind {
-                        addr,
-                        path: path.clone(),
-                        source,
-                    };
-                    let listener = TcpListener::bind(addr).map_err(bind_err)?;
-                    listener.set_nonblocking(true).map_err(bind_err)?;
-                    Ok(listener)
-                })
-                .collect::<Result<Vec<_>, NetnsError>>()
-        })
-        .map_err(|_| NetnsError::Thread(ns_path.to_path_buf()))?;
-    thread
-        .join()
-        .map_err(|_| NetnsError::Thread(ns_path.to_path_buf()))?
+                };
+                let listener = TcpListener::bind(addr).map_err(bind_err)?;
+                listener.set_nonblocking(true).map_err(bind_err)?;
+                Ok(listener)
+            })
+            .collect::<Result<Vec<_>, NetnsError>>()
+    })?
 }
 
 /// Runs `f` on a dedicated thread that has entered the network namespace at `ns_path`
