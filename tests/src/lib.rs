@@ -12,3 +12,12 @@ pub mod oidc;
 pub mod paths;
 pub mod prereq;
 pub mod stack;
+
+/// The `key=value` lines of a job's output (the tests' probes print their findings so).
+pub fn kv(stdout: &str) -> std::collections::BTreeMap<String, String> {
+    stdout
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}

@@ -11,14 +11,7 @@ use airlock_tests::stack::Stack;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
-/// `key=value` lines of a job's stdout.
-fn kv(stdout: &str) -> BTreeMap<String, String> {
-    stdout
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
+use airlock_tests::kv;
 
 /// Shell lines that fetch each `name=url` with curl and print `name=<status> <body>` or
 /// `name=curl<exit code>` (6: could not resolve, 7: could not connect, 28: timeout).

@@ -83,14 +83,7 @@ fn out_text(out: &Output) -> (String, String) {
     )
 }
 
-/// `key=value` lines of a probe's stdout.
-fn kv(stdout: &str) -> BTreeMap<String, String> {
-    stdout
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect()
-}
+use airlock_tests::kv;
 
 fn record(agent: &Agent, event: &str, job: &str) -> Option<Value> {
     agent

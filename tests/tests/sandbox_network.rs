@@ -7,16 +7,8 @@
 use airlock_tests::internet::Internet;
 use airlock_tests::oidc::GithubJob;
 use airlock_tests::stack::Stack;
-use std::collections::BTreeMap;
 
-/// `key=value` lines of a job's stdout.
-fn kv(stdout: &str) -> BTreeMap<String, String> {
-    stdout
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
+use airlock_tests::kv;
 
 /// A script that tries each `name=url` and prints `name=<http status or curl's error>`,
 /// then the body of the first one.

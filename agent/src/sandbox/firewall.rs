@@ -412,8 +412,8 @@ pub fn job_egress_ruleset(rules: &EgressRules) -> Nftables<'static> {
         "output",
         vec![is(meta(MetaKey::Nfproto), s("ipv6")), counter(), reject()],
     );
-    b.rule(
-        "output",
+    // DNS (TCP or UDP port 53) to anything but the agent.
+    let dns_elsewhere = || {
         vec![
             is(
                 meta(MetaKey::L4proto),
@@ -423,24 +423,15 @@ pub fn job_egress_ruleset(rules: &EgressRules) -> Nftables<'static> {
                 ])),
             ),
             is(field("th", "dport"), Expression::Number(53)),
-            limited(),
-            log(LOG_BLOCKED, g),
-        ],
+        ]
+    };
+    b.rule(
+        "output",
+        [dns_elsewhere(), vec![limited(), log(LOG_BLOCKED, g)]].concat(),
     );
     b.rule(
         "output",
-        vec![
-            is(
-                meta(MetaKey::L4proto),
-                Expression::Named(NamedExpression::Set(vec![
-                    nftables::expr::SetItem::Element(s("tcp")),
-                    nftables::expr::SetItem::Element(s("udp")),
-                ])),
-            ),
-            is(field("th", "dport"), Expression::Number(53)),
-            counter(),
-            reject(),
-        ],
+        [dns_elsewhere(), vec![counter(), reject()]].concat(),
     );
     for &(net, len, port) in &rules.static_v4 {
         b.rule(

@@ -120,18 +120,13 @@ fn main() -> ExitCode {
 }
 
 fn require_root() -> Res<()> {
-    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("?");
-    if euid == "0" {
+    if airlock_tests::prereq::is_root() {
         Ok(())
     } else {
-        Err(format!(
-            "must run as root (euid is {euid}): the bench makes network namespaces, links and nftables rules"
-        ))
+        Err(
+            "must run as root: the bench makes network namespaces, links and nftables rules"
+                .to_string(),
+        )
     }
 }
 

@@ -159,18 +159,10 @@ fn fill(args: &[String]) -> Res<()> {
 }
 
 fn require_root() -> Res<()> {
-    let status = fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("?");
-    if euid == "0" {
+    if airlock_tests::prereq::is_root() {
         Ok(())
     } else {
-        Err(format!(
-            "must run as root (euid is {euid}): the sandbox needs cgroups, namespaces and mounts"
-        ))
+        Err("must run as root: the sandbox needs cgroups, namespaces and mounts".to_string())
     }
 }
 
