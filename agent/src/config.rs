@@ -348,6 +348,11 @@ pub struct SandboxSection {
     /// Where jobs' /30 subnets come from.
     #[serde(default = "default_address_pool")]
     pub address_pool: String,
+    /// IPv6 for outbound and egress jobs: the unique local range (/96 or wider) their /126s
+    /// come from. Unset (the default): IPv6 stays off in every job. Setting it turns on
+    /// `net.ipv6.conf.all.forwarding` at the first such job (see docs/network.md).
+    #[serde(default)]
+    pub ipv6_address_pool: Option<String>,
     #[serde(default)]
     pub users: crate::sandbox::users::JobUsersConfig,
     /// The runner's own uid and gid, which no job may have.
@@ -557,6 +562,11 @@ impl Config {
                 .parse::<crate::sandbox::addr_pool::Cidr>()
             {
                 return bad(format!("[sandbox] address_pool: {e}"));
+            }
+            if let Some(p6) = &self.sandbox.ipv6_address_pool {
+                if let Err(e) = p6.parse::<crate::sandbox::addr_pool::Pool6>() {
+                    return bad(format!("[sandbox] ipv6_address_pool: {e}"));
+                }
             }
             if self.sandbox.tmpfs_size < (1 << 20) {
                 return bad("[sandbox] tmpfs_size must be at least 1 MiB".into());

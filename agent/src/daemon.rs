@@ -682,6 +682,7 @@ impl Daemon {
                     "cgroup": p.cgroup.path(),
                     "network": p.net.mode.to_string(),
                     "job_addr": p.net.job_addr().map(|a| a.to_string()),
+                    "job_addr6": p.net.job_addr6().map(|a| a.to_string()),
                     "pids_max": p.limits.pids_max,
                     "memory_max": p.limits.memory_max_bytes,
                     "tmpfs_size": p.tmpfs_size,

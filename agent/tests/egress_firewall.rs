@@ -85,7 +85,13 @@ fn probe(job: &str, targets: &[String]) -> Vec<String> {
 fn admit(mgr_ns: &std::path::Path, pairs: &[(Ipv4Addr, u16)], ttl: u32) {
     firewall::apply_in_netns(
         mgr_ns,
-        firewall::admit_addresses(pairs, ttl),
+        firewall::admit_addresses(
+            &pairs
+                .iter()
+                .map(|&(a, p)| (std::net::IpAddr::V4(a), p))
+                .collect::<Vec<_>>(),
+            ttl,
+        ),
         "test admission",
     )
     .unwrap();
@@ -112,6 +118,7 @@ async fn block_mode_allows_only_admitted_pairs_until_they_expire() {
     let rules = EgressRules {
         audit: false,
         static_v4: vec![(internet.addr, 32, 8082)],
+        static_v6: vec![],
         log_group: 1,
     };
     let net = mgr.create(&job, NetMode::Egress(rules)).await.unwrap();
@@ -239,6 +246,7 @@ async fn audit_mode_allows_everything_but_the_blocked_ranges() {
     let rules = EgressRules {
         audit: true,
         static_v4: vec![],
+        static_v6: vec![],
         log_group: 1,
     };
     let net = mgr.create(&job, NetMode::Egress(rules)).await.unwrap();
@@ -279,6 +287,7 @@ async fn refused_and_new_connections_reach_the_agent_through_nflog() {
         let rules = EgressRules {
             audit,
             static_v4: vec![],
+            static_v6: vec![],
             log_group: airlock::egress::nflog::DEFAULT_GROUP,
         };
         let net = mgr.create(&job, NetMode::Egress(rules)).await.unwrap();
@@ -391,6 +400,7 @@ async fn an_explicit_cidr_entry_reaches_a_private_address_on_the_host_and_goes_w
             (Ipv4Addr::new(10, 200, 31, 0), 24, 8443),
             (private, 32, 8443),
         ],
+        static_v6: vec![],
         log_group: 1,
     };
     let net = mgr.create(&job, NetMode::Egress(rules)).await.unwrap();
@@ -421,6 +431,7 @@ async fn an_explicit_cidr_entry_reaches_a_private_address_on_the_host_and_goes_w
     let rules = |port| EgressRules {
         audit: false,
         static_v4: vec![(private, 32, port)],
+        static_v6: vec![],
         log_group: 1,
     };
     let live_net = mgr

@@ -1,15 +1,15 @@
 //! A fake upstream resolver for the egress tests: UDP and TCP on one port of 127.0.0.1 (the
-//! agent forwards from the host's namespace), answering from a fixed zone of A and CNAME
+//! agent forwards from the host's namespace), answering from a fixed zone of A, AAAA and CNAME
 //! records like a recursive resolver would (CNAME chains followed, NXDOMAIN for the rest).
 //! It counts the queries it got per name, so a test can show a refused name was never
 //! forwarded. Threads of its own; stops when dropped.
 
 use hickory_proto::op::{Message, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, CNAME};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +42,12 @@ impl Zone {
     pub fn a(mut self, name: &str, ip: Ipv4Addr, ttl: u32) -> Zone {
         self.records
             .push(Record::from_rdata(fqdn(name), ttl, RData::A(A(ip))));
+        self
+    }
+
+    pub fn aaaa(mut self, name: &str, ip: Ipv6Addr, ttl: u32) -> Zone {
+        self.records
+            .push(Record::from_rdata(fqdn(name), ttl, RData::AAAA(AAAA(ip))));
         self
     }
 

@@ -6,7 +6,7 @@
 //! Everything is removed on drop.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -29,6 +29,10 @@ pub struct Internet {
     pub host_addr: Ipv4Addr,
     /// The internet host's address.
     pub addr: Ipv4Addr,
+    /// The same two ends over IPv6, in 2001:db8::/32 (documentation, outside airlock's
+    /// blocked IPv6 ranges), made from the IPv4 /30 so they are as unique.
+    pub host_addr6: Ipv6Addr,
+    pub addr6: Ipv6Addr,
 }
 
 impl Internet {
@@ -61,16 +65,38 @@ impl Internet {
         }
         let host_addr = Ipv4Addr::new(a, b, c, k + 1);
         let addr = Ipv4Addr::new(a, b, c, k + 2);
+        let net6 = Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            u16::from(a),
+            u16::from(b),
+            u16::from(c),
+            u16::from(k),
+            0,
+            0,
+        );
+        let host_addr6 = Ipv6Addr::from(u128::from(net6) + 1);
+        let addr6 = Ipv6Addr::from(u128::from(net6) + 2);
         ip(&["netns", "add", &name]);
         let me = Internet {
             name,
             host_addr,
             addr,
+            host_addr6,
+            addr6,
         };
         ip(&[
             "link", "add", &me.name, "type", "veth", "peer", "name", "eth0", "netns", &me.name,
         ]);
         ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &me.name]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{host_addr6}/112"),
+            "dev",
+            &me.name,
+            "nodad",
+        ]);
         drop(lock);
         ip(&["link", "set", &me.name, "up"]);
         let inside = |args: &[&str]| {
@@ -79,6 +105,14 @@ impl Internet {
             ip(&full);
         };
         inside(&["addr", "add", &format!("{addr}/30"), "dev", "eth0"]);
+        inside(&[
+            "addr",
+            "add",
+            &format!("{addr6}/112"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         inside(&["link", "set", "eth0", "up"]);
         inside(&["link", "set", "lo", "up"]);
         me
@@ -92,7 +126,15 @@ impl Internet {
     /// with `200` and `<body> from <peer address>`, on a thread of its own, for the life of
     /// the process (the namespace's removal ends it).
     pub fn serve(&self, port: u16, body: &str) -> SocketAddr {
-        let addr = SocketAddr::from((self.addr, port));
+        self.serve_on(SocketAddr::from((self.addr, port)), body)
+    }
+
+    /// [`Internet::serve`] on the internet host's IPv6 address.
+    pub fn serve6(&self, port: u16, body: &str) -> SocketAddr {
+        self.serve_on(SocketAddr::from((self.addr6, port)), body)
+    }
+
+    fn serve_on(&self, addr: SocketAddr, body: &str) -> SocketAddr {
         let listener = airlock::sandbox::netns::bind_in_netns(&self.path(), &[addr])
             .expect("a listener in the internet namespace")
             .pop()

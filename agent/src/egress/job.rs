@@ -7,7 +7,7 @@
 //! network is torn down (its sockets live in the job's namespace and would keep it alive).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -79,12 +79,14 @@ const NAMES_PER_ADDR: usize = 8;
 
 impl JobEgress {
     /// Starts the job's resolver and NFLOG reader inside the namespace at `ns_path` (built in
-    /// egress mode, with [`RESOLVER_ADDR`] on its loopback and its table in place).
+    /// egress mode, with [`RESOLVER_ADDR`] on its loopback and its table in place). `ipv6`:
+    /// the job has IPv6, so AAAA answers are admitted too.
     pub async fn start(
         job: &str,
         ns_path: &Path,
         policy: EgressPolicy,
         dns_cfg: DnsConfig,
+        ipv6: bool,
         audit: Arc<AuditLog>,
     ) -> Result<JobEgress, EgressError> {
         let (udp, tcp) = netns::run_in_netns(ns_path, || {
@@ -110,7 +112,7 @@ impl JobEgress {
             ns_path.to_path_buf(),
             policy.clone(),
             names.clone(),
-            audit_mode,
+            Admit { audit_mode, ipv6 },
         );
         let (dns_tx, dns_rx) = mpsc::channel(256);
         let server = dns::serve(udp, tcp, dns_cfg, allow, audit_mode, admit, dns_tx)?;
@@ -169,24 +171,36 @@ impl Drop for JobEgress {
 
 /// The admission hook the agent gives a block-mode job's resolver (see [`admitter`]), on
 /// its own: for benchmarks and tests that run `dns::serve` themselves.
-pub fn admission(ns_path: PathBuf, policy: Arc<EgressPolicy>) -> AdmitFn {
-    admitter(ns_path, policy, Arc::default(), false)
+pub fn admission(ns_path: PathBuf, policy: Arc<EgressPolicy>, ipv6: bool) -> AdmitFn {
+    admitter(
+        ns_path,
+        policy,
+        Arc::default(),
+        Admit {
+            audit_mode: false,
+            ipv6,
+        },
+    )
 }
 
-/// Admission: the answered IPv4 addresses, on every port the policy allows the name, go into
-/// the job's `allowed4` set for the answer's TTL (floored and capped by the resolver) before
-/// the job sees them. IPv6 is off in jobs: AAAA addresses are remembered for the audit only.
-/// In audit mode nothing needs admitting (everything outside the blocked ranges is open).
-fn admitter(
-    ns_path: PathBuf,
-    policy: Arc<EgressPolicy>,
-    names: Names,
+/// What the admission of a job's answers depends on.
+#[derive(Debug, Clone, Copy)]
+struct Admit {
+    /// Audit mode: nothing needs admitting (everything outside the blocked ranges is open).
     audit_mode: bool,
-) -> AdmitFn {
+    /// The job has IPv6: AAAA answers are admitted too (else they are remembered for the
+    /// audit only; the job has no IPv6 route).
+    ipv6: bool,
+}
+
+/// Admission: the answered addresses, on every port the policy allows the name, go into the
+/// job's `allowed4` / `allowed6` set for the answer's TTL (floored and capped by the
+/// resolver) before the job sees them.
+fn admitter(ns_path: PathBuf, policy: Arc<EgressPolicy>, names: Names, how: Admit) -> AdmitFn {
     // When each admitted pair expires from the set, as far as the agent knows: a pair that
     // is not there is only added (fast); one whose timeout must be extended is refreshed
     // (delete and add, slower); one that stays long enough is left alone.
-    let admitted: Arc<Mutex<HashMap<(Ipv4Addr, u16), Instant>>> = Arc::default();
+    let admitted: Arc<Mutex<HashMap<(IpAddr, u16), Instant>>> = Arc::default();
     Arc::new(move |answer: Answer| {
         let ns_path = ns_path.clone();
         let policy = policy.clone();
@@ -205,21 +219,23 @@ fn admitter(
                     }
                 }
             }
-            if audit_mode {
+            if how.audit_mode {
                 return Ok(());
             }
             let ports = policy.ports_for(&answer.name);
             // Batches by (TTL, refresh): nft takes a timeout per element.
-            let mut batches: HashMap<(u32, bool), Vec<(Ipv4Addr, u16)>> = HashMap::new();
+            let mut batches: HashMap<(u32, bool), Vec<(IpAddr, u16)>> = HashMap::new();
             let now = Instant::now();
             {
                 let mut known = admitted.lock().unwrap_or_else(|p| p.into_inner());
                 known.retain(|_, until| *until > now);
                 for (addr, ttl) in &answer.addrs {
-                    let IpAddr::V4(v4) = addr else { continue };
+                    if addr.is_ipv6() && !how.ipv6 {
+                        continue;
+                    }
                     let until = now + Duration::from_secs(u64::from(*ttl));
                     for &port in &ports {
-                        let key = (*v4, port);
+                        let key = (*addr, port);
                         let refresh = match known.get(&key) {
                             None => false,
                             // Still there for at least half of the new TTL: enough.

@@ -420,6 +420,19 @@ fn network(addr: IpAddr, prefix: u8) -> Result<EgressTarget, String> {
             ));
         }
     }
+    if addr.is_ipv6() {
+        // Jobs never reach these over IPv6, and no exception is made for a job's explicit
+        // entry (unlike IPv4's private ranges): see `BLOCKED_V6`.
+        for (net, len) in crate::sandbox::firewall::BLOCKED_V6 {
+            let n: Ipv6Addr = net.parse().expect("BLOCKED_V6 holds addresses");
+            if overlaps(addr, prefix, IpAddr::V6(n), len) {
+                return Err(format!(
+                    "covers {n}/{len}, which jobs never reach over IPv6 (loopback and NAT64, 6to4, Teredo, \
+                     unique local, link-local, multicast); IPv6 entries name global unicast networks"
+                ));
+            }
+        }
+    }
     Ok(EgressTarget::Cidr { addr, prefix })
 }
 
@@ -694,7 +707,12 @@ mod tests {
         // Allowed near the forbidden networks: they do not overlap.
         assert!(parse_entry("169.255.0.0/16:443").is_ok());
         assert!(parse_entry("169.253.0.0/16:443").is_ok());
-        assert!(parse_entry("[fd00:ec2::253/128]:443").is_ok());
+        // Beside the metadata address is still unique local space, which jobs never reach
+        // over IPv6.
+        assert!(parse_entry("[fd00:ec2::253/128]:443")
+            .unwrap_err()
+            .contains("global unicast"));
+        assert!(parse_entry("[2600:1f18::/32]:443").is_ok());
     }
 
     #[test]
@@ -799,7 +817,27 @@ mod dns_and_ipv6_tests {
     }
 
     #[test]
-    fn an_ipv6_entry_loads_with_a_warning_that_it_has_no_effect() {
+    fn ipv6_entries_outside_global_unicast_are_refused() {
+        for (entry, want) in [
+            ("[64:ff9b::/96]:443", "64:ff9b"),
+            ("[::/0]:443", "::/"),
+            ("[fd12:3456::/32]:443", "fc00::/7"),
+            ("[2002::/16]:443", "2002::/16"),
+            ("[ff02::1/128]:443", "ff00::/8"),
+        ] {
+            let err = parse_entry(entry).unwrap_err();
+            assert!(
+                err.contains("global unicast") || err.contains(want),
+                "{entry}: {err}"
+            );
+            assert!(err.contains(want) || err.contains("::/8"), "{entry}: {err}");
+        }
+        assert!(parse_entry("[2001:db8::/32]:443").is_ok());
+        assert!(parse_entry("[2606:4700::/32]:443").is_ok());
+    }
+
+    #[test]
+    fn an_ipv6_entry_loads_with_a_warning_that_it_needs_the_ipv6_pool() {
         let text = "[[rule]]\nname = \"web\"\n[rule.match]\nrepository = \"acme/web\"\n\
                     [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n\
                     [rule.egress]\nallow = [\"[2001:db8::/32]:443\", \"github.com:443\"]\n";
@@ -807,7 +845,7 @@ mod dns_and_ipv6_tests {
         let w: Vec<&String> = set
             .warnings()
             .iter()
-            .filter(|w| w.contains("IPv6 is not routed"))
+            .filter(|w| w.contains("ipv6_address_pool"))
             .collect();
         assert_eq!(w.len(), 1, "{:?}", set.warnings());
         assert!(w[0].starts_with("p.toml:"), "{}", w[0]);

@@ -418,7 +418,8 @@ impl Loader {
             } = &a.target
             {
                 self.set.warnings.push(format!(
-                    "{}: rule {name:?}: [rule.egress] entry {a} has no effect yet: IPv6 is not routed for jobs                      (their namespaces have IPv6 off)",
+                    "{}: rule {name:?}: [rule.egress] entry {a} takes effect only on agents whose [sandbox] \
+                     ipv6_address_pool is set; elsewhere jobs have IPv6 off",
                     a.origin
                 ));
             }

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 /// Prefix length of every job's subnet.
@@ -252,6 +252,109 @@ impl AddressPool {
     }
 }
 
+/// Prefix length of every job's IPv6 subnet: the same four addresses as its IPv4 /30.
+pub const JOB_PREFIX6: u8 = 126;
+
+/// The range IPv6 job addresses come from (`[sandbox] ipv6_address_pool`): a unique local
+/// (fc00::/7) network of /96 or wider. A job's IPv6 addresses are the prefix followed by its
+/// IPv4 /30 (`<prefix>::10.200.0.1` on the host end, `::10.200.0.2` in the job), so they are
+/// as unique as the IPv4 ones and need no bookkeeping of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Pool6 {
+    pub addr: Ipv6Addr,
+    pub prefix: u8,
+}
+
+impl Pool6 {
+    fn mask(prefix: u8) -> u128 {
+        if prefix == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(prefix))
+        }
+    }
+
+    /// The job's IPv6 /126 beside its IPv4 /30.
+    pub fn subnet(&self, v4: &Subnet) -> Subnet6 {
+        Subnet6 {
+            network: Ipv6Addr::from(u128::from(self.addr) | u128::from(u32::from(v4.network))),
+        }
+    }
+
+    /// Whether `addr/prefix` (a network of the host) shares an address with the pool.
+    pub fn overlaps(&self, addr: Ipv6Addr, prefix: u8) -> bool {
+        let shorter = self.prefix.min(prefix);
+        let m = Self::mask(shorter);
+        u128::from(self.addr) & m == u128::from(addr) & m
+    }
+}
+
+impl fmt::Display for Pool6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for Pool6 {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Pool6, String> {
+        let syntax =
+            || format!("{s:?} is not of the form ADDR/N; write e.g. \"fd61:6972:6c6b::/96\"");
+        let (addr, prefix) = s.split_once('/').ok_or_else(syntax)?;
+        let addr: Ipv6Addr = addr.parse().map_err(|_| syntax())?;
+        let prefix: u8 = prefix.parse().map_err(|_| syntax())?;
+        if !(8..=96).contains(&prefix) {
+            return Err(format!(
+                "{s}: the prefix length must be between 8 and 96 (the last 32 bits are the job's IPv4 address)"
+            ));
+        }
+        let net = Ipv6Addr::from(u128::from(addr) & Self::mask(prefix));
+        if net != addr {
+            return Err(format!(
+                "{s}: host bits are set; did you mean {net}/{prefix}?"
+            ));
+        }
+        if addr.segments()[0] & 0xfe00 != 0xfc00 {
+            return Err(format!(
+                "{s} is not a unique local network (fc00::/7): jobs' addresses are masqueraded and must never be \
+                 routable; choose one such as fd61:6972:6c6b::/96"
+            ));
+        }
+        let pool = Pool6 { addr, prefix };
+        if pool.overlaps(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0), 32) {
+            return Err(format!(
+                "{s} overlaps fd00:ec2::/32, where EC2's IPv6 metadata and DNS addresses are"
+            ));
+        }
+        Ok(pool)
+    }
+}
+
+/// One job's IPv6 /126.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Subnet6 {
+    network: Ipv6Addr,
+}
+
+impl Subnet6 {
+    /// The host end of the veth (`::1` of the /126).
+    pub fn host_addr(&self) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.network) + 1)
+    }
+
+    /// The job's `eth0` (`::2` of the /126).
+    pub fn job_addr(&self) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.network) + 2)
+    }
+}
+
+impl fmt::Display for Subnet6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{JOB_PREFIX6}", self.network)
+    }
+}
+
 /// `Subnet` from its network address, for [`AddressPool::reserve`].
 impl From<Ipv4Addr> for Subnet {
     fn from(network: Ipv4Addr) -> Subnet {
@@ -265,6 +368,42 @@ mod tests {
 
     fn pool(s: &str) -> AddressPool {
         AddressPool::new(s.parse().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn ipv6_subnets_follow_the_ipv4_ones() {
+        let p6: Pool6 = "fd61:6972:6c6b::/96".parse().unwrap();
+        let mut p = pool("10.200.0.0/16");
+        p.allocate("a").unwrap();
+        let b = p.allocate("b").unwrap();
+        let b6 = p6.subnet(&b);
+        assert_eq!(b6.to_string(), "fd61:6972:6c6b::ac8:4/126");
+        assert_eq!(
+            b6.host_addr(),
+            "fd61:6972:6c6b::ac8:5".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            b6.job_addr(),
+            "fd61:6972:6c6b::ac8:6".parse::<Ipv6Addr>().unwrap()
+        );
+        assert!(p6.overlaps("fd61:6972:6c6b::".parse().unwrap(), 64));
+        assert!(p6.overlaps("fd61:6972:6c6b::ac8:0".parse().unwrap(), 120));
+        assert!(!p6.overlaps("fd00::".parse().unwrap(), 64));
+    }
+
+    #[test]
+    fn bad_ipv6_pools_are_refused_with_a_hint() {
+        for (pool, want) in [
+            ("fd61::", "form ADDR/N"),
+            ("fd61::/120", "between 8 and 96"),
+            ("fd61::1/96", "did you mean fd61::/96"),
+            ("2001:db8::/96", "unique local"),
+            ("fd00:ec2::/64", "metadata"),
+            ("fd00::/16", "metadata"),
+        ] {
+            let e = pool.parse::<Pool6>().unwrap_err();
+            assert!(e.contains(want), "{pool}: {e}");
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //! The egress issue adds per-job allowlists on top of this; see docs/network.md.
 
 use std::borrow::Cow;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use nftables::expr::{
@@ -62,6 +63,24 @@ pub const BLOCKED_V4: [(&str, u8); 12] = [
     ("240.0.0.0", 4),    // reserved, and the limited broadcast address
 ];
 
+/// IPv6 ranges a job never reaches (IANA IPv6 special-purpose registry), for jobs that have
+/// IPv6 (`[sandbox] ipv6_address_pool`). `::/8` holds loopback, the unspecified and the
+/// IPv4-mapped addresses and the NAT64 prefixes (64:ff9b::/96 and 64:ff9b:1::/48: through a
+/// NAT64 gateway `64:ff9b::a9fe:a9fe` *is* 169.254.169.254); 6to4 and Teredo embed IPv4
+/// addresses too. `fc00::/7` holds the other jobs, AWS's metadata service `fd00:ec2::254`
+/// and most hosts' private networks. The documentation range 2001:db8::/32 is not in it,
+/// like the IPv4 ones (the tests use it as "the internet").
+pub const BLOCKED_V6: [(&str, u8); 8] = [
+    ("::", 8),      // loopback, unspecified, IPv4-mapped/compatible, NAT64
+    ("100::", 64),  // discard-only
+    ("2001::", 23), // IETF protocol assignments: Teredo, benchmarking, ORCHID
+    ("2002::", 16), // 6to4 (an IPv4 address inside)
+    ("fc00::", 7),  // unique local: the job links, fd00:ec2::254, private networks
+    ("fe80::", 10), // link-local
+    ("fec0::", 10), // deprecated site-local
+    ("ff00::", 8),  // multicast
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum FirewallError {
     #[error(
@@ -75,7 +94,7 @@ pub enum FirewallError {
     Apply { what: &'static str, message: String },
     #[error("{0}")]
     Namespace(String),
-    #[error("cannot turn on IPv4 forwarding ({path}): {source}")]
+    #[error("cannot turn on forwarding ({path}): {source}")]
     Forwarding {
         path: PathBuf,
         source: std::io::Error,
@@ -225,23 +244,47 @@ impl Builder {
         })));
     }
 
+    /// The sets `blocked4` and `blocked6` ([`BLOCKED_V4`], [`BLOCKED_V6`]).
     fn blocked_set(&mut self) {
-        let elem: Vec<Expression<'static>> = BLOCKED_V4
-            .iter()
-            .map(|&(addr, len)| prefix(addr, len))
-            .collect();
+        for (name, kind, ranges) in [
+            ("blocked4", SetType::Ipv4Addr, &BLOCKED_V4[..]),
+            ("blocked6", SetType::Ipv6Addr, &BLOCKED_V6[..]),
+        ] {
+            let elem: Vec<Expression<'static>> = ranges
+                .iter()
+                .map(|&(addr, len)| prefix(addr, len))
+                .collect();
+            self.add(NfListObject::Set(Box::new(Set {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: name.into(),
+                handle: None,
+                set_type: SetTypeValue::Single(kind),
+                policy: None,
+                flags: Some([SetFlag::Interval].into_iter().collect()),
+                elem: Some(Cow::Owned(elem)),
+                timeout: None,
+                gc_interval: None,
+                size: None,
+                comment: None,
+            })));
+        }
+    }
+
+    /// The job's (address, port) set of one family, filled from DNS answers.
+    fn allowed_set(&mut self, name: &str, kind: SetType) {
         self.add(NfListObject::Set(Box::new(Set {
             family: NfFamily::INet,
             table: TABLE.into(),
-            name: "blocked4".into(),
+            name: Cow::Owned(name.to_string()),
             handle: None,
-            set_type: SetTypeValue::Single(SetType::Ipv4Addr),
+            set_type: SetTypeValue::Concatenated(Cow::Owned(vec![kind, SetType::InetService])),
             policy: None,
-            flags: Some([SetFlag::Interval].into_iter().collect()),
-            elem: Some(Cow::Owned(elem)),
+            flags: Some([SetFlag::Timeout].into_iter().collect()),
+            elem: None,
             timeout: None,
             gc_interval: None,
-            size: None,
+            size: Some(65_536),
             comment: None,
         })));
     }
@@ -270,9 +313,26 @@ impl Builder {
     }
 }
 
+/// Neighbour discovery on the job's link, which IPv6 needs to reach its gateway: only the
+/// kernel sends these (a job has no raw sockets), and `hoplimit 255` keeps them on the link.
+fn neighbour_discovery() -> Vec<Statement<'static>> {
+    vec![
+        is(
+            field("icmpv6", "type"),
+            Expression::Named(NamedExpression::Set(vec![
+                nftables::expr::SetItem::Element(s("nd-neighbor-solicit")),
+                nftables::expr::SetItem::Element(s("nd-neighbor-advert")),
+            ])),
+        ),
+        is(field("ip6", "hoplimit"), Expression::Number(255)),
+        accept(),
+    ]
+}
+
 /// The ruleset inside an outbound job's namespace (applied to a fresh namespace, before the
-/// job's link comes up).
-pub fn job_ruleset() -> Nftables<'static> {
+/// job's link comes up). `ipv6`: the job has an IPv6 address (`[sandbox]
+/// ipv6_address_pool`); without it all IPv6 is refused.
+pub fn job_ruleset(ipv6: bool) -> Nftables<'static> {
     let mut b = Builder::new();
     b.table();
     b.blocked_set();
@@ -290,24 +350,39 @@ pub fn job_ruleset() -> Nftables<'static> {
             reject(),
         ],
     );
-    // IPv6 is off in the namespace; this keeps it off should it ever come up.
-    b.rule(
-        "output",
-        vec![is(meta(MetaKey::Nfproto), s("ipv6")), counter(), reject()],
-    );
+    if ipv6 {
+        b.rule("output", neighbour_discovery());
+        b.rule(
+            "output",
+            vec![
+                in_set(field("ip6", "daddr"), "blocked6"),
+                counter(),
+                reject(),
+            ],
+        );
+    } else {
+        // IPv6 is off in the namespace; this keeps it off should it ever come up.
+        b.rule(
+            "output",
+            vec![is(meta(MetaKey::Nfproto), s("ipv6")), counter(), reject()],
+        );
+    }
     b.build()
 }
 
 /// How an egress-controlled job's table is built (issue 4). Addresses a DNS answer allowed
-/// are added to the sets later, by [`admit_addresses`].
+/// are added to the sets later, by [`add_addresses`] and [`admit_addresses`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressRules {
     /// Audit mode: everything but the blocked ranges is allowed and every new connection
     /// is logged; block mode: only the allowed sets, the rest is logged and refused.
     pub audit: bool,
-    /// Explicit `CIDR:port` entries of the policy (they may name a blocked range on
+    /// Explicit IPv4 `CIDR:port` entries of the policy (they may name a blocked range on
     /// purpose, so they are checked before the blocked ranges).
-    pub static_v4: Vec<(std::net::Ipv4Addr, u8, u16)>,
+    pub static_v4: Vec<(Ipv4Addr, u8, u16)>,
+    /// Explicit IPv6 `CIDR:port` entries (global unicast only: the policy loader refuses
+    /// the blocked IPv6 ranges). They take effect for jobs that have IPv6.
+    pub static_v6: Vec<(Ipv6Addr, u8, u16)>,
     /// The NFLOG group the agent listens on inside the job's namespace.
     pub log_group: u16,
 }
@@ -315,8 +390,9 @@ pub struct EgressRules {
 /// The host's set of (job link, network, port): a job's explicit `CIDR:port` entries, which
 /// the host's own rules would otherwise drop (private ranges, the host's addresses).
 pub const EXCEPTIONS_SET: &str = "exceptions";
-/// The set of (address, port) pairs DNS answers admitted, with a timeout per element.
+/// The sets of (address, port) pairs DNS answers admitted, with a timeout per element.
 pub const ALLOWED_SET: &str = "allowed4";
+pub const ALLOWED_SET6: &str = "allowed6";
 /// Log prefixes the agent's NFLOG reader tells apart.
 pub const LOG_BLOCKED: &str = "block";
 pub const LOG_CONNECT: &str = "conn";
@@ -366,38 +442,27 @@ fn ct_state(states: &[&str]) -> Statement<'static> {
 ///
 /// 1. `lo` accepted (the job's endpoint and its resolver, 169.254.170.53);
 /// 2. replies to the job's own connections accepted;
-/// 3. IPv6 refused (it is off in the namespace);
+/// 3. without `ipv6`, all IPv6 refused (it is off in the namespace); with it, neighbour
+///    discovery on the link accepted;
 /// 4. DNS (port 53, TCP or UDP) anywhere else logged and refused: the agent is the only
 ///    resolver;
-/// 5. explicit `CIDR:port` entries accepted (before 6, so a rule can name a private range);
-/// 6. the blocked ranges (metadata, link-local, private, ...) logged and refused, in audit
-///    mode too — an allowed name that resolves there (DNS rebinding) gains nothing;
-/// 7. block mode: (address, port) pairs admitted from DNS answers accepted, everything else
-///    logged and refused; audit mode: new connections logged, everything accepted.
+/// 5. explicit `CIDR:port` entries accepted (before 6, so a rule can name a private IPv4
+///    range);
+/// 6. the blocked ranges of both families (metadata, link-local, private, NAT64, ...)
+///    logged and refused, in audit mode too — an allowed name that resolves there (DNS
+///    rebinding) gains nothing;
+/// 7. block mode: (address, port) pairs admitted from DNS answers (`allowed4`, `allowed6`)
+///    accepted, everything else logged and refused; audit mode: new connections logged,
+///    everything accepted.
 ///
 /// Logging and refusing are separate rules: an exceeded `limit` makes its whole rule not
 /// match, so a limited "log and refuse" rule would let a flood through.
-pub fn job_egress_ruleset(rules: &EgressRules) -> Nftables<'static> {
+pub fn job_egress_ruleset(rules: &EgressRules, ipv6: bool) -> Nftables<'static> {
     let mut b = Builder::new();
     b.table();
     b.blocked_set();
-    b.add(NfListObject::Set(Box::new(Set {
-        family: NfFamily::INet,
-        table: TABLE.into(),
-        name: ALLOWED_SET.into(),
-        handle: None,
-        set_type: SetTypeValue::Concatenated(Cow::Owned(vec![
-            SetType::Ipv4Addr,
-            SetType::InetService,
-        ])),
-        policy: None,
-        flags: Some([SetFlag::Timeout].into_iter().collect()),
-        elem: None,
-        timeout: None,
-        gc_interval: None,
-        size: Some(65_536),
-        comment: None,
-    })));
+    b.allowed_set(ALLOWED_SET, SetType::Ipv4Addr);
+    b.allowed_set(ALLOWED_SET6, SetType::Ipv6Addr);
     b.base_chain_with_policy("output", NfHook::Output, NfChainPolicy::Drop);
     let g = rules.log_group;
     b.rule(
@@ -408,10 +473,14 @@ pub fn job_egress_ruleset(rules: &EgressRules) -> Nftables<'static> {
         "output",
         vec![ct_state(&["established", "related"]), accept()],
     );
-    b.rule(
-        "output",
-        vec![is(meta(MetaKey::Nfproto), s("ipv6")), counter(), reject()],
-    );
+    if ipv6 {
+        b.rule("output", neighbour_discovery());
+    } else {
+        b.rule(
+            "output",
+            vec![is(meta(MetaKey::Nfproto), s("ipv6")), counter(), reject()],
+        );
+    }
     // DNS (TCP or UDP port 53) to anything but the agent.
     let dns_elsewhere = || {
         vec![
@@ -433,11 +502,21 @@ pub fn job_egress_ruleset(rules: &EgressRules) -> Nftables<'static> {
         "output",
         [dns_elsewhere(), vec![counter(), reject()]].concat(),
     );
-    for &(net, len, port) in &rules.static_v4 {
+    let statics = rules
+        .static_v4
+        .iter()
+        .map(|&(net, len, port)| ("ip", net.to_string(), len, port))
+        .chain(
+            rules
+                .static_v6
+                .iter()
+                .map(|&(net, len, port)| ("ip6", net.to_string(), len, port)),
+        );
+    for (family, net, len, port) in statics {
         b.rule(
             "output",
             vec![
-                is(field("ip", "daddr"), prefix(&net.to_string(), len)),
+                is(field(family, "daddr"), prefix(&net, len)),
                 is(field("th", "dport"), Expression::Number(u32::from(port))),
                 accept(),
             ],
@@ -445,22 +524,20 @@ pub fn job_egress_ruleset(rules: &EgressRules) -> Nftables<'static> {
     }
     // A `limit` that is exceeded makes its whole rule not match, so the logging (limited)
     // and the refusal (never limited) are separate rules: a flood is refused all the same.
-    b.rule(
-        "output",
-        vec![
-            in_set(field("ip", "daddr"), "blocked4"),
-            limited(),
-            log(LOG_BLOCKED, g),
-        ],
-    );
-    b.rule(
-        "output",
-        vec![
-            in_set(field("ip", "daddr"), "blocked4"),
-            counter(),
-            reject(),
-        ],
-    );
+    for (family, set) in [("ip", "blocked4"), ("ip6", "blocked6")] {
+        b.rule(
+            "output",
+            vec![
+                in_set(field(family, "daddr"), set),
+                limited(),
+                log(LOG_BLOCKED, g),
+            ],
+        );
+        b.rule(
+            "output",
+            vec![in_set(field(family, "daddr"), set), counter(), reject()],
+        );
+    }
     if rules.audit {
         b.rule(
             "output",
@@ -468,88 +545,96 @@ pub fn job_egress_ruleset(rules: &EgressRules) -> Nftables<'static> {
         );
         b.rule("output", vec![accept()]);
     } else {
-        b.rule(
-            "output",
-            vec![
-                in_set(
-                    concat(vec![field("ip", "daddr"), field("th", "dport")]),
-                    ALLOWED_SET,
-                ),
-                accept(),
-            ],
-        );
+        for (family, set) in [("ip", ALLOWED_SET), ("ip6", ALLOWED_SET6)] {
+            b.rule(
+                "output",
+                vec![
+                    in_set(
+                        concat(vec![field(family, "daddr"), field("th", "dport")]),
+                        set,
+                    ),
+                    accept(),
+                ],
+            );
+        }
         b.rule("output", vec![limited(), log(LOG_BLOCKED, g)]);
         b.rule("output", vec![counter(), reject()]);
     }
     b.build()
 }
 
-/// Adds (address, port) pairs that are not in the job's allowed set yet, each for
+/// The elements of `pairs` of one family, for the job's allowed set of that family, each
+/// with `timeout` when given.
+fn allowed_elements(
+    pairs: &[(IpAddr, u16)],
+    v6: bool,
+    timeout: Option<u32>,
+) -> Vec<Expression<'static>> {
+    pairs
+        .iter()
+        .filter(|(addr, _)| addr.is_ipv6() == v6)
+        .map(|&(addr, port)| {
+            let val = concat(vec![
+                s(&addr.to_string()),
+                Expression::Number(u32::from(port)),
+            ]);
+            match timeout {
+                Some(t) => Expression::Named(NamedExpression::Elem(nftables::expr::Elem {
+                    val: Box::new(val),
+                    timeout: Some(t),
+                    expires: None,
+                    comment: None,
+                    counter: None,
+                })),
+                None => val,
+            }
+        })
+        .collect()
+}
+
+/// For each family of `pairs`: the set's name and its elements (with `timeout`, if given).
+fn allowed_batches(
+    pairs: &[(IpAddr, u16)],
+    timeout: Option<u32>,
+) -> Vec<nftables::schema::Element<'static>> {
+    [(ALLOWED_SET, false), (ALLOWED_SET6, true)]
+        .into_iter()
+        .map(|(name, v6)| nftables::schema::Element {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: name.into(),
+            elem: Cow::Owned(allowed_elements(pairs, v6, timeout)),
+        })
+        .filter(|e| !e.elem.is_empty())
+        .collect()
+}
+
+/// Adds (address, port) pairs that are not in the job's allowed sets yet, each for
 /// `ttl_secs`. (`add` keeps an element that is already there with its old timeout: use
 /// [`admit_addresses`] to restart the timeout of pairs that may be there.)
-pub fn add_addresses(pairs: &[(std::net::Ipv4Addr, u16)], ttl_secs: u32) -> Nftables<'static> {
-    let elem: Vec<Expression<'static>> = pairs
-        .iter()
-        .map(|&(addr, port)| {
-            Expression::Named(NamedExpression::Elem(nftables::expr::Elem {
-                val: Box::new(concat(vec![
-                    s(&addr.to_string()),
-                    Expression::Number(u32::from(port)),
-                ])),
-                timeout: Some(ttl_secs),
-                expires: None,
-                comment: None,
-                counter: None,
-            }))
-        })
-        .collect();
+pub fn add_addresses(pairs: &[(IpAddr, u16)], ttl_secs: u32) -> Nftables<'static> {
     let mut b = Builder::new();
-    b.add(NfListObject::Element(nftables::schema::Element {
-        family: NfFamily::INet,
-        table: TABLE.into(),
-        name: ALLOWED_SET.into(),
-        elem: Cow::Owned(elem),
-    }));
+    for e in allowed_batches(pairs, Some(ttl_secs)) {
+        b.add(NfListObject::Element(e));
+    }
     b.build()
 }
 
-/// Puts (address, port) pairs into the job's allowed set, each for `ttl_secs` from now,
+/// Puts (address, port) pairs into the job's allowed sets, each for `ttl_secs` from now,
 /// whether or not they are there already: the batch adds (so that each exists), deletes
 /// and adds again, in one transaction. Slower than [`add_addresses`] (the kernel waits for
 /// the deleted elements to be freed before the transaction's socket closes, ~10 ms).
-pub fn admit_addresses(pairs: &[(std::net::Ipv4Addr, u16)], ttl_secs: u32) -> Nftables<'static> {
-    let elems = |timeout: Option<u32>| -> Vec<Expression<'static>> {
-        pairs
-            .iter()
-            .map(|&(addr, port)| {
-                let val = concat(vec![
-                    s(&addr.to_string()),
-                    Expression::Number(u32::from(port)),
-                ]);
-                match timeout {
-                    Some(t) => Expression::Named(NamedExpression::Elem(nftables::expr::Elem {
-                        val: Box::new(val),
-                        timeout: Some(t),
-                        expires: None,
-                        comment: None,
-                        counter: None,
-                    })),
-                    None => val,
-                }
-            })
-            .collect()
-    };
-    let element = |elem| nftables::schema::Element {
-        family: NfFamily::INet,
-        table: TABLE.into(),
-        name: ALLOWED_SET.into(),
-        elem: Cow::Owned(elem),
-    };
+pub fn admit_addresses(pairs: &[(IpAddr, u16)], ttl_secs: u32) -> Nftables<'static> {
     let mut b = Builder::new();
-    b.add(NfListObject::Element(element(elems(Some(ttl_secs)))));
-    b.cmds
-        .push(NfCmd::Delete(NfListObject::Element(element(elems(None)))));
-    b.add(NfListObject::Element(element(elems(Some(ttl_secs)))));
+    for e in allowed_batches(pairs, Some(ttl_secs)) {
+        b.add(NfListObject::Element(e));
+    }
+    for e in allowed_batches(pairs, None) {
+        b.cmds.push(NfCmd::Delete(NfListObject::Element(e)));
+    }
+    for e in allowed_batches(pairs, Some(ttl_secs)) {
+        b.add(NfListObject::Element(e));
+    }
     b.build()
 }
 
@@ -592,6 +677,15 @@ pub fn host_ruleset() -> Nftables<'static> {
         )
     };
     b.rule("input", vec![exception(), accept()]);
+    // A job with IPv6 finds its gateway's link-layer address by neighbour discovery.
+    b.rule(
+        "input",
+        [
+            vec![is(meta(MetaKey::Iifname), job_links())],
+            neighbour_discovery(),
+        ]
+        .concat(),
+    );
     // Nothing else a job sends is for the host itself: not its public address, not the
     // job's gateway, not a service listening on any of the host's addresses.
     b.rule(
@@ -623,7 +717,7 @@ pub fn host_ruleset() -> Nftables<'static> {
         "forward",
         vec![
             is(meta(MetaKey::Iifname), job_links()),
-            is(meta(MetaKey::Nfproto), s("ipv6")),
+            in_set(field("ip6", "daddr"), "blocked6"),
             counter(),
             drop(),
         ],
@@ -664,10 +758,7 @@ pub fn host_ruleset() -> Nftables<'static> {
     b.build()
 }
 
-fn exception_elems(
-    link: &str,
-    entries: &[(std::net::Ipv4Addr, u8, u16)],
-) -> Vec<Expression<'static>> {
+fn exception_elems(link: &str, entries: &[(Ipv4Addr, u8, u16)]) -> Vec<Expression<'static>> {
     entries
         .iter()
         .map(|&(net, len, port)| {
@@ -680,10 +771,7 @@ fn exception_elems(
         .collect()
 }
 
-fn exceptions(
-    link: &str,
-    entries: &[(std::net::Ipv4Addr, u8, u16)],
-) -> nftables::schema::Element<'static> {
+fn exceptions(link: &str, entries: &[(Ipv4Addr, u8, u16)]) -> nftables::schema::Element<'static> {
     nftables::schema::Element {
         family: NfFamily::INet,
         table: TABLE.into(),
@@ -693,7 +781,7 @@ fn exceptions(
 }
 
 /// Adds a job's explicit entries to the host's exceptions, for its host link.
-pub fn add_exceptions(link: &str, entries: &[(std::net::Ipv4Addr, u8, u16)]) -> Nftables<'static> {
+pub fn add_exceptions(link: &str, entries: &[(Ipv4Addr, u8, u16)]) -> Nftables<'static> {
     let mut b = Builder::new();
     b.add(NfListObject::Element(exceptions(link, entries)));
     b.build()
@@ -701,10 +789,7 @@ pub fn add_exceptions(link: &str, entries: &[(std::net::Ipv4Addr, u8, u16)]) -> 
 
 /// Removes a job's entries from the host's exceptions (added first, so that removing ones
 /// already gone is not an error).
-pub fn delete_exceptions(
-    link: &str,
-    entries: &[(std::net::Ipv4Addr, u8, u16)],
-) -> Nftables<'static> {
+pub fn delete_exceptions(link: &str, entries: &[(Ipv4Addr, u8, u16)]) -> Nftables<'static> {
     let mut b = Builder::new();
     b.add(NfListObject::Element(exceptions(link, entries)));
     b.cmds.push(NfCmd::Delete(NfListObject::Element(exceptions(
@@ -714,7 +799,7 @@ pub fn delete_exceptions(
 }
 
 /// One element of the host's exceptions set: (link, network, prefix length, port).
-pub type Exception = (String, std::net::Ipv4Addr, u8, u16);
+pub type Exception = (String, Ipv4Addr, u8, u16);
 
 /// The elements of the host's exceptions set (`nft -j list set`). Empty when the table or
 /// the set does not exist.
@@ -767,8 +852,8 @@ pub fn list_exceptions() -> Result<Vec<Exception>, FirewallError> {
 
 /// Entries of one port nested in another's network would be conflicting intervals in the
 /// set: keep the widest.
-pub fn widest(entries: &[(std::net::Ipv4Addr, u8, u16)]) -> Vec<(std::net::Ipv4Addr, u8, u16)> {
-    let range = |&(a, len, _): &(std::net::Ipv4Addr, u8, u16)| {
+pub fn widest(entries: &[(Ipv4Addr, u8, u16)]) -> Vec<(Ipv4Addr, u8, u16)> {
+    let range = |&(a, len, _): &(Ipv4Addr, u8, u16)| {
         let mask = if len == 0 {
             0
         } else {
@@ -777,7 +862,7 @@ pub fn widest(entries: &[(std::net::Ipv4Addr, u8, u16)]) -> Vec<(std::net::Ipv4A
         let start = u32::from(a) & mask;
         (start, start | !mask)
     };
-    let mut out: Vec<(std::net::Ipv4Addr, u8, u16)> = Vec::new();
+    let mut out: Vec<(Ipv4Addr, u8, u16)> = Vec::new();
     for e in entries {
         let (a, b) = range(e);
         let covered = entries.iter().any(|o| {
@@ -872,6 +957,44 @@ pub fn enable_forwarding(proc_dir: &Path) -> Result<bool, FirewallError> {
     Ok(true)
 }
 
+/// Turns on IPv6 forwarding (`net.ipv6.conf.all.forwarding`) for jobs with IPv6; true
+/// when it was off. A forwarding host ignores router advertisements on interfaces with
+/// `accept_ra = 1`, so each interface (and `default`, for those made later) with
+/// `accept_ra = 1` is set to 2 first — "accept them even when forwarding", which is what
+/// it did before — and each change is returned for the log. Job links are left alone.
+pub fn enable_forwarding6(proc_dir: &Path) -> Result<Option<Vec<String>>, FirewallError> {
+    let conf = proc_dir.join("sys/net/ipv6/conf");
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| FirewallError::Forwarding { path, source }
+    };
+    let all = conf.join("all/forwarding");
+    if std::fs::read_to_string(&all).map_err(err(&all))?.trim() == "1" {
+        return Ok(None);
+    }
+    let mut changed = Vec::new();
+    let mut names: Vec<String> = std::fs::read_dir(&conf)
+        .map_err(err(&conf))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n != "all" && !n.starts_with(super::netns::LINK_PREFIX))
+        .collect();
+    names.sort();
+    for name in names {
+        let knob = conf.join(&name).join("accept_ra");
+        match std::fs::read_to_string(&knob) {
+            Ok(v) if v.trim() == "1" => {
+                std::fs::write(&knob, "2").map_err(err(&knob))?;
+                changed.push(name);
+            }
+            // Gone since the listing, or no such knob: nothing to keep.
+            _ => {}
+        }
+    }
+    std::fs::write(&all, "1").map_err(err(&all))?;
+    Ok(Some(changed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -882,7 +1005,8 @@ mod tests {
 
     #[test]
     fn the_job_table_blocks_metadata_private_and_ipv6_but_not_its_loopback() {
-        let j = json(&job_ruleset());
+        let j = json(&job_ruleset(false));
+        assert!(!j.contains("nd-neighbor-solicit"), "{j}");
         for (addr, len) in [("169.254.0.0", 16), ("10.0.0.0", 8), ("192.168.0.0", 16)] {
             assert!(
                 j.contains(&format!(r#"{{"prefix":{{"addr":"{addr}","len":{len}}}}}"#)),
@@ -896,9 +1020,9 @@ mod tests {
 
     #[test]
     fn blocked_ranges_cover_the_metadata_addresses_and_not_the_documentation_ranges() {
-        let covers = |ip: std::net::Ipv4Addr| {
+        let covers = |ip: Ipv4Addr| {
             BLOCKED_V4.iter().any(|&(net, len)| {
-                let net: std::net::Ipv4Addr = net.parse().unwrap();
+                let net: Ipv4Addr = net.parse().unwrap();
                 let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
                 u32::from(ip) & mask == u32::from(net) & mask
             })
@@ -915,6 +1039,125 @@ mod tests {
         for ip in ["203.0.113.7", "198.51.100.1", "1.1.1.1", "8.8.8.8"] {
             assert!(!covers(ip.parse().unwrap()), "{ip}");
         }
+    }
+
+    fn covers6(ip: &str) -> bool {
+        let ip: Ipv6Addr = ip.parse().unwrap();
+        BLOCKED_V6.iter().any(|&(net, len)| {
+            let net: Ipv6Addr = net.parse().unwrap();
+            let mask = u128::MAX << (128 - u32::from(len));
+            u128::from(ip) & mask == u128::from(net) & mask
+        })
+    }
+
+    #[test]
+    fn blocked_ipv6_ranges_cover_metadata_nat64_and_embedded_ipv4() {
+        for ip in [
+            "fd00:ec2::254",          // EC2 metadata
+            "fd00:ec2::23",           // EC2 container credentials (legacy)
+            "64:ff9b::a9fe:a9fe",     // NAT64 of 169.254.169.254
+            "64:ff9b:1::a00:1",       // local-use NAT64
+            "::ffff:169.254.169.254", // IPv4-mapped
+            "::1",
+            "::",
+            "fe80::1",
+            "ff02::1",
+            "2002:a9fe:a9fe::1",     // 6to4 of the metadata address
+            "2001:0:a9fe:a9fe::1",   // Teredo
+            "fd61:6972:6c6b::ac8:2", // another job
+        ] {
+            assert!(covers6(ip), "{ip}");
+        }
+        for ip in [
+            "2001:db8::1",
+            "2606:4700::1111",
+            "2a05:d014::1",
+            "2600:1f18::1",
+        ] {
+            assert!(!covers6(ip), "{ip}");
+        }
+    }
+
+    #[test]
+    fn with_ipv6_the_job_tables_refuse_the_blocked_ipv6_ranges_instead_of_all_ipv6() {
+        let outbound = json(&job_ruleset(true));
+        assert!(!outbound.contains(r#""right":"ipv6""#), "{outbound}");
+        assert!(outbound.contains(r#""right":"@blocked6""#), "{outbound}");
+        assert!(outbound.contains("nd-neighbor-solicit"), "{outbound}");
+        let rules = EgressRules {
+            audit: false,
+            static_v4: vec![],
+            static_v6: vec![("2001:db8:1::".parse().unwrap(), 48, 443)],
+            log_group: 7,
+        };
+        let off = json(&job_egress_ruleset(&rules, false));
+        let on = json(&job_egress_ruleset(&rules, true));
+        assert!(off.contains(r#""right":"ipv6""#), "{off}");
+        assert!(!on.contains(r#""right":"ipv6""#), "{on}");
+        for j in [&off, &on] {
+            assert!(j.contains(r#""right":"@allowed6""#), "{j}");
+            assert!(j.contains(r#""right":"@blocked6""#), "{j}");
+            assert!(
+                j.contains(r#"{"prefix":{"addr":"2001:db8:1::","len":48}}"#),
+                "{j}"
+            );
+        }
+    }
+
+    #[test]
+    fn admitted_pairs_go_to_the_set_of_their_family() {
+        let pairs: Vec<(IpAddr, u16)> = vec![
+            ("203.0.113.5".parse().unwrap(), 443),
+            ("2001:db8::5".parse().unwrap(), 443),
+        ];
+        let add = json(&add_addresses(&pairs, 60));
+        assert!(
+            add.contains(
+                r#""name":"allowed4","elem":[{"elem":{"val":{"concat":["203.0.113.5",443]}"#
+            ),
+            "{add}"
+        );
+        assert!(
+            add.contains(
+                r#""name":"allowed6","elem":[{"elem":{"val":{"concat":["2001:db8::5",443]}"#
+            ),
+            "{add}"
+        );
+        let only4 = json(&admit_addresses(&pairs[..1], 60));
+        assert!(!only4.contains("allowed6"), "{only4}");
+        assert_eq!(only4.matches(r#""name":"allowed4""#).count(), 3, "{only4}");
+    }
+
+    #[test]
+    fn ipv6_forwarding_keeps_router_advertisements_where_they_were_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("sys/net/ipv6/conf");
+        for (name, ra) in [
+            ("all", "1"),
+            ("default", "1"),
+            ("eth0", "1"),
+            ("eth1", "0"),
+            ("al-0123456789h", "1"),
+        ] {
+            std::fs::create_dir_all(conf.join(name)).unwrap();
+            std::fs::write(conf.join(name).join("accept_ra"), ra).unwrap();
+        }
+        std::fs::write(conf.join("all/forwarding"), "0\n").unwrap();
+        let changed = enable_forwarding6(dir.path()).unwrap();
+        assert_eq!(
+            changed,
+            Some(vec!["default".to_string(), "eth0".to_string()])
+        );
+        let read = |p: &str| std::fs::read_to_string(conf.join(p)).unwrap();
+        assert_eq!(read("all/forwarding"), "1");
+        assert_eq!(read("eth0/accept_ra"), "2");
+        assert_eq!(read("default/accept_ra"), "2");
+        assert_eq!(read("eth1/accept_ra"), "0");
+        assert_eq!(read("al-0123456789h/accept_ra"), "1");
+        // Already on: nothing is touched again.
+        std::fs::write(conf.join("eth1/accept_ra"), "1").unwrap();
+        assert_eq!(enable_forwarding6(dir.path()).unwrap(), None);
+        assert_eq!(read("eth1/accept_ra"), "1");
     }
 
     #[test]

@@ -99,6 +99,14 @@ impl JobSettings {
                         std::net::IpAddr::V6(_) => None,
                     })
                     .collect(),
+                static_v6: p
+                    .cidrs()
+                    .into_iter()
+                    .filter_map(|(addr, prefix, port)| match addr {
+                        std::net::IpAddr::V6(v6) => Some((v6, prefix, port)),
+                        std::net::IpAddr::V4(_) => None,
+                    })
+                    .collect(),
                 log_group: crate::egress::nflog::DEFAULT_GROUP,
             }),
             (None, Some(RuleNetwork::Outbound)) => NetMode::Outbound,
@@ -220,9 +228,16 @@ impl Sandboxes {
             .address_pool
             .parse()
             .map_err(|e| SandboxError::Config(format!("address_pool: {e}")))?;
+        let pool6 = s
+            .ipv6_address_pool
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e| SandboxError::Config(format!("ipv6_address_pool: {e}")))?;
         let net = NetManager::new(NetConfig {
             netns_dir: s.netns_dir.clone(),
             pool,
+            pool6,
             proc_dir: "/proc".into(),
         })?;
         std::fs::DirBuilder::new()
@@ -384,11 +399,16 @@ impl Sandboxes {
         let mut resolv_conf = None;
         if let Some(policy) = &settings.egress {
             let started = match self.egress_cfg.dns_config() {
-                Ok(dns_cfg) => {
-                    JobEgress::start(job, &net.ns_path, policy.clone(), dns_cfg, audit.clone())
-                        .await
-                        .map_err(|e| e.to_string())
-                }
+                Ok(dns_cfg) => JobEgress::start(
+                    job,
+                    &net.ns_path,
+                    policy.clone(),
+                    dns_cfg,
+                    net.subnet6.is_some(),
+                    audit.clone(),
+                )
+                .await
+                .map_err(|e| e.to_string()),
                 Err(e) => Err(e),
             };
             match started {

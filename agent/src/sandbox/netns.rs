@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -163,6 +163,9 @@ pub struct NetConfig {
     pub netns_dir: PathBuf,
     /// The range jobs' /30s come from.
     pub pool: Cidr,
+    /// The range outbound and egress jobs' IPv6 /126s come from; none: IPv6 stays off in
+    /// every job.
+    pub pool6: Option<addr_pool::Pool6>,
     /// procfs, for the leftover-process check.
     pub proc_dir: PathBuf,
 }
@@ -172,6 +175,7 @@ impl Default for NetConfig {
         NetConfig {
             netns_dir: NETNS_DIR.into(),
             pool: DEFAULT_POOL.parse().expect("DEFAULT_POOL parses"),
+            pool6: None,
             proc_dir: "/proc".into(),
         }
     }
@@ -207,6 +211,8 @@ pub struct JobNet {
     pub host_link: Option<String>,
     /// The job's /30 from the pool; outbound jobs only.
     pub subnet: Option<Subnet>,
+    /// The job's IPv6 /126, beside its /30; outbound jobs of an agent with an IPv6 pool.
+    pub subnet6: Option<addr_pool::Subnet6>,
     /// Inode of the namespace (as in `/proc/<pid>/ns/net` → `net:[inode]`).
     pub ns_inode: u64,
 }
@@ -215,6 +221,11 @@ impl JobNet {
     /// The job's own address on its `eth0` (outbound jobs only).
     pub fn job_addr(&self) -> Option<Ipv4Addr> {
         self.subnet.map(|s| s.job_addr())
+    }
+
+    /// The job's own IPv6 address on its `eth0`, if it has IPv6.
+    pub fn job_addr6(&self) -> Option<Ipv6Addr> {
+        self.subnet6.map(|s| s.job_addr())
     }
 }
 
@@ -365,7 +376,24 @@ impl NetManager {
     /// that overlaps a network of the host is an error naming it.
     async fn allocate_clear_subnet(&self, job: &str) -> Result<Subnet, NetnsError> {
         const TRIES: usize = 8;
-        let host = self.host_networks().await?;
+        let all = self.host_networks().await?;
+        if let Some(pool6) = self.cfg.pool6 {
+            if let Some((link, addr, prefix)) = all.iter().find(|(link, addr, prefix)| {
+                !link.starts_with(LINK_PREFIX)
+                    && matches!(addr, IpAddr::V6(a) if pool6.overlaps(*a, *prefix))
+            }) {
+                return Err(NetnsError::PoolClash(format!(
+                    "the host has {addr}/{prefix} on {link} inside the IPv6 job address pool {pool6}"
+                )));
+            }
+        }
+        let host: Vec<(String, Ipv4Addr, u8)> = all
+            .into_iter()
+            .filter_map(|(link, addr, prefix)| match addr {
+                IpAddr::V4(a) => Some((link, a, prefix)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
         let mut skipped = Vec::new();
         let mut found = Err(NetnsError::PoolClash(String::new()));
         for i in 0..TRIES {
@@ -410,8 +438,8 @@ impl NetManager {
         found
     }
 
-    /// The host namespace's IPv4 addresses: (link name, address, prefix length).
-    async fn host_networks(&self) -> Result<Vec<(String, Ipv4Addr, u8)>, NetnsError> {
+    /// The host namespace's addresses: (link name, address, prefix length).
+    async fn host_networks(&self) -> Result<Vec<(String, IpAddr, u8)>, NetnsError> {
         use rtnetlink::packet_route::address::AddressAttribute;
         // One dump at a time on the shared netlink socket (a second one gets EBUSY).
         let _dump = self.dumps.lock().await;
@@ -428,9 +456,7 @@ impl NetManager {
         let mut addrs = self.handle.address().get().execute();
         while let Some(msg) = addrs.try_next().await.map_err(netlink("list addresses"))? {
             for attr in &msg.attributes {
-                if let AddressAttribute::Local(IpAddr::V4(a))
-                | AddressAttribute::Address(IpAddr::V4(a)) = attr
-                {
+                if let AddressAttribute::Local(a) | AddressAttribute::Address(a) = attr {
                     let link = names.get(&msg.header.index).cloned().unwrap_or_default();
                     out.push((link, *a, msg.header.prefix_len));
                     break;
@@ -513,8 +539,12 @@ impl NetManager {
                 .map_err(netlink(format!("add {RESOLVER_IP}/32 to lo")))?;
         }
         set_up(&inside, lo, "lo").await?;
+        let subnet6 = subnet.and_then(|s| self.cfg.pool6.map(|p| p.subnet(&s)));
         let host_link = match subnet {
-            Some(subnet) => Some(self.outbound(job, &ns_path, &inside, subnet, &mode).await?),
+            Some(subnet) => Some(
+                self.outbound(job, &ns_path, &inside, (subnet, subnet6), &mode)
+                    .await?,
+            ),
             None => None,
         };
         Ok(JobNet {
@@ -523,31 +553,43 @@ impl NetManager {
             ns_path,
             host_link,
             subnet,
+            subnet6,
             ns_inode: ns.inode,
         })
     }
 
     /// An outbound job's link: the firewall first (the job's table inside its namespace,
-    /// the host's table), then the veth with the job's /30 and its default route.
+    /// the host's table), then the veth with the job's /30 (and /126, with IPv6) and its
+    /// default routes.
     async fn outbound(
         &self,
         job: &str,
         ns_path: &Path,
         inside: &rtnetlink::Handle,
-        subnet: Subnet,
+        (subnet, subnet6): (Subnet, Option<addr_pool::Subnet6>),
         mode: &NetMode,
     ) -> Result<String, NetnsError> {
         let path = ns_path.to_path_buf();
         let proc_dir = self.cfg.proc_dir.clone();
+        let ipv6 = subnet6.is_some();
         let ruleset = match mode {
-            NetMode::Egress(rules) => firewall::job_egress_ruleset(rules),
-            _ => firewall::job_ruleset(),
+            NetMode::Egress(rules) => firewall::job_egress_ruleset(rules, ipv6),
+            _ => firewall::job_ruleset(ipv6),
         };
         tokio::task::spawn_blocking(move || -> Result<(), NetnsError> {
             firewall::apply_in_netns(&path, ruleset, "job's ruleset")?;
             firewall::apply(&firewall::host_ruleset(), "host's ruleset")?;
             if firewall::enable_forwarding(&proc_dir)? {
                 tracing::info!("turned on IPv4 forwarding (net.ipv4.ip_forward=1) for outbound jobs; it stays on");
+            }
+            if ipv6 {
+                if let Some(kept) = firewall::enable_forwarding6(&proc_dir)? {
+                    tracing::info!(
+                        accept_ra_2 = ?kept,
+                        "turned on IPv6 forwarding (net.ipv6.conf.all.forwarding=1) for jobs with IPv6; it stays on. \
+                         Interfaces that took router advertisements still do (accept_ra=2)"
+                    );
+                }
             }
             Ok(())
         })
@@ -601,11 +643,43 @@ impl NetManager {
                 "add {} to {host_link}",
                 subnet.host_addr()
             )))?;
+        if let Some(s6) = subnet6 {
+            // Before the link is up: no duplicate address detection (the /126 is the
+            // agent's alone, and detection would hold the address back for a second), no
+            // router advertisements.
+            ipv6_link_knobs(&self.cfg.proc_dir, &host_link)?;
+            self.handle
+                .address()
+                .add(
+                    host_index,
+                    IpAddr::V6(s6.host_addr()),
+                    addr_pool::JOB_PREFIX6,
+                )
+                .execute()
+                .await
+                .map_err(netlink(format!("add {} to {host_link}", s6.host_addr())))?;
+        }
         set_up(&self.handle, host_index, &host_link).await?;
 
         let eth0 = link_index(inside, JOB_LINK)
             .await?
             .ok_or_else(|| NetnsError::NoLink(JOB_LINK.into()))?;
+        if let Some(s6) = subnet6 {
+            // IPv6 is off in the namespace (all, default): on for eth0, and for lo, which
+            // carries the packets to the job's own addresses — among them the refusals its
+            // table sends back (without it a refused `connect` would hang).
+            let proc_dir = self.cfg.proc_dir.clone();
+            run_in_netns(ns_path, move || {
+                ipv6_link_knobs(&proc_dir, JOB_LINK)?;
+                ipv6_link_knobs(&proc_dir, "lo")
+            })??;
+            inside
+                .address()
+                .add(eth0, IpAddr::V6(s6.job_addr()), addr_pool::JOB_PREFIX6)
+                .execute()
+                .await
+                .map_err(netlink(format!("add {} to {JOB_LINK}", s6.job_addr())))?;
+        }
         inside
             .address()
             .add(eth0, IpAddr::V4(subnet.job_addr()), addr_pool::JOB_PREFIX)
@@ -626,6 +700,21 @@ impl NetManager {
                 "add the default route via {}",
                 subnet.host_addr()
             )))?;
+        if let Some(s6) = subnet6 {
+            inside
+                .route()
+                .add(
+                    rtnetlink::RouteMessageBuilder::<Ipv6Addr>::new()
+                        .gateway(s6.host_addr())
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(netlink(format!(
+                    "add the IPv6 default route via {}",
+                    s6.host_addr()
+                )))?;
+        }
         if let NetMode::Egress(rules) = mode {
             let entries = firewall::widest(&rules.static_v4);
             if !entries.is_empty() {
@@ -988,6 +1077,20 @@ fn new_namespace(path: &Path, rt: &tokio::runtime::Handle) -> Result<NewNamespac
         conn,
         handle,
     })
+}
+
+/// IPv6 on for `link` (in the namespace of the calling thread), without duplicate address
+/// detection or router advertisements.
+fn ipv6_link_knobs(proc_dir: &Path, link: &str) -> Result<(), NetnsError> {
+    for (knob, value) in [
+        ("accept_dad", "0"),
+        ("accept_ra", "0"),
+        ("disable_ipv6", "0"),
+    ] {
+        let path = proc_dir.join(format!("sys/net/ipv6/conf/{link}/{knob}"));
+        std::fs::write(&path, value).map_err(|source| NetnsError::Sysctl { path, source })?;
+    }
+    Ok(())
 }
 
 /// Whether `dir` is a mount point on which the directory itself is bound (as

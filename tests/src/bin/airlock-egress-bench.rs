@@ -298,7 +298,7 @@ fn admitter(ns: PathBuf, admission: Arc<Admission>) -> AdmitFn {
         .expect("the bench's policy loads")
         .egress_for("bench")
         .expect("the bench's rule has [rule.egress]");
-    let agent = airlock::egress::job::admission(ns, Arc::new(policy));
+    let agent = airlock::egress::job::admission(ns, Arc::new(policy), false);
     Arc::new(move |answer: Answer| {
         let agent = agent.clone();
         let admission = admission.clone();
@@ -354,6 +354,7 @@ impl Bench {
             let _enter = rt.enter();
             NetManager::new(NetConfig {
                 pool: POOL.parse().map_err(|e| format!("pool {POOL}: {e}"))?,
+                pool6: None,
                 ..NetConfig::default()
             })
             .map_err(|e| e.to_string())?
@@ -487,6 +488,7 @@ fn run(o: &Options) -> Res<()> {
     let job = b.job(NetMode::Egress(EgressRules {
         audit: false,
         static_v4: vec![],
+        static_v6: vec![],
         log_group: 1,
     }))?;
     let reference = b.job(NetMode::Outbound)?;
@@ -507,7 +509,7 @@ fn run(o: &Options) -> Res<()> {
     }
     firewall::apply_in_netns(
         &job.ns_path,
-        firewall::admit_addresses(&[(host, SINK_PORT)], 600),
+        firewall::admit_addresses(&[(host.into(), SINK_PORT)], 600),
         "admission of the sink",
     )
     .map_err(|e| e.to_string())?;
@@ -687,7 +689,7 @@ fn run(o: &Options) -> Res<()> {
     // not hold yet (add), and one whose timeout it restarts (add, delete, add).
     let (mut add_new, mut refresh) = (Vec::new(), Vec::new());
     for i in 0..20u8 {
-        let pair = [(std::net::Ipv4Addr::new(198, 18, 7, i), 443)];
+        let pair = [(std::net::Ipv4Addr::new(198, 18, 7, i).into(), 443)];
         for (times, ruleset) in [
             (&mut add_new, firewall::add_addresses(&pair, 600)),
             (&mut refresh, firewall::admit_addresses(&pair, 600)),

@@ -271,6 +271,7 @@ impl Bench {
             let _enter = rt.enter();
             NetManager::new(NetConfig {
                 pool: POOL.parse().map_err(|e| format!("pool {POOL}: {e}"))?,
+                pool6: None,
                 ..NetConfig::default()
             })
             .map_err(|e| e.to_string())?
