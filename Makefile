@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build deps test lint fmt-check clippy unit e2e demo bench clean-demo help
+.PHONY: all build deps test lint fmt-check clippy unit e2e demo bench clean-demo help package
 
 all: build
 
@@ -13,6 +13,7 @@ help:
 	@echo "make test    - deps, lint, build, every test (unit + end-to-end)"
 	@echo "make demo    - a production job gets credentials, a feature branch is refused"
 	@echo "make bench   - the performance benchmark (release build)"
+	@echo "make package - release .deb and .rpm in target/packages (docs/packaging.md)"
 
 build:
 	$(CARGO) build --bins
@@ -58,3 +59,10 @@ bench: deps
 	$(CARGO) build --release -p airlock-shim --bins
 	AIRLOCK_BIN_DIR=$(BENCH_BIN_DIR) $(CARGO) run -p airlock-tests --bin airlock-sandbox-bench --release
 	$(CARGO) run -p airlock-tests --bin airlock-egress-bench --release
+
+# Release .deb and .rpm (docs/packaging.md): the pinned cargo-deb and cargo-generate-rpm, a
+# release build of the three installed binaries only, then packaging/build-packages.sh.
+package:
+	scripts/setup-package-deps.sh
+	$(CARGO) build --release -p airlock-agent -p airlock-shim --bin airlockd --bin airlock --bin airlock-shim
+	packaging/build-packages.sh release

@@ -9,6 +9,7 @@
 //! |------------------------------|------------------------------|-------------------|
 //! | `POST /v1/jobs`              | [`StartRequest`]             | [`StartResponse`] |
 //! | `POST /v1/jobs/<id>/bind`    | [`BindRequest`]              | [`StartResponse`] |
+//! | `POST /v1/jobs/<id>/exec`    | [`JobCommand`]               | [`ExecResponse`]  |
 //! | `DELETE /v1/jobs/<id>`       | —                            | [`EndResponse`]   |
 //! | `GET /v1/jobs`               | —                            | `[JobSummary]`    |
 //! | `GET /v1/slots`              | —                            | `[TaintedSlot]`   |
@@ -66,6 +67,16 @@ pub struct StartRequest {
     /// The identity arrives later through `bind` (e.g. GitHub's job-started hook).
     #[serde(default)]
     pub bind_later: bool,
+    /// With `bind_later`: the job may bind once itself, with its endpoint token, through
+    /// `POST /v1/bind` on its own endpoint (an ephemeral GitHub runner's job-started hook,
+    /// which runs inside the sandbox and cannot reach this socket).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub endpoint_bind: bool,
+    /// With `bind_later` and the sandbox: the network of the sandbox, built before any
+    /// rule decides: `"egress-baseline"` (the policies' `[egress] baseline` only, block
+    /// mode) or `"outbound"`. Absent: the agent's default (endpoint only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_network: Option<String>,
     /// Shorter lifetime than the agent's `[jobs] max_lifetime`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lifetime_secs: Option<u64>,
@@ -98,6 +109,15 @@ impl std::fmt::Debug for JobCommand {
 pub struct SandboxStart {
     pub shim: PathBuf,
     pub spec: PathBuf,
+}
+
+/// A command to run in a started job's existing sandbox (`airlock job exec`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecResponse {
+    pub job_id: String,
+    /// The job's exec count, from 1 (also in the `job_exec` audit record).
+    pub exec: u64,
+    pub sandbox: SandboxStart,
 }
 
 /// Bind the identity of a job started with `bind_later` (once).
@@ -203,6 +223,16 @@ pub trait Handler: Send + Sync + 'static {
         peer: Peer,
     ) -> impl Future<Output = Result<EndResponse, ApiError>> + Send;
     fn list(&self) -> Vec<JobSummary>;
+    /// Write a spec that runs a command in a started job's existing sandbox.
+    fn exec(
+        &self,
+        job: &str,
+        cmd: JobCommand,
+        peer: Peer,
+    ) -> impl Future<Output = Result<ExecResponse, ApiError>> + Send {
+        let _ = (job, cmd, peer);
+        async { Err(ApiError::new(404, "NotFound", "exec is not served here")) }
+    }
     fn tainted(&self) -> Result<Vec<TaintedSlot>, ApiError>;
     fn clear_slot(&self, slot: u32, peer: Peer) -> Result<TaintedSlot, ApiError>;
 }
@@ -313,6 +343,10 @@ async fn route<H: Handler>(req: Request<Incoming>, h: &H, peer: Peer) -> Respons
             Ok(r) => h.bind(id, r, peer).await.map(|r| reply(StatusCode::OK, &r)),
             Err(e) => Err(e),
         },
+        (Method::POST, ["v1", "jobs", id, "exec"]) => match read_json(req).await {
+            Ok(c) => h.exec(id, c, peer).await.map(|r| reply(StatusCode::OK, &r)),
+            Err(e) => Err(e),
+        },
         (Method::GET, ["v1", "slots"]) => h.tainted().map(|r| reply(StatusCode::OK, &r)),
         (Method::DELETE, ["v1", "slots", n]) => match n.parse::<u32>() {
             Ok(slot) => h.clear_slot(slot, peer).map(|r| reply(StatusCode::OK, &r)),
@@ -397,6 +431,12 @@ impl Client {
     pub async fn bind(&self, job: &str, req: &BindRequest) -> Result<StartResponse, ControlError> {
         let body = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
         self.call(Method::POST, &format!("/v1/jobs/{job}/bind"), Some(body))
+            .await
+    }
+
+    pub async fn exec(&self, job: &str, cmd: &JobCommand) -> Result<ExecResponse, ControlError> {
+        let body = serde_json::to_vec(cmd).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        self.call(Method::POST, &format!("/v1/jobs/{job}/exec"), Some(body))
             .await
     }
 

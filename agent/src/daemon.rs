@@ -31,6 +31,8 @@ use crate::policy::{Decision, PolicySet};
 use crate::sandbox::job::{Sandboxes, JOB_TOKEN_FILE};
 use crate::secret::Secret;
 
+mod exec;
+
 /// How often the agent looks for jobs past their deadline.
 const REAP_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a stopping agent waits for the background reclaim of wiped jobs' files.
@@ -44,6 +46,8 @@ pub struct BrokerSource {
     broker: Arc<Broker>,
     /// job → why it has no credentials (refused by policy, or not bound yet).
     refused: Mutex<HashMap<String, (String, String)>>,
+    /// Who binds a job that binds through its own endpoint (`POST /v1/bind`).
+    binder: std::sync::OnceLock<std::sync::Weak<Daemon>>,
 }
 
 impl CredentialSource for BrokerSource {
@@ -77,6 +81,17 @@ impl CredentialSource for BrokerSource {
     fn aliases(&self, job: &str) -> Vec<String> {
         self.broker.aliases(job)
     }
+
+    async fn bind(&self, job: &str, req: BindRequest) -> Result<Value, Refusal> {
+        let Some(d) = self.binder.get().and_then(std::sync::Weak::upgrade) else {
+            return Err(Refusal {
+                status: 503,
+                code: "Unavailable".into(),
+                message: "the agent is stopping".into(),
+            });
+        };
+        crate::github::bind_from_endpoint(&d, job, req).await
+    }
 }
 
 #[derive(Debug)]
@@ -86,6 +101,8 @@ struct LiveJob {
     tasks: Vec<JoinHandle<()>>,
     /// The host-side token file of an unsandboxed job (a sandboxed job's lives in its tmpfs).
     token_file: Option<PathBuf>,
+    /// A sandboxed job's: what `airlock job exec` needs to run commands in its sandbox.
+    exec: Option<exec::ExecHandle>,
 }
 
 #[derive(Debug)]
@@ -153,6 +170,7 @@ impl Daemon {
         let source = Arc::new(BrokerSource {
             broker: broker.clone(),
             refused: Mutex::new(HashMap::new()),
+            binder: std::sync::OnceLock::new(),
         });
         let shared = Arc::new(endpoint::Shared {
             source: source.clone(),
@@ -163,7 +181,7 @@ impl Daemon {
             sb.count_reclaims_in(metrics.sandbox_reclaims_pending.clone());
             Arc::new(sb)
         });
-        Ok(Arc::new(Daemon {
+        let daemon = Arc::new(Daemon {
             cfg,
             policies: RwLock::new(Arc::new(policies)),
             verifier,
@@ -176,7 +194,9 @@ impl Daemon {
             token_dir,
             sandboxes,
             jobs: Mutex::new(HashMap::new()),
-        }))
+        });
+        let _ = daemon.source.binder.set(Arc::downgrade(&daemon));
+        Ok(daemon)
     }
 
     pub fn audit(&self) -> &AuditLog {
@@ -212,6 +232,7 @@ impl Daemon {
                 endpoint,
                 tasks,
                 token_file,
+                exec: None,
             },
         );
         self.metrics.active_jobs.set(self.job_count() as i64);
@@ -318,6 +339,14 @@ impl Daemon {
                 "an OIDC token or attested claims are required (or bind_later)",
             )),
         }
+    }
+
+    /// The policies' decision for a job, with the Buildkite organisation pin enforced (a
+    /// rule that could match any Buildkite organisation grants no Buildkite job).
+    fn decide(&self, id: &JobIdentity, now: OffsetDateTime) -> crate::policy::Decision {
+        let policies = self.policies();
+        let d = policies.decide(id, now);
+        crate::buildkite::require_org_pin(&policies, id, d)
     }
 
     fn refuse_reason(&self, job: &str, code: &str, why: String) {
@@ -510,6 +539,13 @@ impl Daemon {
                 ));
             }
         }
+        if (req.endpoint_bind || req.runner_network.is_some()) && !req.bind_later {
+            return Err(ApiError::new(
+                400,
+                "BadRequest",
+                "endpoint_bind and runner_network are for jobs started with bind_later",
+            ));
+        }
         let identity = if req.bind_later {
             if req.oidc_token.is_some() || req.claims.is_some() {
                 return Err(ApiError::new(
@@ -544,12 +580,15 @@ impl Daemon {
             lifetime = lifetime.min(Duration::from_secs(s.max(MIN_JOB_LIFETIME_SECS)));
         }
         let job_id = jobs::new_job_id();
-        let decision = identity.as_ref().map(|id| self.policies().decide(id, now));
+        let decision = identity.as_ref().map(|id| self.decide(id, now));
         // A sandboxed job's endpoint lives inside its own network namespace; an
         // unsandboxed job's on a loopback port of its own.
         let (listeners, addr, prepared) = match &self.sandboxes {
             Some(sb) => {
-                let settings = self.sandbox_settings(decision.as_ref());
+                let settings = match &req.runner_network {
+                    Some(n) => crate::github::runner_sandbox_settings(n, &self.policies())?,
+                    None => self.sandbox_settings(decision.as_ref()),
+                };
                 let p = sb
                     .prepare(&job_id, &settings, &self.audit)
                     .await
@@ -635,11 +674,21 @@ impl Daemon {
             ),
         }
         let (ep, tasks) = self.spawn_endpoint(listeners, &rec, token_sha256);
+        if req.endpoint_bind {
+            ep.open_bind();
+        }
         tracing::info!(job = %rec.id, identity = ?rec.identity.as_ref().map(JobIdentity::summary), rule = ?rec.rule, refused = ?rec.refused, sandboxed = rec.sandbox_slot.is_some(), "job started");
         let shown_token_file = token_file.clone().unwrap_or_else(|| JOB_TOKEN_FILE.into());
+        let exec = prepared
+            .as_ref()
+            .map(|p| exec::ExecHandle::new(p.exec_context(), &token, sandbox.is_some()));
         let mut resp = self.response(&rec, token, shown_token_file);
         resp.sandbox = sandbox;
+        let id = rec.id.clone();
         self.insert_live(rec, ep, tasks, token_file);
+        if let Some(x) = exec {
+            self.attach_exec(&id, x);
+        }
         Ok(resp)
     }
 
@@ -773,7 +822,7 @@ impl Daemon {
             }
         };
         let now = OffsetDateTime::now_utc();
-        let decision = self.policies().decide(&identity, now);
+        let decision = self.decide(&identity, now);
         let mut jobs = lock(&self.jobs);
         let live = jobs
             .get_mut(job)
@@ -1012,7 +1061,7 @@ impl Daemon {
                 }
             };
             if let Some(id) = rec.identity.clone() {
-                let d = self.policies().decide(&id, now);
+                let d = self.decide(&id, now);
                 // The job's OIDC token is not kept across restarts: web-identity grants
                 // cannot be renewed and report that clearly.
                 self.apply(&mut rec, &id, None, &d);
@@ -1088,6 +1137,18 @@ impl Handler for Control {
 
     fn list(&self) -> Vec<JobSummary> {
         self.0.list_jobs()
+    }
+
+    async fn exec(
+        &self,
+        job: &str,
+        cmd: crate::control::JobCommand,
+        peer: Peer,
+    ) -> Result<crate::control::ExecResponse, ApiError> {
+        if !jobs::valid_job_id(job) {
+            return Err(ApiError::new(400, "BadRequest", "not a job id"));
+        }
+        self.0.exec_job(job, cmd, peer).await
     }
 
     fn tainted(&self) -> Result<Vec<TaintedSlot>, ApiError> {

@@ -68,7 +68,26 @@ pub trait CredentialSource: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Served, Refusal>> + Send;
     /// The job's grant aliases, default first.
     fn aliases(&self, job: &str) -> Vec<String>;
+    /// Bind `job`'s identity from inside the job (`POST /v1/bind`, see [`JobEndpoint::open_bind`]):
+    /// the source hands it to whoever binds jobs. Answers the bind's outcome as JSON.
+    fn bind(
+        &self,
+        job: &str,
+        req: crate::control::BindRequest,
+    ) -> impl Future<Output = Result<serde_json::Value, Refusal>> + Send {
+        let _ = (job, req);
+        async {
+            Err(Refusal {
+                status: 404,
+                code: "NotFound".into(),
+                message: "this endpoint does not bind jobs".into(),
+            })
+        }
+    }
 }
+
+/// Largest `POST /v1/bind` body (an OIDC token is at most 8 KiB, claims at most 16 KiB).
+const MAX_BIND_BODY: usize = 32 * 1024;
 
 /// One job's endpoint state.
 #[derive(Debug)]
@@ -80,6 +99,8 @@ pub struct JobEndpoint {
     region: String,
     imds: bool,
     ended: AtomicBool,
+    /// `POST /v1/bind` is served once, and only if the job was started to bind that way.
+    bind_open: AtomicBool,
     imds_tokens: Mutex<HashMap<[u8; 32], Instant>>,
     refusals: Mutex<(Instant, u32)>,
 }
@@ -107,6 +128,7 @@ impl JobEndpoint {
             region,
             imds,
             ended: AtomicBool::new(false),
+            bind_open: AtomicBool::new(false),
             imds_tokens: Mutex::new(HashMap::new()),
             refusals: Mutex::new((Instant::now(), 0)),
         }
@@ -120,6 +142,12 @@ impl JobEndpoint {
     /// From now on every request is refused, even on open connections.
     pub fn end(&self) {
         self.ended.store(true, Ordering::SeqCst);
+    }
+
+    /// Serve one `POST /v1/bind` (a job started with `bind_later` and `endpoint_bind`):
+    /// the first request with the job's token uses it up, whatever its outcome.
+    pub fn open_bind(&self) {
+        self.bind_open.store(true, Ordering::SeqCst);
     }
 
     pub fn is_ended(&self) -> bool {
@@ -276,7 +304,7 @@ async fn handle<S: CredentialSource>(
     job: &JobEndpoint,
     shared: &Shared<S>,
 ) -> Resp {
-    let resp = route(&req, job, shared).await;
+    let resp = route(req, job, shared).await;
     shared.metrics.request(outcome_of(resp.status()));
     resp
 }
@@ -286,7 +314,7 @@ fn header_bytes<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
 }
 
 async fn route<S: CredentialSource>(
-    req: &Request<Incoming>,
+    req: Request<Incoming>,
     job: &JobEndpoint,
     shared: &Shared<S>,
 ) -> Resp {
@@ -312,7 +340,12 @@ async fn route<S: CredentialSource>(
             "the Host header does not name this endpoint",
         );
     }
-    let path = req.uri().path();
+    let path = req.uri().path().to_string();
+    let path = path.as_str();
+    if path == BIND_PATH {
+        return bind(req, job, shared).await;
+    }
+    let req = &req;
     if path == CONTAINER_PATH || path.starts_with("/v1/credentials/") {
         return container(req, path, job, shared).await;
     }
@@ -399,6 +432,95 @@ async fn container<S: CredentialSource>(
             };
             json_ok(serde_json::to_string(&body).expect("plain strings always serialise"))
         }
+        Err(r) => error(status(r.status), &r.code, &r.message),
+    }
+}
+
+/// Where a job binds its own identity (`POST`, the job's token, a `BindRequest` body).
+pub const BIND_PATH: &str = "/v1/bind";
+
+/// `POST /v1/bind`: the job's one bind from inside, for jobs started with `bind_later` and
+/// `endpoint_bind` (GitHub's job-started hook in an ephemeral runner's sandbox). The job's
+/// token is required; the first such request closes the route whatever its outcome, so a
+/// later request (a step of the job) is refused and audited.
+async fn bind<S: CredentialSource>(
+    req: Request<Incoming>,
+    job: &JobEndpoint,
+    shared: &Shared<S>,
+) -> Resp {
+    if req.method() != Method::POST {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "use POST",
+        );
+    }
+    let Some(presented) = header_bytes(req.headers(), "authorization") else {
+        return refuse(
+            job,
+            shared,
+            StatusCode::UNAUTHORIZED,
+            "MissingAuthorization",
+            "the Authorization header with the job's endpoint token is missing",
+            "missing token",
+        );
+    };
+    if !job.token_matches(presented) {
+        return refuse(
+            job,
+            shared,
+            StatusCode::FORBIDDEN,
+            "InvalidToken",
+            "the Authorization token is not this job's endpoint token",
+            "wrong token",
+        );
+    }
+    if !job.bind_open.swap(false, Ordering::SeqCst) {
+        let rec = crate::fields! {
+            "reason" => "a bind through the job's endpoint after its one bind (or for a job not started to bind this way)",
+            "via" => "endpoint",
+        };
+        if let Err(e) = shared.audit.append("bind_refused", Some(&job.job_id), rec) {
+            tracing::error!(error = %e, "cannot audit a refused bind");
+            shared.metrics.audit_failures.inc();
+        }
+        return error(
+            StatusCode::CONFLICT,
+            "AlreadyBound",
+            "this job binds its identity once, before its first step; this bind is refused and audited",
+        );
+    }
+    use http_body_util::BodyExt;
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_BIND_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "BadRequest",
+                "the bind request is unreadable or too large",
+            )
+        }
+    };
+    // The body may hold an OIDC token: serde's message names the position, never the value.
+    let parsed: crate::control::BindRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &format!(
+                    "invalid bind request at line {} column {}",
+                    e.line(),
+                    e.column()
+                ),
+            )
+        }
+    };
+    match shared.source.bind(&job.job_id, parsed).await {
+        Ok(v) => json_ok(v.to_string()),
         Err(r) => error(status(r.status), &r.code, &r.message),
     }
 }

@@ -371,28 +371,119 @@ pub fn bind_job_dir(root_dir: &Path, b: &BindMount) -> Result<(), Error> {
 
 /// One of the job's files, written into its tmpfs (the spec check keeps it under a bind
 /// target) and owned by the job's user. Created with its final mode, never readable by
-/// others first.
+/// others first, and renamed over whatever the path held: a job whose sandbox is entered
+/// again (`airlock job exec`) finds its file rewritten, and a reader sees the old file or
+/// the new one, never a half-written one.
+///
+/// The job's directories may hold what the job left in an earlier exec, and the shim runs
+/// as root with the host's tree still at `/`: no symlink below `root_dir` is followed
+/// (see [`open_dir_beneath`]), so a link the job planted cannot point a write at the host.
 pub fn write_file(root_dir: &Path, f: &SpecFile, uid: u32, gid: u32) -> Result<(), Error> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let target = inside(root_dir, &f.path)?;
     let err = |e| Error::WriteFile(f.path.clone(), e);
-    if let Some(dir) = target.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
+    let (dir, name) = open_parent_beneath(root_dir, &target).map_err(err)?;
+    replace_file(&dir, &name, f.contents.as_bytes(), f.mode, Some((uid, gid))).map_err(err)?;
+    Ok(())
+}
+
+/// `target`'s parent directory, opened beneath `root_dir` without following a symlink
+/// (missing directories are made, root's, 0755), and `target`'s file name.
+fn open_parent_beneath(
+    root_dir: &Path,
+    target: &Path,
+) -> std::io::Result<(std::os::fd::OwnedFd, std::ffi::OsString)> {
+    let invalid = || std::io::Error::from(std::io::ErrorKind::InvalidInput);
+    let rel = target.strip_prefix(root_dir).map_err(|_| invalid())?;
+    let name = rel.file_name().ok_or_else(invalid)?.to_os_string();
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    Ok((open_dir_beneath(root_dir, parent)?, name))
+}
+
+/// Opens the directory `rel` (normal components only) under `base` one component at a time,
+/// each with `O_NOFOLLOW | O_DIRECTORY`, making missing ones (root's, 0755): a symlink
+/// anywhere on the way fails (`ELOOP`/`ENOTDIR`) instead of leading elsewhere.
+fn open_dir_beneath(base: &Path, rel: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    use std::os::fd::AsRawFd;
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
+    let mut dir = openat_owned(None, base, flags, Mode::empty())?;
+    for c in rel.components() {
+        let std::path::Component::Normal(name) = c else {
+            return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        };
+        match nix::sys::stat::mkdirat(Some(dir.as_raw_fd()), name, Mode::from_bits_truncate(0o755))
+        {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        dir = openat_owned(Some(dir.as_raw_fd()), Path::new(name), flags, Mode::empty())?;
     }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(f.mode)
-        .open(&target)
-        .map_err(err)?;
-    file.write_all(f.contents.as_bytes()).map_err(err)?;
-    nix::unistd::fchown(
-        std::os::fd::AsRawFd::as_raw_fd(&file),
-        Some(nix::unistd::Uid::from_raw(uid)),
-        Some(nix::unistd::Gid::from_raw(gid)),
-    )
-    .map_err(|e| err(e.into()))?;
+    Ok(dir)
+}
+
+/// `openat(2)` with the descriptor owned.
+#[allow(unsafe_code)]
+fn openat_owned(
+    dir: Option<std::os::fd::RawFd>,
+    path: &Path,
+    flags: nix::fcntl::OFlag,
+    mode: nix::sys::stat::Mode,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let fd = nix::fcntl::openat(dir, path, flags, mode)?;
+    // SAFETY: openat just returned this descriptor; nothing else owns or closes it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Writes `contents` to a new file in `dir` (`O_EXCL | O_NOFOLLOW`, with `mode`, then
+/// `owner`), and renames it over `name`.
+fn replace_file(
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::OsStr,
+    contents: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<()> {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let mut tmp = std::ffi::OsString::from(".airlock-new-");
+    tmp.push(name);
+    let tmp = PathBuf::from(tmp);
+    match nix::unistd::unlinkat(
+        Some(dir.as_raw_fd()),
+        &tmp,
+        nix::unistd::UnlinkatFlags::NoRemoveDir,
+    ) {
+        Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let fd = openat_owned(
+        Some(dir.as_raw_fd()),
+        &tmp,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(mode & 0o777),
+    )?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(contents)?;
+    if let Some((uid, gid)) = owner {
+        nix::unistd::fchown(
+            file.as_raw_fd(),
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )?;
+    }
+    // The umask may have narrowed the mode at creation.
+    nix::sys::stat::fchmod(file.as_raw_fd(), Mode::from_bits_truncate(mode & 0o777))?;
+    drop(file);
+    nix::fcntl::renameat(
+        Some(dir.as_raw_fd()),
+        &tmp,
+        Some(dir.as_raw_fd()),
+        Path::new(name),
+    )?;
     Ok(())
 }
 
@@ -400,16 +491,23 @@ pub fn write_file(root_dir: &Path, f: &SpecFile, uid: u32, gid: u32) -> Result<(
 /// are the job's writable directories (the bind targets). The file is root's, mode 0644:
 /// the job reads it and cannot change it.
 pub fn set_resolv_conf(root_dir: &Path, contents: &str, job_dirs: &[PathBuf]) -> Result<(), Error> {
-    use std::os::unix::fs::PermissionsExt;
     let etc_conf = Path::new("/etc/resolv.conf");
     let err = |e| Error::WriteFile(etc_conf.to_path_buf(), e);
     let in_root = inside(root_dir, etc_conf)?;
-    let write = |path: &Path| -> Result<(), Error> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        std::fs::write(path, contents).map_err(err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(err)
+    // In the job's directories, which may hold what the job left in an earlier exec:
+    // nothing below the root is followed (see `write_file`).
+    let write = |path: &Path| -> Result<std::os::fd::OwnedFd, Error> {
+        let (dir, name) = open_parent_beneath(root_dir, path).map_err(err)?;
+        replace_file(&dir, &name, contents.as_bytes(), 0o644, None).map_err(err)?;
+        openat_owned(
+            Some(std::os::fd::AsRawFd::as_raw_fd(&dir)),
+            Path::new(&name),
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_NOFOLLOW
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(err)
     };
     match std::fs::symlink_metadata(&in_root) {
         Ok(m) if m.file_type().is_symlink() => {
@@ -422,7 +520,7 @@ pub fn set_resolv_conf(root_dir: &Path, contents: &str, job_dirs: &[PathBuf]) ->
             };
             let target = normalize(&target);
             if job_dirs.iter().any(|d| target.starts_with(d)) {
-                return write(&inside(root_dir, &target)?);
+                return write(&inside(root_dir, &target)?).map(drop);
             }
             // A link elsewhere on the read-only host: bind over what it points to.
             bind_file(root_dir, &inside(root_dir, &target)?, write)
@@ -437,10 +535,16 @@ pub fn set_resolv_conf(root_dir: &Path, contents: &str, job_dirs: &[PathBuf]) ->
 fn bind_file(
     root_dir: &Path,
     target: &Path,
-    write: impl Fn(&Path) -> Result<(), Error>,
+    write: impl Fn(&Path) -> Result<std::os::fd::OwnedFd, Error>,
 ) -> Result<(), Error> {
     let source = inside(root_dir, Path::new("/run/airlock/resolv.conf"))?;
-    write(&source)?;
+    // Bound from the handle of the file just written, not from its path, which the job
+    // could have changed since.
+    let written = write(&source)?;
+    let source = PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&written)
+    ));
     mnt(
         "the job's resolv.conf",
         Some(&source),
@@ -596,6 +700,51 @@ mod tests {
             unescape_octal("a\\134b\\777c\\01"),
             PathBuf::from("a\\b\\777c\\01")
         );
+    }
+
+    #[test]
+    fn a_job_file_replaces_what_was_there_and_never_follows_a_symlink() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let (uid, gid) = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
+        let f = SpecFile {
+            path: "/al-rootfs-test/sub/token".into(),
+            contents: "first".into(),
+            mode: 0o400,
+        };
+        write_file(root.path(), &f, uid, gid).unwrap();
+        let written = root.path().join("al-rootfs-test/sub/token");
+        assert_eq!(std::fs::read_to_string(&written).unwrap(), "first");
+        // Written again (a later exec): replaced, with its mode.
+        let again = SpecFile {
+            contents: "second".into(),
+            ..f.clone()
+        };
+        write_file(root.path(), &again, uid, gid).unwrap();
+        assert_eq!(std::fs::read_to_string(&written).unwrap(), "second");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&written).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o400);
+        // A directory on the way replaced by a symlink: refused, nothing written there.
+        std::fs::remove_dir_all(root.path().join("al-rootfs-test/sub")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("al-rootfs-test/sub")).unwrap();
+        assert!(write_file(root.path(), &again, uid, gid).is_err());
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+        // The file itself a symlink: the link is replaced, its target untouched.
+        std::fs::remove_file(root.path().join("al-rootfs-test/sub")).unwrap();
+        std::fs::create_dir(root.path().join("al-rootfs-test/sub")).unwrap();
+        let target = outside.path().join("victim");
+        std::fs::write(&target, "host").unwrap();
+        std::os::unix::fs::symlink(&target, &written).unwrap();
+        write_file(root.path(), &again, uid, gid).unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "host");
+        assert!(!std::fs::symlink_metadata(&written)
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     #[test]

@@ -70,6 +70,9 @@ impl Stack {
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&src).expect("the repository's policies/") {
             let path = entry.expect("a policies/ entry").path();
+            if !path.is_file() {
+                continue; // policies/cookbook/: examples, not the repository's policies
+            }
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
             let mut text = std::fs::read_to_string(&path).expect("a policy file");
             if let Some((_, tables)) = edits.iter().find(|(f, _)| *f == name) {

@@ -54,6 +54,17 @@ enum Cmd {
     /// Sandbox slots a wipe left something behind in (they take no job until cleared).
     #[command(subcommand)]
     Slot(SlotCmd),
+    /// GitHub Actions: the runner's job hooks and the ephemeral runner supervisor.
+    #[command(subcommand)]
+    Github(airlock::github::GithubCmd),
+    /// GitLab custom executor driver (config_exec, prepare_exec, run_exec, cleanup_exec);
+    /// see docs/gitlab.md.
+    #[command(subcommand)]
+    Gitlab(airlock::gitlab::GitlabCmd),
+    /// Buildkite agent hooks (environment, command, pre-exit): each step's command runs in
+    /// a sandbox with the job's credentials; see docs/buildkite.md.
+    #[command(subcommand)]
+    Buildkite(airlock::buildkite::BuildkiteCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,6 +111,14 @@ enum JobCmd {
     },
     /// End a job: its token and credentials stop working at once.
     End { job_id: String },
+    /// Run CMD in a started job's existing sandbox (its files, network, cgroup and
+    /// credentials), as root; exit with CMD's status (125: the sandbox could not be built).
+    Exec {
+        job_id: String,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
     /// List the agent's jobs.
     List {
         /// JSON instead of a table.
@@ -291,6 +310,7 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
         }))
     };
     match cli.cmd {
+        Cmd::Github(cmd) => Ok(airlock::github::run_cli(cmd, cli.socket, &cli.config).await),
         Cmd::Run {
             id,
             runner,
@@ -344,6 +364,7 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
                     bind_later,
                     max_lifetime_secs: max_lifetime.map(|d| d.as_secs()),
                     command: None,
+                    ..Default::default()
                 })
                 .await
                 .map_err(control_fail)?;
@@ -367,6 +388,25 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
             println!("job {job_id} ended");
             Ok(exit::OK)
         }
+        Cmd::Job(JobCmd::Exec { job_id, cmd }) => {
+            let client = socket(&cli.socket, &cli.config)?;
+            let x = client
+                .exec(
+                    &job_id,
+                    &airlock::control::JobCommand {
+                        argv: cmd.clone(),
+                        env: std::env::vars().collect(),
+                    },
+                )
+                .await
+                .map_err(control_fail)?;
+            let status = airlock::shim_run::run(&x.sandbox, airlock::shim_run::Input::Inherit)
+                .await
+                .map_err(|e| Fail(exit::OSERR, format!("cannot run {}: {e}", cmd[0])))?;
+            Ok(airlock::shim_run::exit_code(status))
+        }
+        Cmd::Gitlab(cmd) => Ok(airlock::gitlab::run_cli(cmd, cli.socket, &cli.config).await),
+        Cmd::Buildkite(cmd) => Ok(airlock::buildkite::run_cli(cmd, cli.socket, &cli.config).await),
         Cmd::Job(JobCmd::List { json }) => {
             let client = socket(&cli.socket, &cli.config)?;
             let jobs = client.list().await.map_err(control_fail)?;

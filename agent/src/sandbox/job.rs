@@ -140,6 +140,38 @@ pub struct Prepared {
     pub dir: PathBuf,
 }
 
+/// What later commands of a job need of its sandbox (`airlock job exec`): the agent keeps
+/// it for the job's lifetime, while the kernel objects it names live.
+#[derive(Debug, Clone)]
+pub struct ExecContext {
+    pub uid: u32,
+    pub gid: u32,
+    /// The job's root-only directory (`<runtime_dir>/<job>`).
+    pub dir: PathBuf,
+    pub netns: PathBuf,
+    /// The directories the shim joins.
+    pub cgroups: Vec<PathBuf>,
+    /// The job's cgroup (v2), whose `cgroup.procs` lists every process of the job.
+    pub cgroup: PathBuf,
+    pub resolv_conf: Option<String>,
+    pub tmpfs_size: u64,
+}
+
+impl Prepared {
+    pub fn exec_context(&self) -> ExecContext {
+        ExecContext {
+            uid: self.user.uid,
+            gid: self.user.gid,
+            dir: self.dir.clone(),
+            netns: self.net.ns_path.clone(),
+            cgroups: self.cgroup.dirs().map(Path::to_path_buf).collect(),
+            cgroup: self.cgroup.path().to_path_buf(),
+            resolv_conf: self.resolv_conf.clone(),
+            tmpfs_size: self.tmpfs_size,
+        }
+    }
+}
+
 /// What a wipe removed, and what it could not.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct WipeReport {
@@ -471,20 +503,42 @@ impl Sandboxes {
         env: BTreeMap<String, String>,
         token: &str,
     ) -> Result<PathBuf, SandboxError> {
-        let fs = JobFs::create(job, &p.dir, p.tmpfs_size, p.user.uid, p.user.gid)?;
-        let binds = fs.binds();
+        let ctx = p.exec_context();
+        self.mount_fs(job, &ctx)?;
+        self.write_spec_file(job, &ctx, "spec.json", argv, env, token)
+    }
+
+    /// Mount the job's tmpfs (`<job dir>/fs`), held until the wipe. Once per job.
+    pub fn mount_fs(&self, job: &str, ctx: &ExecContext) -> Result<(), SandboxError> {
+        let fs = JobFs::create(job, &ctx.dir, ctx.tmpfs_size, ctx.uid, ctx.gid)?;
         self.holds.insert(job, fs.into_hold());
+        Ok(())
+    }
+
+    /// Write a spec (`<job dir>/<name>`, 0600, a new file) that runs `argv` in the job's
+    /// existing sandbox: its cgroup, network namespace, user and tmpfs (mounted already).
+    pub fn write_spec_file(
+        &self,
+        job: &str,
+        ctx: &ExecContext,
+        name: &str,
+        argv: Vec<String>,
+        env: BTreeMap<String, String>,
+        token: &str,
+    ) -> Result<PathBuf, SandboxError> {
+        let p = ctx;
+        let binds = jobfs::binds(&ctx.dir.join(jobfs::FS_DIR));
         let spec = SandboxSpec {
             job_id: job.to_string(),
             argv,
             env,
             cwd: JOB_WORKSPACE.into(),
-            uid: p.user.uid,
-            gid: p.user.gid,
+            uid: p.uid,
+            gid: p.gid,
             root_dir: p.dir.join("root"),
             hostname: "airlock-job".into(),
-            netns: Some(p.net.ns_path.clone()),
-            cgroups: p.cgroup.dirs().map(Path::to_path_buf).collect(),
+            netns: Some(p.netns.clone()),
+            cgroups: p.cgroups.clone(),
             binds,
             files: vec![SpecFile {
                 path: JOB_TOKEN_FILE.into(),
@@ -501,7 +555,7 @@ impl Sandboxes {
         };
         spec.check()
             .map_err(|e| SandboxError::Config(format!("the job's sandbox spec is invalid: {e}")))?;
-        let path = p.dir.join("spec.json");
+        let path = p.dir.join(name);
         let data = serde_json::to_vec(&spec).expect("a sandbox spec always serialises");
         let write = || -> std::io::Result<()> {
             use std::io::Write;

@@ -1,0 +1,6 @@
+#!/bin/sh
+# gitlab-runner custom executor, cleanup_exec: ends the airlock job; its sandbox is wiped.
+# Installed as /usr/share/airlock/integrations/gitlab/cleanup.sh; see docs/gitlab.md.
+# Options for `airlock gitlab cleanup` go in cleanup_args in config.toml; gitlab-runner appends
+# its own arguments after them.
+exec "${AIRLOCK_BIN:-/usr/bin/airlock}" gitlab cleanup "$@"

@@ -1,0 +1,6 @@
+#!/bin/sh
+# gitlab-runner custom executor, run_exec <script> <stage>: runs the stage's script inside the job's sandbox.
+# Installed as /usr/share/airlock/integrations/gitlab/run.sh; see docs/gitlab.md.
+# Options for `airlock gitlab run` go in run_args in config.toml; gitlab-runner appends
+# its own arguments after them.
+exec "${AIRLOCK_BIN:-/usr/bin/airlock}" gitlab run "$@"
