@@ -65,3 +65,20 @@ pub fn node_dir() -> PathBuf {
 pub fn oidc_fixtures() -> PathBuf {
     repo_root().join("tests/fixtures/oidc")
 }
+
+/// A directory of the host's that jobs see, for a test's files a sandboxed job reads from the
+/// host's (read-only) tree: not under `/tmp`, `/var/tmp`, `/run` or `/home`, which a job's
+/// own tmpfs covers, nor under `/root`, which is hidden — so not under the target directory
+/// either, since a clone may live anywhere. `/var/lib/airlock-tests/<name>`, mode 0755 on
+/// the way (root tests only).
+pub fn job_visible_dir(name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let base = PathBuf::from("/var/lib/airlock-tests");
+    let dir = base.join(name);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    for d in [&base, &dir] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+    }
+    dir
+}

@@ -109,8 +109,7 @@ impl Host {
     fn new(stack: &Stack, token: &str) -> Host {
         // Not under /tmp, /run or /home: the sandbox's own directories cover those, and
         // the step copies the checkout from the host's (read-only) tree.
-        let base = paths::target_dir().join("buildkite-tests");
-        std::fs::create_dir_all(&base).unwrap();
+        let base = paths::job_visible_dir("buildkite-tests");
         let dir = tempfile::tempdir_in(&base).unwrap();
         let root = dir.path();
         let hooks = root.join("hooks");

@@ -533,8 +533,7 @@ fn ephemeral_slots_bind_inside_the_sandbox_once_and_are_wiped_and_restarted() {
     );
     // Not under /tmp: a sandbox's /tmp is its own tmpfs. The runner directory is read
     // from the host's (read-only) filesystem.
-    let base = paths::target_dir().join("e2e-github");
-    std::fs::create_dir_all(&base).unwrap();
+    let base = paths::job_visible_dir("e2e-github");
     let dir = tempfile::tempdir_in(&base).unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let runner_dir = dir.path().join("actions-runner");
@@ -579,6 +578,18 @@ fn ephemeral_slots_bind_inside_the_sandbox_once_and_are_wiped_and_restarted() {
     )
     .unwrap();
     std::fs::set_permissions(&jit, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The hooks and the airlock binary run inside the slot's sandbox: copies where jobs see
+    // the host's tree (the clone and its target directory may be under /tmp).
+    let hooks_dir = dir.path().join("hooks");
+    std::fs::create_dir_all(&hooks_dir).unwrap();
+    for entry in std::fs::read_dir(paths::repo_root().join("integrations/github")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), hooks_dir.join(entry.file_name())).unwrap();
+    }
+    let airlock_bin = dir.path().join("airlock");
+    if std::fs::hard_link(paths::bin("airlock"), &airlock_bin).is_err() {
+        std::fs::copy(paths::bin("airlock"), &airlock_bin).unwrap();
+    }
     let cfg = dir.path().join("github-runners.toml");
     std::fs::write(
         &cfg,
@@ -586,8 +597,8 @@ fn ephemeral_slots_bind_inside_the_sandbox_once_and_are_wiped_and_restarted() {
             "[github]\nrunner_dir = \"{}\"\nslots = 1\njitconfig_command = [\"{}\"]\nhooks_dir = \"{}\"\nairlock_bin = \"{}\"\naudience = \"airlock-test\"\nmax_lifetime = \"5m\"\nrestart_delay = \"1s\"\nmax_jobs_per_slot = 2\n",
             runner_dir.display(),
             jit.display(),
-            paths::repo_root().join("integrations/github").display(),
-            paths::bin("airlock").display(),
+            hooks_dir.display(),
+            airlock_bin.display(),
         ),
     )
     .unwrap();
