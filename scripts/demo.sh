@@ -73,7 +73,8 @@ wait_for "the JWKS server" http_ok "http://127.0.0.1:$jwks_port/jwks.json"
 step "Starting airlockd with config/demo.toml (everything under $work)"
 cp "$repo/config/demo.toml" "$work/demo.toml"
 mkdir -p "$work/policies"
-cp "$repo"/policies/* "$work/policies/"
+# The repository's policies (files only: policies/cookbook/ holds examples, not these).
+find "$repo/policies" -maxdepth 1 -type f -exec cp {} "$work/policies/" \;
 cd "$work"
 # The agent's own AWS keys live in airlockd's environment only; jobs never see them.
 env -u AWS_SESSION_TOKEN -u AWS_PROFILE \
