@@ -61,6 +61,20 @@ EOF
     )
 }
 
+/// Runs `script` as the production job; its `key=value` lines, and the context for
+/// assertion messages (the job's output and the agent's log).
+fn run_probe(stack: &Stack, script: &str) -> (std::collections::BTreeMap<String, String>, String) {
+    let out = stack.run_sh(&GithubJob::production().token(), script);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ctx = format!(
+        "stdout:\n{stdout}\nstderr:\n{}\nagent log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stack.agent.log()
+    );
+    assert!(out.status.success(), "{ctx}");
+    (kv(&stdout), ctx)
+}
+
 fn records(stack: &Stack, event: &str) -> Vec<Value> {
     stack
         .agent
@@ -121,15 +135,7 @@ fn with_an_ipv6_pool_an_egress_job_reaches_only_allowed_names_over_ipv6() {
         ("host_itself", web.host_addr6.to_string(), host_port),
         ("gateway", "@gateway".into(), any_port),
     ]);
-    let out = stack.run_sh(&GithubJob::production().token(), &script);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let ctx = format!(
-        "stdout:\n{stdout}\nstderr:\n{}\nagent log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        stack.agent.log()
-    );
-    assert!(out.status.success(), "{ctx}");
-    let k = kv(&stdout);
+    let (k, ctx) = run_probe(&stack, &script);
     let get = |key: &str| k.get(key).map(String::as_str).unwrap_or("<missing>");
     // Masqueraded behind the host's address on the internet's link (NAT66).
     assert_eq!(
@@ -223,15 +229,7 @@ fn with_an_ipv6_pool_an_outbound_job_reaches_the_ipv6_internet_but_not_the_block
         ("host_itself", web.host_addr6.to_string(), host_port),
         ("gateway", "@gateway".into(), any_port),
     ]);
-    let out = stack.run_sh(&GithubJob::production().token(), &script);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let ctx = format!(
-        "stdout:\n{stdout}\nstderr:\n{}\nagent log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        stack.agent.log()
-    );
-    assert!(out.status.success(), "{ctx}");
-    let k = kv(&stdout);
+    let (k, ctx) = run_probe(&stack, &script);
     let get = |key: &str| k.get(key).map(String::as_str).unwrap_or("<missing>");
     assert_eq!(
         get("internet"),
@@ -267,14 +265,7 @@ fn without_an_ipv6_pool_jobs_have_no_ipv6_at_all() {
     web.serve6(8080, "web6");
     let stack = Stack::sandboxed_outbound_production("");
     let script = probe(&[("internet", web.addr6.to_string(), 8080)]);
-    let out = stack.run_sh(&GithubJob::production().token(), &script);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let ctx = format!(
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{ctx}");
-    let k = kv(&stdout);
+    let (k, ctx) = run_probe(&stack, &script);
     let get = |key: &str| k.get(key).map(String::as_str).unwrap_or("<missing>");
     // No address to send from and no route: which of the two the kernel reports depends
     // on its version.
