@@ -17,9 +17,9 @@
 //!
 //! Every Buildkite organisation shares the issuer `https://agent.buildkite.com`, so a rule
 //! that does not pin the organisation would hand its grants to any organisation's
-//! pipeline. [`require_org_pin`] turns such a rule's decision for a Buildkite identity into
-//! a refusal; the daemon applies it to every decision (start, bind, recovery), so no runner
-//! integration and no job can get around it.
+//! pipeline. The policies' decision itself refuses a Buildkite identity such a rule
+//! decides (`policy::decide`), so every path — start, bind, recovery, `airlock policy
+//! explain` — applies it and no runner integration or job can get around it.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -28,8 +28,6 @@ use std::time::Duration;
 
 use crate::control::{Client, ControlError, JobCommand, StartRequest};
 use crate::exit;
-use crate::identity::{JobIdentity, Provider};
-use crate::policy::{Decision, PolicySet, Rule};
 use crate::secret::Secret;
 
 /// The audience asked for by default (`--audience`); it must be one of the Buildkite
@@ -37,8 +35,8 @@ use crate::secret::Secret;
 pub const DEFAULT_AUDIENCE: &str = "airlock";
 /// The issuer every Buildkite organisation shares.
 pub const BUILDKITE_ISSUER: &str = "https://agent.buildkite.com";
-/// The flag of a decision refused by [`require_org_pin`].
-pub const FLAG_ORG_NOT_PINNED: &str = "buildkite-org-not-pinned";
+/// The flag of a decision refused because its rule does not pin the organisation.
+pub use crate::policy::decide::FLAG_ORG_NOT_PINNED;
 /// Largest token accepted from `buildkite-agent` (the agent's own limit is 8 KiB too).
 const MAX_TOKEN: usize = 8 * 1024;
 /// Added to the step's `BUILDKITE_TIMEOUT` for the airlock job's lifetime.
@@ -47,59 +45,6 @@ const LIFETIME_MARGIN_SECS: u64 = 10 * 60;
 // ---------------------------------------------------------------------------------------
 // Agent side: the organisation pin
 // ---------------------------------------------------------------------------------------
-
-/// Whether the identity comes from Buildkite (its provider, or the shared issuer).
-pub fn is_buildkite(id: &JobIdentity) -> bool {
-    id.provider == Provider::Buildkite
-        || id.issuer.trim_end_matches('/') == BUILDKITE_ISSUER
-        || id.issuer == "agent.buildkite.com"
-}
-
-/// Whether a rule pins the Buildkite organisation: `owner` given only as literal names, or
-/// `repository` given only as patterns whose organisation part (before the first `/`) is
-/// a literal name. The same test as the loader's warning (`airlock policy check`).
-pub fn rule_pins_org(rule: &Rule) -> bool {
-    let literal = |s: &str| !s.is_empty() && !s.contains(['*', '?', '[', ']']);
-    let field = |name: &str| rule.matchers.iter().find(|m| m.field == name);
-    let owner = field("owner").is_some_and(|m| m.patterns.iter().all(|p| literal(p.as_str())));
-    let repository = field("repository").is_some_and(|m| {
-        m.patterns.iter().all(|p| {
-            p.as_str()
-                .split_once('/')
-                .is_some_and(|(org, _)| literal(org))
-        })
-    });
-    owner || repository
-}
-
-/// A decision for `id` as the daemon applies it: when `id` is a Buildkite identity and the
-/// deciding rule does not pin the organisation, the decision becomes a refusal that names
-/// the rule and says what to add. Any other decision is returned unchanged.
-pub fn require_org_pin(policies: &PolicySet, id: &JobIdentity, d: Decision) -> Decision {
-    if !is_buildkite(id) {
-        return d;
-    }
-    let Some(rule) = d.rule.as_deref().and_then(|name| policies.rule(name)) else {
-        return d;
-    };
-    if rule_pins_org(rule) {
-        return d;
-    }
-    let org = id.owner.as_deref().unwrap_or("your-org");
-    Decision {
-        rule: Some(rule.name.clone()),
-        origin: Some(rule.origin.clone()),
-        grants: Vec::new(),
-        refused: Some(format!(
-            "rule {:?} ({}) matches Buildkite jobs of any organisation: every Buildkite \
-             organisation shares the issuer {BUILDKITE_ISSUER}, so a rule must pin yours; add \
-             owner = {org:?} (or repository = \"{org}/<pipeline>\") to its [rule.match] \
-             (this job's organisation is {org:?})",
-            rule.name, rule.origin
-        )),
-        flags: vec![FLAG_ORG_NOT_PINNED.to_string()],
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Hooks
@@ -674,6 +619,8 @@ pub async fn run_cli(cmd: BuildkiteCmd, socket: Option<PathBuf>, config: &Path) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::JobIdentity;
+    use crate::policy::PolicySet;
 
     fn policies(rules: &str) -> PolicySet {
         crate::policy::load_str(Path::new("/p/50-bk.toml"), rules).unwrap()
@@ -711,7 +658,11 @@ mod tests {
         ] {
             let p = policies(&rule(m));
             let warned = p.warnings().iter().any(|w| w.contains("Buildkite"));
-            assert_eq!(rule_pins_org(&p.rules()[0]), pinned, "{m}");
+            assert_eq!(
+                crate::policy::load::pins_buildkite_org(&p.rules()[0].matchers),
+                pinned,
+                "{m}"
+            );
             assert_eq!(warned, !pinned, "{m}: {:?}", p.warnings());
         }
     }
@@ -746,13 +697,22 @@ mod tests {
         let id = bk_identity("evil-org");
         let d = p.decide(&id, time::OffsetDateTime::now_utc());
         assert_eq!(d.rule.as_deref(), Some("r"));
-        assert!(d.refused.is_none(), "{d:?}");
-        let d = require_org_pin(&p, &id, d);
         let why = d.refused.as_deref().unwrap();
         assert!(d.grants.is_empty());
         assert!(why.contains("rule \"r\""), "{why}");
         assert!(why.contains("owner = \"evil-org\""), "{why}");
         assert_eq!(d.flags, vec![FLAG_ORG_NOT_PINNED.to_string()]);
+        // `airlock policy explain` shows the same refusal.
+        let ex = p.explain(&id, time::OffsetDateTime::now_utc());
+        assert_eq!(ex.decision, d);
+        assert!(
+            ex.rules[0]
+                .reasons
+                .iter()
+                .any(|r| r.contains("decides: refused")),
+            "{:?}",
+            ex.rules
+        );
     }
 
     #[test]
@@ -766,8 +726,7 @@ mod tests {
         );
         let id = bk_identity("acme");
         let d = p.decide(&id, time::OffsetDateTime::now_utc());
-        assert_eq!(require_org_pin(&p, &id, d.clone()), d);
-        assert!(d.refused.is_none() && d.grants.len() == 1);
+        assert!(d.refused.is_none() && d.grants.len() == 1, "{d:?}");
 
         let p = policies(&rule("repository = \"*/web\"").replacen(
             "[rule.match]",
@@ -779,8 +738,7 @@ mod tests {
         c.insert("repository".into(), "acme/web".into());
         let gh = crate::identity::from_attested(c).unwrap();
         let d = p.decide(&gh, time::OffsetDateTime::now_utc());
-        assert!(d.refused.is_none());
-        assert_eq!(require_org_pin(&p, &gh, d.clone()), d);
+        assert!(d.refused.is_none() && d.flags.is_empty(), "{d:?}");
     }
 
     #[test]

@@ -341,12 +341,10 @@ impl Daemon {
         }
     }
 
-    /// The policies' decision for a job, with the Buildkite organisation pin enforced (a
-    /// rule that could match any Buildkite organisation grants no Buildkite job).
+    /// The policies' decision for a job (which refuses a Buildkite job decided by a rule
+    /// that does not pin its organisation).
     fn decide(&self, id: &JobIdentity, now: OffsetDateTime) -> crate::policy::Decision {
-        let policies = self.policies();
-        let d = policies.decide(id, now);
-        crate::buildkite::require_org_pin(&policies, id, d)
+        self.policies().decide(id, now)
     }
 
     fn refuse_reason(&self, job: &str, code: &str, why: String) {

@@ -71,6 +71,12 @@ impl PolicySet {
             .iter()
             .find(|r| mismatches(r, id, false).is_empty())
         {
+            Some(rule)
+                if super::load::is_buildkite(id)
+                    && !super::load::pins_buildkite_org(&rule.matchers) =>
+            {
+                org_not_pinned(rule, id)
+            }
             Some(rule) => decide_rule(rule, id, now),
             None => no_match(self, id),
         }
@@ -145,6 +151,28 @@ fn no_match(set: &PolicySet, id: &JobIdentity) -> Decision {
         refused: Some(format!("no policy rule matches {}{hint}", id.summary())),
         flags: Vec::new(),
     }
+}
+
+/// The flag of a Buildkite job's refusal by a rule that does not pin its organisation.
+pub const FLAG_ORG_NOT_PINNED: &str = "buildkite-org-not-pinned";
+
+/// A Buildkite job decided by a rule that could match any Buildkite organisation (they all
+/// share one issuer): refused, naming the rule and what to add. `airlock policy check`
+/// warns about such rules at load.
+fn org_not_pinned(rule: &Rule, id: &JobIdentity) -> Decision {
+    let org = id.owner.as_deref().unwrap_or("your-org");
+    let mut d = Decision::refuse(
+        rule,
+        format!(
+            "rule {:?} ({}) matches Buildkite jobs of any organisation: every Buildkite \
+             organisation shares one issuer, so a rule must pin yours; add owner = {org:?} \
+             (or repository = \"{org}/<pipeline>\") to its [rule.match] (this job's \
+             organisation is {org:?})",
+            rule.name, rule.origin
+        ),
+    );
+    d.flags.push(FLAG_ORG_NOT_PINNED.to_string());
+    d
 }
 
 fn decide_rule(rule: &Rule, id: &JobIdentity, now: time::OffsetDateTime) -> Decision {

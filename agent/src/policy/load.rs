@@ -586,26 +586,36 @@ fn matcher(cx: &FileCtx, field: String, value: Spanned<RawMatch>) -> Result<Matc
 }
 
 /// True when a rule may match a job from any Buildkite organisation: it does not exclude
-/// the Buildkite provider/issuer and neither `owner` nor `repository` is pinned to a literal
-/// organisation.
+/// the Buildkite provider/issuer and does not pin the organisation.
 fn could_match_any_buildkite_org(matchers: &[Matcher]) -> bool {
     let field = |name: &str| matchers.iter().find(|m| m.field == name);
     let provider_ok = field("provider").is_none_or(|m| m.matches(Provider::Buildkite.as_str()));
     let issuer_ok = field("issuer").is_none_or(|m| BUILDKITE_ISSUERS.iter().any(|i| m.matches(i)));
-    if !provider_ok || !issuer_ok {
-        return false;
-    }
-    let is_literal = |s: &str| !s.contains(['*', '?', '[', ']']);
-    let owner_pinned =
-        field("owner").is_some_and(|m| m.patterns.iter().all(|p| is_literal(p.as_str())));
-    let repo_pinned = field("repository").is_some_and(|m| {
+    provider_ok && issuer_ok && !pins_buildkite_org(matchers)
+}
+
+/// Whether a rule pins the Buildkite organisation: `owner` given only as literal names, or
+/// `repository` only as patterns whose organisation (before the first `/`) is a literal
+/// name. All Buildkite organisations share one issuer, so only this tells them apart.
+pub(crate) fn pins_buildkite_org(matchers: &[Matcher]) -> bool {
+    let field = |name: &str| matchers.iter().find(|m| m.field == name);
+    let literal = |s: &str| !s.is_empty() && !s.contains(['*', '?', '[', ']']);
+    let owner = field("owner").is_some_and(|m| m.patterns.iter().all(|p| literal(p.as_str())));
+    let repository = field("repository").is_some_and(|m| {
         m.patterns.iter().all(|p| {
             p.as_str()
                 .split_once('/')
-                .is_some_and(|(org, _)| is_literal(org) && !org.is_empty())
+                .is_some_and(|(org, _)| literal(org))
         })
     });
-    !owner_pinned && !repo_pinned
+    owner || repository
+}
+
+/// Whether an identity comes from Buildkite (its provider, or the issuer all Buildkite
+/// organisations share).
+pub(crate) fn is_buildkite(id: &crate::identity::JobIdentity) -> bool {
+    id.provider == Provider::Buildkite
+        || BUILDKITE_ISSUERS.contains(&id.issuer.trim_end_matches('/'))
 }
 
 fn window(cx: &FileCtx, raw: Spanned<RawWindow>) -> Result<Window, PolicyError> {
