@@ -668,6 +668,72 @@ fn exec_d_processes_are_in_the_jobs_cgroup_and_die_at_the_wipe() {
     assert_wiped(&stack, &job.job_id, &cgroup);
 }
 
+/// gitlab-runner cancels a stage (a cancelled pipeline, a job timeout) with SIGTERM to the
+/// `run_exec` process: the stage's processes go with it, the job and its files stay for the
+/// next stage and cleanup.
+#[test]
+fn a_terminated_exec_takes_its_processes_with_it_and_the_job_stays() {
+    prereqs();
+    let stack = stack();
+    let job = stack.job(&GithubJob::production());
+    let cgroup = PathBuf::from(sandbox_of(&stack, &job.job_id)["cgroup"].as_str().unwrap());
+    let child = Command::new(paths::bin("airlock"))
+        .arg("--config")
+        .arg(stack.agent.config_path())
+        .args([
+            "job",
+            "exec",
+            &job.job_id,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo kept > /tmp/kept; sleep 302 & sleep 303",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sleeps = |cgroup: &Path| -> Vec<u32> {
+        std::fs::read_to_string(cgroup.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .filter(|p: &u32| {
+                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .unwrap_or_default()
+                    .starts_with("sleep\0")
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sleeps(&cgroup).len() < 2 {
+        assert!(Instant::now() < deadline, "the exec's sleeps never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let out = child.wait_with_output().unwrap();
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sleeps(&cgroup).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the stage's processes outlived its cancellation: {:?}",
+            sleeps(&cgroup)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(live_jobs(&stack).contains(&job.job_id));
+    let next = exec(&stack, &job.job_id, &["cat", "/tmp/kept"]);
+    assert_eq!(ok(&next, &stack).trim(), "kept");
+    assert!(stack.agent.end_job(&job.job_id).status.success());
+    assert_wiped(&stack, &job.job_id, &cgroup);
+}
+
 /// A job that replaces a directory of its tmpfs by a symlink in one exec cannot make the
 /// next exec's shim (root, with the host's tree still at `/`) write through it.
 #[test]
