@@ -668,6 +668,45 @@ fn exec_d_processes_are_in_the_jobs_cgroup_and_die_at_the_wipe() {
     assert_wiped(&stack, &job.job_id, &cgroup);
 }
 
+/// An egress-controlled job's every exec has the agent as its resolver and its allowlist in
+/// force: the second stage resolves and reaches what the first did, and nothing else.
+#[test]
+fn every_exec_of_an_egress_job_resolves_through_the_agent_and_keeps_its_allowlist() {
+    use airlock_tests::fakedns::{FakeDns, Zone};
+    use airlock_tests::internet::Internet;
+    prereqs();
+    let web = Internet::new([203, 0, 113]);
+    web.serve(8080, "web");
+    let dns = FakeDns::start(Zone::default().a("allowed.test", web.addr, 60).a(
+        "other.test",
+        web.addr,
+        60,
+    ));
+    let stack = Stack::sandboxed_production_tables(
+        &format!("[egress]\nupstreams = [\"{}\"]\n", dns.addr),
+        "[rule.egress]\nallow = [\"allowed.test:8080\"]\n",
+    );
+    let job = stack.job(&GithubJob::production());
+    let probe = "grep -c '^nameserver 169.254.170.53$' /etc/resolv.conf; \
+                 curl -sS -m 5 http://allowed.test:8080/; echo; \
+                 curl -sS -m 5 http://other.test:8080/ >/dev/null 2>&1; echo other=$?";
+    for stage in 1..=2 {
+        let out = exec(&stack, &job.job_id, &["/bin/sh", "-c", probe]);
+        let stdout = ok(&out, &stack);
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(
+            lines,
+            ["1", &format!("web from {}", web.host_addr), "other=6"],
+            "stage {stage}: {}",
+            text(&out)
+        );
+    }
+    assert_eq!(dns.queries_for("other.test"), 0);
+    let cgroup = PathBuf::from(sandbox_of(&stack, &job.job_id)["cgroup"].as_str().unwrap());
+    assert!(stack.agent.end_job(&job.job_id).status.success());
+    assert_wiped(&stack, &job.job_id, &cgroup);
+}
+
 /// gitlab-runner cancels a stage (a cancelled pipeline, a job timeout) with SIGTERM to the
 /// `run_exec` process: the stage's processes go with it, the job and its files stay for the
 /// next stage and cleanup.
