@@ -383,38 +383,62 @@ fn refuse<S>(
     error(status, code, message)
 }
 
-async fn container<S: CredentialSource>(
+/// The method, then the job's endpoint token in `Authorization` (compared in constant time):
+/// the refusal of either as the response to send, or `None` when both are right; a missing
+/// or wrong token is also audited. `missing_hint` ends the message for a missing header.
+fn unauthorized<S: CredentialSource>(
     req: &Request<Incoming>,
-    path: &str,
+    method: Method,
     job: &JobEndpoint,
     shared: &Shared<S>,
-) -> Resp {
-    if req.method() != Method::GET {
-        return error(
+    missing_hint: &str,
+) -> Option<Resp> {
+    if req.method() != method {
+        return Some(error(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
-            "use GET",
-        );
+            &format!("use {method}"),
+        ));
     }
     let Some(presented) = header_bytes(req.headers(), "authorization") else {
-        return refuse(
+        return Some(refuse(
             job,
             shared,
             StatusCode::UNAUTHORIZED,
             "MissingAuthorization",
-            "the Authorization header with the job's endpoint token is missing (set AWS_CONTAINER_AUTHORIZATION_TOKEN or _FILE)",
+            &format!(
+                "the Authorization header with the job's endpoint token is missing{missing_hint}"
+            ),
             "missing token",
-        );
+        ));
     };
     if !job.token_matches(presented) {
-        return refuse(
+        return Some(refuse(
             job,
             shared,
             StatusCode::FORBIDDEN,
             "InvalidToken",
             "the Authorization token is not this job's endpoint token",
             "wrong token",
-        );
+        ));
+    }
+    None
+}
+
+async fn container<S: CredentialSource>(
+    req: &Request<Incoming>,
+    path: &str,
+    job: &JobEndpoint,
+    shared: &Shared<S>,
+) -> Resp {
+    if let Some(resp) = unauthorized(
+        req,
+        Method::GET,
+        job,
+        shared,
+        " (set AWS_CONTAINER_AUTHORIZATION_TOKEN or _FILE)",
+    ) {
+        return resp;
     }
     let alias = match path.strip_prefix("/v1/credentials/") {
         None | Some("") => None,
@@ -448,32 +472,8 @@ async fn bind<S: CredentialSource>(
     job: &JobEndpoint,
     shared: &Shared<S>,
 ) -> Resp {
-    if req.method() != Method::POST {
-        return error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "MethodNotAllowed",
-            "use POST",
-        );
-    }
-    let Some(presented) = header_bytes(req.headers(), "authorization") else {
-        return refuse(
-            job,
-            shared,
-            StatusCode::UNAUTHORIZED,
-            "MissingAuthorization",
-            "the Authorization header with the job's endpoint token is missing",
-            "missing token",
-        );
-    };
-    if !job.token_matches(presented) {
-        return refuse(
-            job,
-            shared,
-            StatusCode::FORBIDDEN,
-            "InvalidToken",
-            "the Authorization token is not this job's endpoint token",
-            "wrong token",
-        );
+    if let Some(resp) = unauthorized(&req, Method::POST, job, shared, "") {
+        return resp;
     }
     if !job.bind_open.swap(false, Ordering::SeqCst) {
         let rec = crate::fields! {
