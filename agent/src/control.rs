@@ -149,6 +149,10 @@ pub struct StartResponse {
     /// Set when the job runs in a sandbox and a command was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<SandboxStart>,
+    /// The job has a sandbox: its endpoint and environment are for processes inside it
+    /// (`airlock run`, `airlock job exec`), not for the caller's own.
+    #[serde(default)]
+    pub sandboxed: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -520,6 +520,7 @@ impl Daemon {
             refused: rec.refused.clone(),
             flags: rec.flags.clone(),
             sandbox: None,
+            sandboxed: rec.sandbox_slot.is_some(),
         }
     }
 

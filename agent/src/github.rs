@@ -437,6 +437,18 @@ pub async fn job_started(env: &Env, socket: &Path) -> Result<String, HookError> 
         })
         .await
         .map_err(|e| control_error(env, e))?;
+    if resp.sandboxed {
+        // Its endpoint lives inside a sandbox this runner's steps do not run in.
+        let _ = client.end(&resp.job_id).await;
+        return Err(HookError::new(
+            exit::CONFIG,
+            "airlock: this runner host's agent runs every job in a sandbox ([sandbox] enabled = true), \
+             and a persistent runner's steps run outside it: run the runner through \
+             `airlock github supervise` (ephemeral mode), or set [sandbox] enabled = false for \
+             hooks-only mode (see docs/github-actions.md; ask your platform team)"
+                .to_string(),
+        ));
+    }
     let record = HookState {
         job_id: resp.job_id.clone(),
         since_ticks: own_start_ticks().unwrap_or(0),

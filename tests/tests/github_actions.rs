@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 /// have the group `nogroup` (65534), which the agent's control_group names.
 const RUNNER_UID_A: u32 = 65534;
 const RUNNER_UID_B: u32 = 65533;
+const RUNNER_UID_C: u32 = 65532;
 const REQUEST_TOKEN: &str = "gh-request-token-7Yq2";
 
 fn prereqs() {
@@ -519,6 +520,38 @@ fi
 bash -e "$ACTIONS_RUNNER_HOOK_JOB_COMPLETED"
 echo "fake runner: done"
 "#;
+
+/// Hooks-only hooks on a host whose agent sandboxes jobs: the job's endpoint would be inside
+/// a sandbox the runner's steps never enter, so job-started fails and says what to change.
+#[test]
+fn hooks_only_on_a_sandboxing_agent_fails_at_job_started_and_says_why() {
+    prereqs();
+    let mut stack = Stack::sandboxed("");
+    open_control_socket_to_nogroup(&mut stack.agent);
+    let who = GithubJob::production().with_run_id(9_300_003);
+    let tokens = TokenServer::start(who.token());
+    let step = "touch \"$OUT/step-ran\"\n";
+    let runner = HooksOnlyRunner::new(&stack.agent, RUNNER_UID_C, &[("10-build.sh", step)]);
+    let out = runner.run(&who, Some(&tokens.url));
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains("runs every job in a sandbox ([sandbox] enabled = true)")
+            && log.contains("airlock github supervise"),
+        "{log}"
+    );
+    assert!(!runner.out.join("step-ran").exists(), "{log}");
+    let github_env = std::fs::read_to_string(&runner.github_env).unwrap_or_default();
+    assert!(!github_env.contains("AWS_CONTAINER"), "{github_env}");
+    // The job it started is ended at once (and wiped).
+    let ended = stack
+        .agent
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["event"] == "job_wiped")
+        .count();
+    assert_eq!(ended, 1, "{log}");
+}
 
 #[test]
 fn ephemeral_slots_bind_inside_the_sandbox_once_and_are_wiped_and_restarted() {
