@@ -514,12 +514,12 @@ pub async fn run(
     let status = crate::shim_run::run(&x.sandbox, crate::shim_run::Input::Bytes(data))
         .await
         .map_err(|e| exits.system(format!("cannot run stage {stage}: {e}")))?;
-    match crate::shim_run::exit_code(status) {
-        0 => Ok(0),
-        airlock_shim::EXIT_SETUP_FAILED => Err(exits.system(format!(
+    match crate::shim_run::outcome(&x.sandbox, status) {
+        crate::shim_run::Outcome::Exited(0) => Ok(0),
+        crate::shim_run::Outcome::SetupFailed => Err(exits.system(format!(
             "the sandbox for stage {stage} could not be built (the message above says why)"
         ))),
-        c => Err(Failure {
+        crate::shim_run::Outcome::Exited(c) => Err(Failure {
             code: exits.build,
             message: format!("stage {stage}: the script exited with {c}"),
         }),

@@ -67,6 +67,30 @@ pub async fn run(start: &SandboxStart, input: Input) -> std::io::Result<ExitStat
     Ok(status)
 }
 
+/// How a sandboxed command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The command ran and ended with this status (as [`exit_code`] gives it), whatever
+    /// the number: a script may exit 125 itself.
+    Exited(i32),
+    /// The sandbox could not be built; the shim said why on stderr.
+    SetupFailed,
+}
+
+/// Tells a sandbox that could not be built from a command that ran, by the status file the
+/// shim writes beside its spec (`exec-3.json` → `exec-3.status`, in the agent's root-only
+/// job directory). Without one — the shim ended before it could write it (a bad spec, or
+/// it was killed) — the exit status decides: 125 is the shim's own.
+pub fn outcome(start: &SandboxStart, status: ExitStatus) -> Outcome {
+    let code = exit_code(status);
+    match std::fs::read_to_string(start.spec.with_extension("status")) {
+        Ok(s) if s.trim() == "setup-failed" => Outcome::SetupFailed,
+        Ok(s) if s.starts_with("exited ") => Outcome::Exited(code),
+        _ if code == airlock_shim::EXIT_SETUP_FAILED => Outcome::SetupFailed,
+        _ => Outcome::Exited(code),
+    }
+}
+
 /// A status as a shell reports it: the exit code, or 128 + the signal.
 pub fn exit_code(status: ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;

@@ -11,22 +11,43 @@ pub enum Error {
     StillOpen(i32),
 }
 
-/// Closes fds 3 and up, then verifies in `/proc/self/fd` (the job's fresh /proc) that only
-/// 0, 1 and 2 remain.
+/// The shim's own status pipe (its write end, close-on-exec), kept open by
+/// [`close_inherited`] so that a setup step failing after it can still report; -1: none.
+/// The shim is single-threaded: set once in `main` before the setup runs.
+pub static KEEP_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Closes fds 3 and up (but [`KEEP_FD`], which closes itself at `execve`), then verifies in
+/// `/proc/self/fd` (the job's fresh /proc) that only 0, 1 and 2 (and that one) remain.
 #[allow(unsafe_code)]
 pub fn close_inherited() -> Result<(), Error> {
-    // SAFETY: close_range only closes descriptors. The shim holds no Rust object owning a
-    // descriptor above 2 at this point (the spec file and directory handles are dropped
-    // before this step), so nothing will use or close one of them again.
-    let rc = unsafe { libc::close_range(3, u32::MAX, 0) };
-    if rc != 0 {
-        return Err(Error::CloseRange(std::io::Error::last_os_error()));
+    let keep = KEEP_FD.load(std::sync::atomic::Ordering::SeqCst);
+    let ranges: &[(u32, u32)] = if keep > 3 {
+        &[(3, keep as u32 - 1), (keep as u32 + 1, u32::MAX)]
+    } else if keep == 3 {
+        &[(4, u32::MAX)]
+    } else {
+        &[(3, u32::MAX)]
+    };
+    for &(first, last) in ranges {
+        // SAFETY: close_range only closes descriptors. The shim holds no Rust object owning
+        // a descriptor above 2 at this point but the status pipe (the spec file and
+        // directory handles are dropped before this step), which is left open, so nothing
+        // will use or close a closed one again.
+        let rc = unsafe { libc::close_range(first, last, 0) };
+        if rc != 0 {
+            return Err(Error::CloseRange(std::io::Error::last_os_error()));
+        }
     }
-    verify(std::path::Path::new("/proc/self/fd"))
+    verify_keeping(std::path::Path::new("/proc/self/fd"), keep)
 }
 
 /// Fails if `dir` lists a descriptor above 2 other than the one reading it.
 pub fn verify(dir: &std::path::Path) -> Result<(), Error> {
+    verify_keeping(dir, -1)
+}
+
+/// [`verify`], allowing `keep` too.
+fn verify_keeping(dir: &std::path::Path, keep: i32) -> Result<(), Error> {
     use nix::fcntl::OFlag;
     use std::os::fd::AsRawFd;
     let to_io = |e: nix::Error| Error::List(std::io::Error::from(e));
@@ -45,7 +66,7 @@ pub fn verify(dir: &std::path::Path) -> Result<(), Error> {
             .ok()
             .and_then(|s| s.parse::<i32>().ok());
         if let Some(fd) = fd {
-            if fd > 2 && fd != own {
+            if fd > 2 && fd != own && fd != keep {
                 return Err(Error::StillOpen(fd));
             }
         }
@@ -66,5 +87,11 @@ mod tests {
         verify(dir.path()).unwrap();
         std::fs::write(dir.path().join("4097"), "").unwrap();
         assert!(matches!(verify(dir.path()), Err(Error::StillOpen(4097))));
+        verify_keeping(dir.path(), 4097).unwrap();
+        std::fs::write(dir.path().join("5"), "").unwrap();
+        assert!(matches!(
+            verify_keeping(dir.path(), 4097),
+            Err(Error::StillOpen(5))
+        ));
     }
 }

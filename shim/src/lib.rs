@@ -83,6 +83,13 @@ pub struct SandboxSpec {
     pub hide: Vec<PathBuf>,
     /// Resource limits set with setrlimit before exec.
     pub rlimits: Rlimits,
+    /// Host file (in the agent's root-only job directory) where the shim records how the
+    /// sandbox ended: `exited <code>` once the job's command ran, `setup-failed` when the
+    /// sandbox could not be built. The exit status alone cannot tell a setup failure (125)
+    /// from a command that exits 125 itself; a caller that must (the GitLab driver) reads
+    /// this. `None`: nothing is recorded.
+    #[serde(default)]
+    pub status_file: Option<PathBuf>,
 }
 
 fn default_hostname() -> String {
@@ -196,6 +203,9 @@ impl SandboxSpec {
         for p in &self.hide {
             absolute("hide", p)?;
         }
+        if let Some(p) = &self.status_file {
+            absolute("status_file", p)?;
+        }
         let mut seen = Vec::new();
         for b in &self.binds {
             absolute("bind source", &b.source)?;
@@ -296,6 +306,7 @@ pub(crate) mod testutil {
                 nofile: Some(4096),
                 ..Default::default()
             },
+            status_file: None,
         }
     }
 }

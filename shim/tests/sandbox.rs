@@ -132,6 +132,7 @@ impl Sandbox {
                 nproc: None,
                 core: None,
             },
+            status_file: None,
         };
         Sandbox { fs, dir, spec }
     }
@@ -516,6 +517,48 @@ fn the_jobs_exit_status_is_the_shims() {
     };
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(job), nix::sys::signal::SIGKILL).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(137));
+}
+
+/// The status file tells a sandbox the shim could not build from a command that ran,
+/// whatever their exit statuses (both may be 125), for failures before the fork, in the
+/// job's setup before and after its descriptors are closed, and not at all.
+#[test]
+fn the_status_file_tells_a_setup_failure_from_a_command_that_exits_125() {
+    let status = |sb: &mut Sandbox| -> (Option<i32>, String) {
+        let file = sb.dir.path().join("spec.status");
+        sb.spec.status_file = Some(file.clone());
+        let out = sb.run();
+        (
+            out.status.code(),
+            std::fs::read_to_string(&file).unwrap_or_else(|e| format!("unreadable: {e}")),
+        )
+    };
+    let mut ran = Sandbox::new(&["/bin/sh", "-c", "exit 125"]);
+    assert_eq!(status(&mut ran), (Some(125), "exited 125\n".into()));
+    let mut ok = Sandbox::new(&["/bin/true"]);
+    assert_eq!(status(&mut ok), (Some(0), "exited 0\n".into()));
+    // Refused before the fork (the spec check).
+    let mut root = Sandbox::probe();
+    root.spec.uid = 0;
+    assert_eq!(status(&mut root), (Some(125), "setup-failed\n".into()));
+    // In the job's setup, before its descriptors are closed (a bind) and after (the working
+    // directory, the command itself).
+    let mut bind = Sandbox::probe();
+    bind.spec.binds.push(BindMount {
+        source: bind.fs.0.join("tmp"),
+        target: "/nonexistent/al-ws".into(),
+    });
+    assert_eq!(status(&mut bind), (Some(125), "setup-failed\n".into()));
+    let mut cwd = Sandbox::probe();
+    cwd.spec.cwd = "/nonexistent/al-cwd".into();
+    assert_eq!(status(&mut cwd), (Some(125), "setup-failed\n".into()));
+    let mut missing = Sandbox::new(&["/nonexistent/al-command"]);
+    assert_eq!(status(&mut missing), (Some(125), "setup-failed\n".into()));
+    // The job never holds the shim's status pipe or file: it starts with stdin, stdout and
+    // stderr only.
+    let mut probe = Sandbox::probe();
+    probe.spec.status_file = Some(probe.dir.path().join("spec.status"));
+    assert_eq!(get(&probe.report(), "open_fds"), "");
 }
 
 #[test]

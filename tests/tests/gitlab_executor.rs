@@ -389,6 +389,40 @@ fn a_failing_script_is_a_build_failure_and_the_next_stage_still_runs() {
     // after_script runs in the same sandbox after a failure.
     let after = job.run("after_script", "cat /tmp/f");
     assert_eq!(ok(&after, &stack).trim(), "before");
+    // 125 is also the shim's own status for a sandbox it could not build: a script that
+    // exits 125 is still a build failure...
+    let own_125 = job.run("build_script", "exit 125");
+    assert_eq!(
+        own_125.status.code(),
+        Some(BUILD_FAILURE),
+        "{}",
+        text(&own_125)
+    );
+    assert!(
+        String::from_utf8_lossy(&own_125.stderr).contains("the script exited with 125"),
+        "{}",
+        text(&own_125)
+    );
+    // ...and a sandbox that cannot be built a system failure: a stage that leaves a symlink
+    // where the next stage's token file goes makes the next stage's setup fail.
+    let plant = job.run(
+        "build_script",
+        "mv /run/airlock /run/old && ln -s /etc /run/airlock",
+    );
+    ok(&plant, &stack);
+    let broken = job.run("after_script", "echo never");
+    assert_eq!(
+        broken.status.code(),
+        Some(SYSTEM_FAILURE),
+        "{}",
+        text(&broken)
+    );
+    assert!(
+        String::from_utf8_lossy(&broken.stderr).contains("could not be built"),
+        "{}",
+        text(&broken)
+    );
+    assert!(!String::from_utf8_lossy(&broken.stdout).contains("never"));
     ok(&job.stage("cleanup", &[]), &stack);
 }
 

@@ -552,6 +552,9 @@ impl Sandboxes {
                 nproc: None,
                 core: Some(0),
             },
+            // Beside the spec: `spec.status` for `spec.json`, `exec-2.status` for
+            // `exec-2.json` (see `crate::shim_run::outcome`).
+            status_file: Some(p.dir.join(Path::new(name).with_extension("status"))),
         };
         spec.check()
             .map_err(|e| SandboxError::Config(format!("the job's sandbox spec is invalid: {e}")))?;

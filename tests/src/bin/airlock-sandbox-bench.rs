@@ -370,6 +370,7 @@ impl Bench {
                 nproc: None,
                 core: None,
             },
+            status_file: None,
         };
         let spec_path = dir.join("spec.json");
         let text = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
