@@ -620,47 +620,44 @@ fn job_exec_needs_a_sandbox() {
     assert!(records(&stack, "job_exec", &job.job_id).is_empty());
 }
 
-#[test]
-fn exec_d_processes_are_in_the_jobs_cgroup_and_die_at_the_wipe() {
-    prereqs();
-    let stack = stack();
-    let job = stack.job(&GithubJob::production());
-    let cgroup = PathBuf::from(sandbox_of(&stack, &job.job_id)["cgroup"].as_str().unwrap());
-    let mut child = Command::new(paths::bin("airlock"))
+/// `airlock job exec JOB -- /bin/sh -c SCRIPT`, running in the background.
+fn spawn_exec(stack: &Stack, job: &str, script: &str) -> std::process::Child {
+    Command::new(paths::bin("airlock"))
         .arg("--config")
         .arg(stack.agent.config_path())
-        .args([
-            "job",
-            "exec",
-            &job.job_id,
-            "--",
-            "/bin/sh",
-            "-c",
-            "sleep 300 & sleep 301",
-        ])
+        .args(["job", "exec", job, "--", "/bin/sh", "-c", script])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
-    // The shim, its job's pid 1 and both sleeps are in the job's cgroup.
+        .unwrap()
+}
+
+/// The processes in `cgroup`, and how many of them are `sleep`.
+fn procs_and_sleeps(cgroup: &Path) -> (Vec<u32>, usize) {
+    let procs: Vec<u32> = std::fs::read_to_string(cgroup.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect();
+    let sleeps = procs
+        .iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .starts_with("sleep\0")
+        })
+        .count();
+    (procs, sleeps)
+}
+
+/// Waits until `cgroup` holds `n` sleeps; its processes then.
+fn wait_for_sleeps(cgroup: &Path, n: usize) -> Vec<u32> {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let procs = loop {
-        let procs: Vec<u32> = std::fs::read_to_string(cgroup.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.parse().ok())
-            .collect();
-        let sleeps = procs
-            .iter()
-            .filter(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
-                    .unwrap_or_default()
-                    .starts_with("sleep\0")
-            })
-            .count();
-        if sleeps == 2 {
-            break procs;
+    loop {
+        let (procs, sleeps) = procs_and_sleeps(cgroup);
+        if sleeps == n {
+            return procs;
         }
         assert!(
             Instant::now() < deadline,
@@ -668,7 +665,18 @@ fn exec_d_processes_are_in_the_jobs_cgroup_and_die_at_the_wipe() {
             cgroup.display()
         );
         std::thread::sleep(Duration::from_millis(50));
-    };
+    }
+}
+
+#[test]
+fn exec_d_processes_are_in_the_jobs_cgroup_and_die_at_the_wipe() {
+    prereqs();
+    let stack = stack();
+    let job = stack.job(&GithubJob::production());
+    let cgroup = PathBuf::from(sandbox_of(&stack, &job.job_id)["cgroup"].as_str().unwrap());
+    let mut child = spawn_exec(&stack, &job.job_id, "sleep 300 & sleep 301");
+    // The shim, its job's pid 1 and both sleeps are in the job's cgroup.
+    let procs = wait_for_sleeps(&cgroup, 2);
     assert!(procs.len() >= 3, "{procs:?}");
     assert!(stack.agent.end_job(&job.job_id).status.success());
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -750,40 +758,12 @@ fn a_terminated_exec_takes_its_processes_with_it_and_the_job_stays() {
     let stack = stack();
     let job = stack.job(&GithubJob::production());
     let cgroup = PathBuf::from(sandbox_of(&stack, &job.job_id)["cgroup"].as_str().unwrap());
-    let child = Command::new(paths::bin("airlock"))
-        .arg("--config")
-        .arg(stack.agent.config_path())
-        .args([
-            "job",
-            "exec",
-            &job.job_id,
-            "--",
-            "/bin/sh",
-            "-c",
-            "echo kept > /tmp/kept; sleep 302 & sleep 303",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let sleeps = |cgroup: &Path| -> Vec<u32> {
-        std::fs::read_to_string(cgroup.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.parse().ok())
-            .filter(|p: &u32| {
-                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
-                    .unwrap_or_default()
-                    .starts_with("sleep\0")
-            })
-            .collect()
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while sleeps(&cgroup).len() < 2 {
-        assert!(Instant::now() < deadline, "the exec's sleeps never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let child = spawn_exec(
+        &stack,
+        &job.job_id,
+        "echo kept > /tmp/kept; sleep 302 & sleep 303",
+    );
+    wait_for_sleeps(&cgroup, 2);
     let term = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -792,11 +772,11 @@ fn a_terminated_exec_takes_its_processes_with_it_and_the_job_stays() {
     let out = child.wait_with_output().unwrap();
     assert_ne!(out.status.code(), Some(0), "{}", text(&out));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !sleeps(&cgroup).is_empty() {
+    while procs_and_sleeps(&cgroup).1 > 0 {
         assert!(
             Instant::now() < deadline,
             "the stage's processes outlived its cancellation: {:?}",
-            sleeps(&cgroup)
+            procs_and_sleeps(&cgroup)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
