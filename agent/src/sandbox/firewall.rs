@@ -704,24 +704,17 @@ pub fn host_ruleset() -> Nftables<'static> {
         ],
     );
     // The job's own table drops these already; this holds should that table be missing.
-    b.rule(
-        "forward",
-        vec![
-            is(meta(MetaKey::Iifname), job_links()),
-            in_set(field("ip", "daddr"), "blocked4"),
-            counter(),
-            drop(),
-        ],
-    );
-    b.rule(
-        "forward",
-        vec![
-            is(meta(MetaKey::Iifname), job_links()),
-            in_set(field("ip6", "daddr"), "blocked6"),
-            counter(),
-            drop(),
-        ],
-    );
+    for (family, set) in [("ip", "blocked4"), ("ip6", "blocked6")] {
+        b.rule(
+            "forward",
+            vec![
+                is(meta(MetaKey::Iifname), job_links()),
+                in_set(field(family, "daddr"), set),
+                counter(),
+                drop(),
+            ],
+        );
+    }
     // Into a job only what answers the job's own connections.
     b.rule(
         "forward",
