@@ -2,18 +2,28 @@
 //! by the Buildkite agent from `integrations/buildkite/hooks/`) and the organisation-pin
 //! check the daemon applies to every Buildkite identity. See `docs/buildkite.md`.
 //!
+//! The Buildkite agent runs as its own user, not root: the hooks reach airlockd through
+//! its control socket (the agent's user is in `[agent] control_group`), and airlockd itself
+//! starts each step's sandbox. A step's `env:` reaches every hook, so nothing here takes a
+//! program, a socket or a configuration from a variable: `buildkite-agent` and `tar` are run
+//! by absolute path with an environment of our own making, and the socket comes from the
+//! hook's flags or the agent's configuration file.
+//!
 //! - `environment` checks, before anything of the job runs, that the hooks can work: the
-//!   agent's control socket answers, the hook runs as root (the sandbox init needs it) and
-//!   `buildkite-agent` is there.
+//!   agent's control socket answers and `buildkite-agent` is there.
 //! - `command` replaces Buildkite's command phase: it asks `buildkite-agent oidc
 //!   request-token --audience <audience>` for the job's OIDC token (read from its stdout,
 //!   held in memory and handed to the agent over the control socket only: never on a
-//!   command line, in a file or in the job's environment), starts an airlock job with it,
-//!   runs `BUILDKITE_COMMAND` with `bash -e -c` (Buildkite's default shell) inside the job's
+//!   command line, in a file or in the job's environment), starts an airlock job with it
+//!   that belongs to this Buildkite job's bootstrap process (the nearest ancestor named
+//!   `buildkite-agent`), streams this job's checkout into the sandbox (read by the hook
+//!   with the agent user's own permissions, so the build path can stay private), runs
+//!   `BUILDKITE_COMMAND` with `bash -e -c` (Buildkite's default shell) inside the job's
 //!   sandbox, ends the job and exits with the command's status. A refused job fails the
 //!   step before the command runs.
-//! - `pre-exit` ends the job if it is still running (a cancelled or killed command hook);
-//!   ending it again is not an error.
+//! - `pre-exit` ends the airlock jobs of this Buildkite job's bootstrap if any is still
+//!   running (a cancelled or killed command hook); airlockd also ends a job whose bootstrap
+//!   has exited. No state file: the agent knows whose job is whose.
 //!
 //! Every Buildkite organisation shares the issuer `https://agent.buildkite.com`, so a rule
 //! that does not pin the organisation would hand its grants to any organisation's
@@ -22,7 +32,6 @@
 //! explain` — applies it and no runner integration or job can get around it.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -41,6 +50,29 @@ pub use crate::policy::decide::FLAG_ORG_NOT_PINNED;
 const MAX_TOKEN: usize = 8 * 1024;
 /// Added to the step's `BUILDKITE_TIMEOUT` for the airlock job's lifetime.
 const LIFETIME_MARGIN_SECS: u64 = 10 * 60;
+/// Where Buildkite's packages install the agent.
+pub const DEFAULT_BUILDKITE_AGENT: &str = "/usr/bin/buildkite-agent";
+/// The name of the Buildkite agent's per-job bootstrap process (and of the agent).
+pub const BOOTSTRAP_NAME: &str = "buildkite-agent";
+/// The archiver that streams the checkout into the sandbox (GNU tar, in `/bin` on every
+/// distribution, merged `/usr` or not).
+const TAR: &str = "/bin/tar";
+/// The only `PATH` a program the hooks start gets.
+const FIXED_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+/// What `buildkite-agent oidc request-token` needs of the job's environment (its session
+/// token, endpoint and job) and the proxy settings the host may need; nothing else of it.
+const AGENT_ENV: &[&str] = &[
+    "BUILDKITE_AGENT_ACCESS_TOKEN",
+    "BUILDKITE_AGENT_ENDPOINT",
+    "BUILDKITE_JOB_ID",
+    "BUILDKITE_AGENT_DEBUG",
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_PROXY",
+    "https_proxy",
+    "http_proxy",
+    "no_proxy",
+];
 
 // ---------------------------------------------------------------------------------------
 // Agent side: the organisation pin
@@ -83,13 +115,10 @@ pub struct HookArgs {
     /// `buildkite-agent oidc request-token`); 0: Buildkite's default.
     #[arg(long, default_value_t = 0)]
     pub token_lifetime: u64,
-    /// The `buildkite-agent` binary (a path, or a name looked up in PATH).
-    #[arg(long, default_value = "buildkite-agent")]
+    /// The `buildkite-agent` binary: an absolute path (a name looked up in `PATH` is
+    /// refused: a step's `env:` sets the hooks' `PATH`).
+    #[arg(long, default_value = DEFAULT_BUILDKITE_AGENT)]
     pub buildkite_agent: PathBuf,
-    /// Where the command hook records the airlock job of each Buildkite job, for
-    /// pre-exit (default: `.airlock-buildkite` in the hook user's home directory).
-    #[arg(long)]
-    pub state_dir: Option<PathBuf>,
     /// Run steps that the policy grants nothing without AWS credentials instead of
     /// failing them (never a step refused for an unpinned organisation).
     #[arg(long)]
@@ -100,21 +129,8 @@ pub struct HookArgs {
     pub checkout: String,
 }
 
-/// The state directory: given, or the hook user's home (from the user database, not
-/// `$HOME`, which a pipeline can set) plus `.airlock-buildkite`.
-fn state_dir(args: &HookArgs) -> PathBuf {
-    if let Some(d) = &args.state_dir {
-        return d.clone();
-    }
-    let home = nix::unistd::User::from_uid(nix::unistd::getuid())
-        .ok()
-        .flatten()
-        .map(|u| u.dir)
-        .unwrap_or_else(|| PathBuf::from("/root"));
-    home.join(".airlock-buildkite")
-}
-
-/// `BUILDKITE_JOB_ID` as a file name: Buildkite's job ids are UUIDs.
+/// `BUILDKITE_JOB_ID`, for messages: a step's `env:` could set it, so it never names
+/// anything the hooks act on; the job's verified token does.
 fn buildkite_job(env: &Env) -> Result<&str, HookError> {
     let id = var(env, "BUILDKITE_JOB_ID").ok_or_else(|| {
         fail(
@@ -131,45 +147,41 @@ fn buildkite_job(env: &Env) -> Result<&str, HookError> {
     Ok(id)
 }
 
-fn record_path(dir: &Path, job: &str) -> PathBuf {
-    dir.join(format!("{job}.job"))
-}
-
-/// Records the airlock job of a Buildkite job (0600 in a 0700 directory).
-fn save_record(dir: &Path, job: &str, airlock_job: &str) -> Result<(), String> {
-    use std::io::Write;
-    let err = |e: std::io::Error| format!("cannot record the job in {}: {e}", dir.display());
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(err)?;
-    let tmp = dir.join(format!(".{job}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(airlock_job.as_bytes()).map_err(err)?;
-    std::fs::rename(&tmp, record_path(dir, job)).map_err(err)
-}
-
-fn load_record(dir: &Path, job: &str) -> Result<Option<String>, String> {
-    let path = record_path(dir, job);
-    match std::fs::read_to_string(&path) {
-        Ok(t) => {
-            let id = t.trim();
-            if crate::jobs::valid_job_id(id) {
-                Ok(Some(id.to_string()))
-            } else {
-                Err(format!("{} does not name an airlock job", path.display()))
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+/// The `buildkite-agent` binary, refused unless it is an absolute path to a file.
+fn agent_program(args: &HookArgs) -> Result<&Path, HookError> {
+    let p = args.buildkite_agent.as_path();
+    if !p.is_absolute() {
+        return Err(fail(
+            exit::CONFIG,
+            format!(
+                "airlock: --buildkite-agent {:?} is not an absolute path: a pipeline sets the hooks' PATH, so the hooks never look a program up in it (give /usr/bin/buildkite-agent or where yours is)",
+                p.display()
+            ),
+        ));
     }
+    if !p.is_file() {
+        return Err(fail(
+            exit::UNAVAILABLE,
+            format!(
+                "airlock: {} not found: the command hook needs it for the job's OIDC token (--buildkite-agent)",
+                p.display()
+            ),
+        ));
+    }
+    Ok(p)
+}
+
+/// This Buildkite job's bootstrap process: the nearest of the hook's ancestors named
+/// `buildkite-agent`. The airlock job belongs to it.
+fn bootstrap() -> Result<crate::procs::ProcStat, HookError> {
+    crate::procs::Procs::default()
+        .nearest_named(std::process::id() as i32, BOOTSTRAP_NAME)
+        .ok_or_else(|| {
+            fail(
+                exit::USAGE,
+                "airlock: no buildkite-agent process above this hook: the airlock hooks are run by the Buildkite agent's bootstrap (see docs/buildkite.md)",
+            )
+        })
 }
 
 fn agent_error(e: &ControlError) -> String {
@@ -197,7 +209,15 @@ fn describe(env: &Env) -> String {
 /// The job's OIDC token from `buildkite-agent oidc request-token --audience A`
 /// (its stdout; its stderr goes to the job's log).
 pub async fn request_oidc_token(env: &Env, args: &HookArgs) -> Result<Secret<String>, HookError> {
-    let mut cmd = tokio::process::Command::new(&args.buildkite_agent);
+    let program = agent_program(args)?;
+    let mut cmd = tokio::process::Command::new(program);
+    // An environment of our own: the fixed PATH, and only what the agent needs of the job's.
+    cmd.env_clear().env("PATH", FIXED_PATH);
+    for k in AGENT_ENV {
+        if let Some(v) = var(env, k) {
+            cmd.env(k, v);
+        }
+    }
     cmd.args(["oidc", "request-token", "--audience", &args.audience]);
     if args.token_lifetime > 0 {
         cmd.args(["--lifetime", &args.token_lifetime.to_string()]);
@@ -219,7 +239,7 @@ pub async fn request_oidc_token(env: &Env, args: &HookArgs) -> Result<Secret<Str
                 exit::UNAVAILABLE,
                 format!(
                     "airlock: cannot run {} ({e}): is the Buildkite agent installed (--buildkite-agent)?",
-                    args.buildkite_agent.display()
+                    program.display()
                 ),
             )
         })?;
@@ -300,9 +320,10 @@ fn passed_to_step(name: &str) -> bool {
 }
 
 /// The step's environment, as the sandbox's stdin: NUL-separated `NAME=value` entries,
-/// then the command as `AIRLOCK_STEP_COMMAND=…`. Through a pipe rather than argv or the
-/// spec file, so the values never show in the host's process list.
-fn step_input(env: &Env, command: &str) -> Vec<u8> {
+/// then the command as `AIRLOCK_STEP_COMMAND=…`, then `AIRLOCK_STEP_CHECKOUT=tar` (a tar
+/// stream of the checkout follows) or `=none`. Through a pipe rather than argv or the spec
+/// file, so the values never show in the host's process list.
+fn step_input(env: &Env, command: &str, checkout: bool) -> Vec<u8> {
     let mut out = Vec::new();
     for (k, v) in env {
         if passed_to_step(k) && !v.contains('\0') {
@@ -315,29 +336,36 @@ fn step_input(env: &Env, command: &str) -> Vec<u8> {
     out.extend_from_slice(b"AIRLOCK_STEP_COMMAND=");
     out.extend_from_slice(command.as_bytes());
     out.push(0);
+    out.extend_from_slice(if checkout {
+        b"AIRLOCK_STEP_CHECKOUT=tar\0"
+    } else {
+        b"AIRLOCK_STEP_CHECKOUT=none\0"
+    });
     out
 }
 
-/// What runs in the sandbox: read the step's environment and command from stdin, copy
-/// the checkout into the workspace, run the command the way Buildkite's default shell
-/// does (`bash -e -c`), with stdin at end of file.
+/// What runs in the sandbox: read the step's environment and command from stdin, unpack
+/// the checkout that follows them into the workspace, run the command the way Buildkite's
+/// default shell does (`bash -e -c`), with stdin at end of file. (`read` takes a pipe one
+/// byte at a time, so the archive after the last entry is left for tar.)
 const STEP_SCRIPT: &str = r#"set -u
 cmd=
 have_cmd=
+checkout=
 while IFS= read -r -d '' kv; do
   case $kv in
     AIRLOCK_STEP_COMMAND=*) cmd=${kv#AIRLOCK_STEP_COMMAND=}; have_cmd=1 ;;
+    AIRLOCK_STEP_CHECKOUT=*) checkout=${kv#AIRLOCK_STEP_CHECKOUT=}; break ;;
     *=*) export "$kv" ;;
   esac
 done
-if [ -z "$have_cmd" ]; then
+if [ -z "$have_cmd" ] || [ -z "$checkout" ]; then
   echo "airlock: the step's command did not reach the sandbox" >&2
   exit 125
 fi
-src=$1
-if [ -n "$src" ] && [ -d "$src" ]; then
-  if ! cp -R "$src/." . ; then
-    echo "airlock: cannot copy the checkout $src into the sandbox's workspace $PWD (every file must be readable by the sandbox's user; or run the hook with --checkout none)" >&2
+if [ "$checkout" = tar ]; then
+  if ! tar -x -f - ; then
+    echo "airlock: cannot unpack the checkout into the sandbox's workspace $PWD (its message is above; or run the hook with --checkout none)" >&2
     exit 1
   fi
   export BUILDKITE_BUILD_CHECKOUT_PATH="$PWD"
@@ -345,14 +373,83 @@ fi
 exec bash -e -c "$cmd" </dev/null
 "#;
 
-fn step_argv(checkout: Option<&str>) -> Vec<String> {
+fn step_argv() -> Vec<String> {
     vec![
         "bash".into(),
         "-c".into(),
         STEP_SCRIPT.into(),
         "airlock-buildkite-step".into(),
-        checkout.unwrap_or("").into(),
     ]
+}
+
+/// The job's checkout, if it is this pipeline's: under the agent's build path (which a
+/// pipeline cannot set: Buildkite protects `BUILDKITE_BUILD_PATH`) and ending in the
+/// organisation and pipeline of the job's verified token. A step's `env:` may set
+/// `BUILDKITE_BUILD_CHECKOUT_PATH` to another pipeline's checkout, which the agent's user
+/// can read: that is refused here.
+fn checkout_dir(env: &Env, repository: Option<&str>) -> Result<Option<PathBuf>, String> {
+    let Some(path) = var(env, "BUILDKITE_BUILD_CHECKOUT_PATH") else {
+        return Ok(None);
+    };
+    let path = Path::new(path);
+    if !path.is_dir() {
+        return Ok(None);
+    }
+    let build = var(env, "BUILDKITE_BUILD_PATH")
+        .ok_or("BUILDKITE_BUILD_PATH is not set: the checkout cannot be told apart from another pipeline's")?;
+    let canon = |p: &Path| std::fs::canonicalize(p).map_err(|e| format!("{}: {e}", p.display()));
+    let (dir, build) = (canon(path)?, canon(Path::new(build))?);
+    let Some((org, pipeline)) = repository.and_then(|r| r.split_once('/')) else {
+        return Err("the job's token names no organisation and pipeline".into());
+    };
+    let own = Path::new(org).join(pipeline);
+    if dir.starts_with(&build) && dir != build && dir.ends_with(&own) {
+        Ok(Some(dir))
+    } else {
+        Err(format!(
+            "the checkout {} is not this pipeline's ({} under the build path {})",
+            dir.display(),
+            own.display(),
+            build.display()
+        ))
+    }
+}
+
+/// `tar` of the checkout's contents on its stdout, run with the hook user's own
+/// permissions, by absolute path and with an environment of our own (`TAR_OPTIONS` from a
+/// pipeline must not reach it). Symbolic links are archived as links, never followed.
+fn tar_checkout(dir: &Path) -> Result<tokio::process::Child, HookError> {
+    tokio::process::Command::new(TAR)
+        .env_clear()
+        .env("PATH", FIXED_PATH)
+        .arg("-C")
+        .arg(dir)
+        .args(["--one-file-system", "-c", "-f", "-", "."])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            fail(
+                exit::UNAVAILABLE,
+                format!("airlock: cannot run {TAR} to copy the checkout: {e}"),
+            )
+        })
+}
+
+/// Ends every airlock job of this Buildkite job's bootstrap. Returns the jobs ended.
+async fn end_jobs_of(client: &Client, boot: i32) -> Result<Vec<String>, ControlError> {
+    let mut ended = Vec::new();
+    for j in client.list().await? {
+        if j.owner_pid == Some(boot) {
+            match client.end(&j.job_id).await {
+                Ok(_) | Err(ControlError::Refused { status: 404, .. }) => ended.push(j.job_id),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(ended)
 }
 
 /// The environment handed to the agent with the command: the agent keeps only its
@@ -372,28 +469,8 @@ fn command_env(env: &Env) -> BTreeMap<String, String> {
 /// hooks cannot work on this host.
 pub async fn environment(env: &Env, socket: &Path, args: &HookArgs) -> Result<String, HookError> {
     buildkite_job(env)?;
-    if !nix::unistd::geteuid().is_root() {
-        return Err(fail(
-            exit::NOPERM,
-            "airlock: the Buildkite agent must run as root on an airlock host: the command hook starts each step's sandbox (see docs/buildkite.md)",
-        ));
-    }
-    let found = if args.buildkite_agent.components().count() > 1 {
-        args.buildkite_agent.is_file()
-    } else {
-        var(env, "PATH").is_some_and(|p| {
-            std::env::split_paths(p).any(|d| d.join(&args.buildkite_agent).is_file())
-        })
-    };
-    if !found {
-        return Err(fail(
-            exit::UNAVAILABLE,
-            format!(
-                "airlock: {} not found: the command hook needs it for the job's OIDC token (--buildkite-agent)",
-                args.buildkite_agent.display()
-            ),
-        ));
-    }
+    agent_program(args)?;
+    bootstrap()?;
     Client::new(socket)
         .list()
         .await
@@ -414,21 +491,22 @@ pub async fn command(env: &Env, socket: &Path, args: &HookArgs) -> Result<i32, H
         println!("airlock: this step has no command: nothing to run");
         return Ok(0);
     };
-    let dir = state_dir(args);
+    let boot = bootstrap()?;
     let client = Client::new(socket);
-    // A command hook that runs again for the same job replaces the first one's job.
-    if let Ok(Some(old)) = load_record(&dir, bk_job) {
-        let _ = client.end(&old).await;
-        let _ = std::fs::remove_file(record_path(&dir, bk_job));
-    }
+    // A command hook that runs again for the same Buildkite job replaces the first one's.
+    end_jobs_of(&client, boot.pid)
+        .await
+        .map_err(|e| fail(exit::UNAVAILABLE, format!("airlock: {}", agent_error(&e))))?;
     let token = request_oidc_token(env, args).await?;
     let lifetime = var(env, "BUILDKITE_TIMEOUT")
         .and_then(|t| t.parse::<u64>().ok())
         .map(|m| m * 60 + LIFETIME_MARGIN_SECS);
-    let checkout = match args.checkout.as_str() {
-        "copy" => var(env, "BUILDKITE_BUILD_CHECKOUT_PATH"),
-        _ => None,
-    };
+    // Other pipelines' checkouts are under the agent's build path: hidden from the step.
+    let hide: Vec<PathBuf> = var(env, "BUILDKITE_BUILD_PATH")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .into_iter()
+        .collect();
     let started = client
         .start(&StartRequest {
             oidc_token: Some(token),
@@ -438,9 +516,11 @@ pub async fn command(env: &Env, socket: &Path, args: &HookArgs) -> Result<i32, H
             )),
             max_lifetime_secs: lifetime,
             command: Some(JobCommand {
-                argv: step_argv(checkout),
+                argv: step_argv(),
                 env: command_env(env),
             }),
+            owner_pid: Some(boot.pid),
+            hide,
             ..Default::default()
         })
         .await
@@ -460,12 +540,16 @@ pub async fn command(env: &Env, socket: &Path, args: &HookArgs) -> Result<i32, H
         let _ = client.end(&id).await;
         why
     };
-    if let Err(e) = save_record(&dir, bk_job, &id) {
-        return Err(end(fail(exit::CANTCREAT, format!("airlock: {e}"))).await);
+    if started.ci_job_id.as_deref().is_some_and(|j| j != bk_job) {
+        return Err(end(fail(
+            exit::DATAERR,
+            format!(
+                "airlock: the job's token is for Buildkite job {} but BUILDKITE_JOB_ID says {bk_job}: refused",
+                started.ci_job_id.as_deref().unwrap_or("?")
+            ),
+        ))
+        .await);
     }
-    let forget = || {
-        let _ = std::fs::remove_file(record_path(&dir, bk_job));
-    };
     if let Some(why) = &started.refused {
         let org_pin = started.flags.iter().any(|f| f == FLAG_ORG_NOT_PINNED);
         if org_pin || !args.allow_refused {
@@ -480,20 +564,29 @@ pub async fn command(env: &Env, socket: &Path, args: &HookArgs) -> Result<i32, H
                     describe(env)
                 )
             };
-            let e = end(fail(exit::NOPERM, msg)).await;
-            forget();
-            return Err(e);
+            return Err(end(fail(exit::NOPERM, msg)).await);
         }
         eprintln!("airlock: this step runs without AWS credentials: {why}");
     }
     let Some(sandbox) = &started.sandbox else {
-        let e = end(fail(
+        return Err(end(fail(
             exit::CONFIG,
             "airlock: airlockd runs without [sandbox]: the Buildkite hooks run every step in a sandbox ([sandbox] enabled = true)",
         ))
-        .await;
-        forget();
-        return Err(e);
+        .await);
+    };
+    let checkout = match args.checkout.as_str() {
+        "copy" => match checkout_dir(env, started.repository.as_deref()) {
+            Ok(dir) => dir,
+            Err(why) => {
+                return Err(end(fail(
+                    exit::NOPERM,
+                    format!("airlock: the checkout is not copied into the sandbox: {why}"),
+                ))
+                .await)
+            }
+        },
+        _ => None,
     };
     println!(
         "airlock: Buildkite job {bk_job} runs as airlock job {id}: {}; rule {}; roles {}",
@@ -505,65 +598,69 @@ pub async fn command(env: &Env, socket: &Path, args: &HookArgs) -> Result<i32, H
             started.grants.join(", ")
         }
     );
-    let status = crate::shim_run::run(
-        sandbox,
-        crate::shim_run::Input::Bytes(step_input(env, step)),
-    )
-    .await;
-    let ended = client.end(&id).await;
-    let status = match status {
-        Ok(s) => s,
-        Err(e) => {
-            forget();
-            return Err(fail(
-                exit::OSERR,
-                format!("airlock: cannot run the step: {e}"),
-            ));
+    let head = std::io::Cursor::new(step_input(env, step, checkout.is_some()));
+    let mut tar = None;
+    let input = match &checkout {
+        Some(dir) => {
+            let mut child = match tar_checkout(dir) {
+                Ok(c) => c,
+                Err(e) => return Err(end(e).await),
+            };
+            let out = child.stdout.take();
+            tar = Some(child);
+            match out {
+                Some(out) => crate::shim_run::Input::Stream(Box::pin(
+                    tokio::io::AsyncReadExt::chain(head, out),
+                )),
+                None => crate::shim_run::Input::Stream(Box::pin(head)),
+            }
         }
+        None => crate::shim_run::Input::Stream(Box::pin(head)),
     };
-    match ended {
-        Ok(_) => forget(),
-        // pre-exit tries again; the job's lifetime ends it at the latest.
-        Err(e) => eprintln!(
+    let status = crate::shim_run::run(&client, &id, sandbox, input).await;
+    if let Some(mut t) = tar {
+        let _ = t.start_kill();
+        let _ = t.wait().await;
+    }
+    let ended = client.end(&id).await;
+    let status =
+        status.map_err(|e| fail(exit::OSERR, format!("airlock: cannot run the step: {e}")))?;
+    if let Err(e) = ended {
+        // pre-exit tries again; the job's lifetime (or its bootstrap's exit) ends it at the latest.
+        eprintln!(
             "airlock: warning: could not end job {id}: {}",
             agent_error(&e)
-        ),
+        );
     }
-    let code = crate::shim_run::exit_code(status);
-    if code == airlock_shim::EXIT_SETUP_FAILED {
+    if status.setup_failed {
         eprintln!("airlock: the step's sandbox could not be built (the message above says why)");
     }
-    Ok(code)
+    Ok(status.code)
 }
 
-/// `airlock buildkite pre-exit`: end the job's airlock job if it is still recorded.
-pub async fn pre_exit(env: &Env, socket: &Path, args: &HookArgs) -> Result<String, HookError> {
+/// `airlock buildkite pre-exit`: end this Buildkite job's airlock jobs still running.
+pub async fn pre_exit(env: &Env, socket: &Path, _args: &HookArgs) -> Result<String, HookError> {
     let bk_job = buildkite_job(env)?;
-    let dir = state_dir(args);
-    let Some(id) =
-        load_record(&dir, bk_job).map_err(|e| fail(exit::DATAERR, format!("airlock: {e}")))?
-    else {
-        return Ok(format!(
-            "airlock: no airlock job is running for Buildkite job {bk_job}"
-        ));
-    };
-    let msg = match Client::new(socket).end(&id).await {
-        Ok(_) => format!("airlock: job {id} ended; its sandbox is wiped"),
-        Err(ControlError::Refused { status: 404, .. }) => {
-            format!("airlock: job {id} had already ended")
-        }
-        Err(e) => {
-            return Err(fail(
+    let boot = bootstrap()?;
+    let ended = end_jobs_of(&Client::new(socket), boot.pid)
+        .await
+        .map_err(|e| {
+            fail(
                 exit::UNAVAILABLE,
                 format!(
-                    "airlock: cannot end airlock job {id}: {} (the agent ends it when its lifetime runs out)",
+                    "airlock: cannot end the airlock jobs of Buildkite job {bk_job}: {} (the agent ends them when their bootstrap exits)",
                     agent_error(&e)
                 ),
-            ))
-        }
-    };
-    let _ = std::fs::remove_file(record_path(&dir, bk_job));
-    Ok(msg)
+            )
+        })?;
+    Ok(if ended.is_empty() {
+        format!("airlock: no airlock job is running for Buildkite job {bk_job}")
+    } else {
+        format!(
+            "airlock: job {} ended; its sandbox is wiped",
+            ended.join(", ")
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -756,7 +853,7 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let input = step_input(&env, "echo hi");
+        let input = step_input(&env, "echo hi", false);
         let entries: Vec<&[u8]> = input.split(|b| *b == 0).filter(|e| !e.is_empty()).collect();
         let text: Vec<String> = entries
             .iter()
@@ -768,6 +865,7 @@ mod tests {
                 "BUILDKITE_BRANCH=main".to_string(),
                 "MY_VAR=a b\nc".to_string(),
                 "AIRLOCK_STEP_COMMAND=echo hi".to_string(),
+                "AIRLOCK_STEP_CHECKOUT=none".to_string(),
             ]
         );
         let ce = command_env(&env);

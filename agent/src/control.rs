@@ -10,12 +10,26 @@
 //! | `POST /v1/jobs`              | [`StartRequest`]             | [`StartResponse`] |
 //! | `POST /v1/jobs/<id>/bind`    | [`BindRequest`]              | [`StartResponse`] |
 //! | `POST /v1/jobs/<id>/exec`    | [`JobCommand`]               | [`ExecResponse`]  |
+//! | `POST /v1/jobs/<id>/run`     | [`RunRequest`] (upgrade)     | 101, then [`run_wire`] |
 //! | `DELETE /v1/jobs/<id>`       | —                            | [`EndResponse`]   |
 //! | `GET /v1/jobs`               | —                            | `[JobSummary]`    |
 //! | `GET /v1/slots`              | —                            | `[TaintedSlot]`   |
 //! | `DELETE /v1/slots/<n>`       | —                            | `TaintedSlot`     |
 //!
 //! Errors are `{"error": "...", "code": "..."}` with a 4xx/5xx status.
+//!
+//! Who may ask: root, and the members of the control group (primary or supplementary,
+//! read from the caller's `/proc/<pid>/status`). A caller that is not root acts only on
+//! the jobs it owns: every job it starts names its owner process (the caller or one of its
+//! ancestors, of the caller's user), and it may end, bind, exec, run or list a job only
+//! when that owner is the caller or one of its ancestors. So a job's step that reaches the
+//! socket (a persistent GitHub runner's steps run as the runner's user) can touch its own
+//! job at most, never another runner's.
+//!
+//! `run` is how a sandboxed command starts: the agent itself runs the sandbox init with the
+//! caller's standard descriptors (passed over the socket), so no runner integration needs
+//! root, and nothing a pipeline sets in a hook's environment (`PATH`, `LD_PRELOAD`) ever
+//! reaches a root process.
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -84,7 +98,21 @@ pub struct StartRequest {
     /// the shim's spec for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<JobCommand>,
+    /// The process the job belongs to: the caller itself or one of its ancestors, of the
+    /// caller's user. The job ends when that process exits, and a caller that is not root
+    /// may act on the job only from that process or its descendants. Required from callers
+    /// that are not root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_pid: Option<i32>,
+    /// More host paths to hide from the job's sandbox (absolute; at most
+    /// [`MAX_EXTRA_HIDE`]): e.g. the Buildkite agent's build path, where other pipelines'
+    /// checkouts are. Hiding can only take from what a job sees.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hide: Vec<PathBuf>,
 }
+
+/// Most extra paths a start request may hide.
+pub const MAX_EXTRA_HIDE: usize = 16;
 
 /// A job's command and the caller's environment (the agent keeps only the allowed part).
 #[derive(Default, Serialize, Deserialize)]
@@ -104,11 +132,18 @@ impl std::fmt::Debug for JobCommand {
     }
 }
 
-/// How to start a sandboxed job's command: `<shim> --spec <spec>`, as root.
+/// A sandboxed command the agent prepared, to be started with `run` (once).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxStart {
-    pub shim: PathBuf,
-    pub spec: PathBuf,
+    /// The name of the prepared command within its job (`spec`, `exec-2`, …).
+    pub run: String,
+}
+
+/// `POST /v1/jobs/<id>/run`: start a prepared command with the caller's descriptors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    pub run: String,
 }
 
 /// A command to run in a started job's existing sandbox (`airlock job exec`).
@@ -142,6 +177,13 @@ pub struct StartResponse {
     #[serde(with = "secret_env")]
     pub env: Secret<BTreeMap<String, String>>,
     pub identity: Option<String>,
+    /// The verified identity's repository (GitHub `owner/repo`, GitLab project path,
+    /// Buildkite `organisation/pipeline`) and CI job id, for integrations that must check
+    /// what their environment claims against what the token says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci_job_id: Option<String>,
     pub rule: Option<String>,
     pub grants: Vec<String>,
     pub refused: Option<String>,
@@ -172,6 +214,9 @@ pub struct JobSummary {
     pub endpoint: String,
     pub created: String,
     pub deadline: String,
+    /// The process the job belongs to, if it names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_pid: Option<i32>,
 }
 
 /// A sandbox slot that takes no job because a wipe left something behind.
@@ -210,6 +255,8 @@ impl ApiError {
 
 /// What the daemon does with control requests.
 pub trait Handler: Send + Sync + 'static {
+    /// A prepared command the caller may start (see [`Handler::prepare_run`]).
+    type Run: Send + 'static;
     fn start(
         &self,
         req: StartRequest,
@@ -226,7 +273,8 @@ pub trait Handler: Send + Sync + 'static {
         job: &str,
         peer: Peer,
     ) -> impl Future<Output = Result<EndResponse, ApiError>> + Send;
-    fn list(&self) -> Vec<JobSummary>;
+    /// The jobs `peer` may see: all of them for root, its own otherwise.
+    fn list(&self, peer: Peer) -> Vec<JobSummary>;
     /// Write a spec that runs a command in a started job's existing sandbox.
     fn exec(
         &self,
@@ -239,6 +287,11 @@ pub trait Handler: Send + Sync + 'static {
     }
     fn tainted(&self) -> Result<Vec<TaintedSlot>, ApiError>;
     fn clear_slot(&self, slot: u32, peer: Peer) -> Result<TaintedSlot, ApiError>;
+    /// Check that `peer` may start the prepared command `run` of `job`, and take it (each
+    /// runs once). Answered before the connection is handed over.
+    fn prepare_run(&self, job: &str, run: &str, peer: Peer) -> Result<Self::Run, ApiError>;
+    /// Serve a started `run` on the caller's connection ([`run_wire`]) until the command ends.
+    fn run(&self, run: Self::Run, stream: UnixStream) -> impl Future<Output = ()> + Send;
 }
 
 /// Create the socket: directory 0755, socket 0600 (0660 with a group), stale socket replaced.
@@ -265,8 +318,26 @@ pub fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener, ControlErro
     Ok(l)
 }
 
+/// Whether a connected peer may use the socket: root, or a member of `group` (its primary
+/// group or a supplementary one, read from `/proc/<pid>/status` while it waits for us).
+pub fn peer_allowed(peer: &Peer, group: Option<u32>, procs: &crate::procs::Procs) -> bool {
+    if peer.uid == 0 {
+        return true;
+    }
+    let Some(gid) = group else { return false };
+    if peer.gid == gid {
+        return true;
+    }
+    // SO_PEERCRED has the primary group only; `usermod -aG` adds a supplementary one. The
+    // status must be the same user's, or the pid was reused since the connect.
+    peer.pid
+        .and_then(|pid| procs.credentials(pid))
+        .is_some_and(|c| c.uid == peer.uid && c.in_group(gid))
+}
+
 /// Serve control connections until the task is aborted.
 pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, group: Option<u32>) {
+    let procs = crate::procs::Procs::default();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -280,7 +351,7 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, group: O
             },
             Err(_) => continue,
         };
-        if peer.uid != 0 && group != Some(peer.gid) {
+        if !peer_allowed(&peer, group, &procs) {
             tracing::warn!(uid = peer.uid, pid = ?peer.pid, "control connection refused: not root or the control group");
             continue;
         }
@@ -288,10 +359,11 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, group: O
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let handler = handler.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(req, &*handler, peer).await) }
+                async move { Ok::<_, std::convert::Infallible>(route(req, handler, peer).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades()
                 .await;
         });
     }
@@ -330,12 +402,73 @@ async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Resu
         .map_err(|e| ApiError::new(400, "BadRequest", format!("invalid request: {e}")))
 }
 
-async fn route<H: Handler>(req: Request<Incoming>, h: &H, peer: Peer) -> Response<Full<Bytes>> {
+/// `POST /v1/jobs/<id>/run`: an HTTP upgrade (`Upgrade: airlock-run/1`). The request is
+/// checked and the command taken before the 101; then the connection is the command's
+/// ([`run_wire`]).
+async fn start_run<H: Handler>(
+    req: Request<Incoming>,
+    handler: Arc<H>,
+    job: &str,
+    peer: Peer,
+) -> Response<Full<Bytes>> {
+    let upgrade_ok = req.headers().get(http::header::UPGRADE).is_some_and(|v| {
+        v.as_bytes()
+            .eq_ignore_ascii_case(run_wire::PROTOCOL.as_bytes())
+    });
+    if !upgrade_ok {
+        return api_error(ApiError::new(
+            400,
+            "BadRequest",
+            format!("run is an upgrade to {}", run_wire::PROTOCOL),
+        ));
+    }
+    let mut req = req;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let r: RunRequest = match read_json(req).await {
+        Ok(r) => r,
+        Err(e) => return api_error(e),
+    };
+    let run = match handler.prepare_run(job, &r.run, peer) {
+        Ok(run) => run,
+        Err(e) => return api_error(e),
+    };
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => match upgraded.downcast::<TokioIo<UnixStream>>() {
+                // The caller sends nothing before it reads the 101 and our ready byte, so
+                // hyper has read nothing of the connection ahead of us.
+                Ok(parts) if parts.read_buf.is_empty() => {
+                    handler.run(run, parts.io.into_inner()).await
+                }
+                Ok(_) => tracing::warn!("run: the caller wrote before the upgrade; dropped"),
+                Err(_) => tracing::error!("run: the upgraded connection is not a Unix socket"),
+            },
+            Err(e) => tracing::warn!(error = %e, "run: the upgrade did not complete"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(http::header::CONNECTION, "upgrade")
+        .header(http::header::UPGRADE, run_wire::PROTOCOL)
+        .body(Full::new(Bytes::new()))
+        .expect("static response parts are valid")
+}
+
+async fn route<H: Handler>(
+    req: Request<Incoming>,
+    handler: Arc<H>,
+    peer: Peer,
+) -> Response<Full<Bytes>> {
+    let h = &*handler;
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
     let res = match (method, segs.as_slice()) {
-        (Method::GET, ["v1", "jobs"]) => return reply(StatusCode::OK, &h.list()),
+        (Method::GET, ["v1", "jobs"]) => return reply(StatusCode::OK, &h.list(peer)),
+        (Method::POST, ["v1", "jobs", id, "run"]) => {
+            let id = id.to_string();
+            return start_run(req, handler.clone(), &id, peer).await;
+        }
         (Method::POST, ["v1", "jobs"]) => match read_json(req).await {
             Ok(r) => h
                 .start(r, peer)
@@ -405,26 +538,74 @@ impl Client {
             .send_request(req)
             .await
             .map_err(|e| ControlError::Protocol(format!("airlockd closed the connection: {e} (was this user refused? only root or the control group may use the socket)")))?;
-        let status = resp.status();
+        if !resp.status().is_success() {
+            return Err(refusal(resp).await);
+        }
         let bytes = resp
             .into_body()
             .collect()
             .await
             .map_err(|e| ControlError::Protocol(e.to_string()))?
             .to_bytes();
-        if !status.is_success() {
-            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            return Err(ControlError::Refused {
-                status: status.as_u16(),
-                code: v["code"].as_str().unwrap_or("Error").to_string(),
-                message: v["error"]
-                    .as_str()
-                    .map(String::from)
-                    .unwrap_or_else(|| format!("airlockd answered {status}")),
-            });
-        }
         serde_json::from_slice(&bytes)
             .map_err(|e| ControlError::Protocol(format!("unexpected answer: {e}")))
+    }
+
+    /// `POST /v1/jobs/<job>/run` and the upgrade: the connection the prepared command
+    /// `run` is served on ([`run_wire`]), after the agent's ready byte.
+    pub async fn attach_run(&self, job: &str, run: &str) -> Result<UnixStream, ControlError> {
+        use tokio::io::AsyncReadExt;
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| ControlError::Connect(self.socket.clone(), e))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ControlError::Protocol(e.to_string()))?;
+        tokio::spawn(conn.with_upgrades());
+        let body = serde_json::to_vec(&RunRequest { run: run.into() })
+            .map_err(|e| ControlError::Protocol(e.to_string()))?;
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("/v1/jobs/{job}/run"))
+            .header(http::header::HOST, "airlockd")
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONNECTION, "upgrade")
+            .header(http::header::UPGRADE, run_wire::PROTOCOL)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ControlError::Protocol(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ControlError::Protocol(format!("airlockd closed the connection: {e}")))?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(refusal(resp).await);
+        }
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| ControlError::Protocol(format!("the run upgrade failed: {e}")))?;
+        let parts = upgraded.downcast::<TokioIo<UnixStream>>().map_err(|_| {
+            ControlError::Protocol("the run connection is not a Unix socket".into())
+        })?;
+        let mut stream = parts.io.into_inner();
+        // The ready byte may have come in with the 101.
+        let ready = match parts.read_buf.first() {
+            Some(b) if parts.read_buf.len() == 1 => *b,
+            Some(_) => {
+                return Err(ControlError::Protocol(
+                    "airlockd sent more than its ready byte".into(),
+                ))
+            }
+            None => stream
+                .read_u8()
+                .await
+                .map_err(|e| ControlError::Protocol(format!("no ready byte from airlockd: {e}")))?,
+        };
+        if ready != run_wire::READY {
+            return Err(ControlError::Protocol(format!(
+                "unexpected byte {ready:#x} from airlockd"
+            )));
+        }
+        Ok(stream)
     }
 
     pub async fn start(&self, req: &StartRequest) -> Result<StartResponse, ControlError> {
@@ -460,6 +641,139 @@ impl Client {
 
     pub async fn list(&self) -> Result<Vec<JobSummary>, ControlError> {
         self.call(Method::GET, "/v1/jobs", None).await
+    }
+}
+
+/// The agent's error answer as a [`ControlError::Refused`].
+async fn refusal(resp: Response<Incoming>) -> ControlError {
+    let status = resp.status();
+    let bytes = match resp.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return ControlError::Protocol(e.to_string()),
+    };
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    ControlError::Refused {
+        status: status.as_u16(),
+        code: v["code"].as_str().unwrap_or("Error").to_string(),
+        message: v["error"]
+            .as_str()
+            .map(String::from)
+            .unwrap_or_else(|| format!("airlockd answered {status}")),
+    }
+}
+
+/// The `run` connection once upgraded.
+///
+/// 1. The agent writes [`READY`] (one byte).
+/// 2. The caller sends one byte, [`FDS`], with its stdin, stdout and stderr attached
+///    (`SCM_RIGHTS`, exactly three, none a directory or an `O_PATH` handle).
+/// 3. The agent starts the sandbox init with them; the caller may then send lines
+///    `signal <n>` (SIGINT, SIGTERM, SIGHUP, SIGQUIT), which the agent passes on.
+/// 4. When the command has ended the agent writes one JSON line, [`RunStatus`], and closes.
+///    If the caller's side closes first, the agent kills the command (the sandbox's pid
+///    namespace goes with it), as a killed caller took its command with it before.
+pub mod run_wire {
+    use serde::{Deserialize, Serialize};
+    use std::io::{IoSlice, IoSliceMut};
+    use std::mem::MaybeUninit;
+    use std::os::fd::{BorrowedFd, OwnedFd};
+    use tokio::io::Interest;
+    use tokio::net::UnixStream;
+
+    pub const PROTOCOL: &str = "airlock-run/1";
+    pub const READY: u8 = b'R';
+    pub const FDS: u8 = b'F';
+    /// The descriptors a caller passes: stdin, stdout, stderr.
+    pub const STDIO: usize = 3;
+    /// Signals a caller may pass on.
+    pub const SIGNALS: [nix::sys::signal::Signal; 4] = [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGHUP,
+        nix::sys::signal::Signal::SIGQUIT,
+    ];
+
+    /// How the command ended.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct RunStatus {
+        /// As a shell shows it: the exit code, or 128 + the signal.
+        pub code: i32,
+        /// The sandbox could not be built (the shim said why on the caller's stderr).
+        pub setup_failed: bool,
+        /// The agent could not start it at all.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub error: Option<String>,
+    }
+
+    /// Sends `fds` with one [`FDS`] byte.
+    pub async fn send_fds(stream: &UnixStream, fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+        use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+        loop {
+            stream.writable().await?;
+            let sent = stream.try_io(Interest::WRITABLE, || {
+                let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(STDIO))];
+                let mut control = SendAncillaryBuffer::new(&mut space);
+                if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+                    return Err(std::io::Error::other("too many descriptors"));
+                }
+                sendmsg(
+                    stream,
+                    &[IoSlice::new(&[FDS])],
+                    &mut control,
+                    SendFlags::NOSIGNAL,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match sent {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Receives the [`FDS`] byte and the descriptors attached to it (at most `max`; more,
+    /// or another byte, is an error and every received descriptor is closed).
+    pub async fn recv_fds(stream: &UnixStream, max: usize) -> std::io::Result<Vec<OwnedFd>> {
+        use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+        loop {
+            stream.readable().await?;
+            let got = stream.try_io(Interest::READABLE, || {
+                let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+                let mut control = RecvAncillaryBuffer::new(&mut space);
+                let mut byte = [0u8; 1];
+                let r = recvmsg(
+                    stream,
+                    &mut [IoSliceMut::new(&mut byte)],
+                    &mut control,
+                    RecvFlags::CMSG_CLOEXEC,
+                )
+                .map_err(std::io::Error::from)?;
+                let mut fds = Vec::new();
+                for msg in control.drain() {
+                    if let RecvAncillaryMessage::ScmRights(it) = msg {
+                        fds.extend(it);
+                    }
+                }
+                if r.bytes == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                }
+                if byte[0] != FDS
+                    || fds.len() > max
+                    || r.flags.contains(rustix::net::ReturnFlags::CTRUNC)
+                {
+                    return Err(std::io::Error::other(format!(
+                        "expected {max} descriptors with one {:?} byte",
+                        FDS as char
+                    )));
+                }
+                Ok(fds)
+            });
+            match got {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
     }
 }
 

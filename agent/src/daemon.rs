@@ -32,6 +32,8 @@ use crate::sandbox::job::{Sandboxes, JOB_TOKEN_FILE};
 use crate::secret::Secret;
 
 mod exec;
+mod owner;
+mod run;
 
 /// How often the agent looks for jobs past their deadline.
 const REAP_INTERVAL: Duration = Duration::from_secs(5);
@@ -119,6 +121,10 @@ pub struct Daemon {
     token_dir: PathBuf,
     sandboxes: Option<Arc<Sandboxes>>,
     jobs: Mutex<HashMap<String, LiveJob>>,
+    /// The host's processes: job owners and control callers are looked up here.
+    procs: crate::procs::Procs,
+    /// This daemon, for the tasks it spawns (a job's owner watch).
+    me: std::sync::OnceLock<std::sync::Weak<Daemon>>,
 }
 
 /// A poisoned lock only means another task panicked mid-update of plain data; keep serving.
@@ -194,8 +200,11 @@ impl Daemon {
             token_dir,
             sandboxes,
             jobs: Mutex::new(HashMap::new()),
+            procs: crate::procs::Procs::default(),
+            me: std::sync::OnceLock::new(),
         });
         let _ = daemon.source.binder.set(Arc::downgrade(&daemon));
+        let _ = daemon.me.set(Arc::downgrade(&daemon));
         Ok(daemon)
     }
 
@@ -515,6 +524,8 @@ impl Daemon {
             token_file,
             env: Secret::new(env),
             identity: rec.identity.as_ref().map(JobIdentity::summary),
+            repository: rec.identity.as_ref().and_then(|i| i.repository.clone()),
+            ci_job_id: rec.identity.as_ref().and_then(|i| i.job_id.clone()),
             rule: rec.rule.clone(),
             grants: rec.aliases.clone(),
             refused: rec.refused.clone(),
@@ -538,6 +549,8 @@ impl Daemon {
                 ));
             }
         }
+        let owner = self.owner_of_new_job(req.owner_pid, &peer)?;
+        let extra_hide = owner::checked_hide(&req.hide)?;
         if (req.endpoint_bind || req.runner_network.is_some()) && !req.bind_later {
             return Err(ApiError::new(
                 400,
@@ -588,6 +601,8 @@ impl Daemon {
                     Some(n) => crate::github::runner_sandbox_settings(n, &self.policies())?,
                     None => self.sandbox_settings(decision.as_ref()),
                 };
+                let mut settings = settings;
+                settings.hide = extra_hide.clone();
                 let p = sb
                     .prepare(&job_id, &settings, &self.audit)
                     .await
@@ -638,6 +653,7 @@ impl Daemon {
             refused: None,
             flags: vec![],
             sandbox_slot: prepared.as_ref().map(|p| p.user.slot),
+            owner,
         };
         if let Some(d) = &decision {
             rec.rule = d.rule.clone();
@@ -680,13 +696,17 @@ impl Daemon {
         let shown_token_file = token_file.clone().unwrap_or_else(|| JOB_TOKEN_FILE.into());
         let exec = prepared
             .as_ref()
-            .map(|p| exec::ExecHandle::new(p.exec_context(), &token, sandbox.is_some()));
+            .map(|p| exec::ExecHandle::new(p.exec_context(), &token, sandbox.clone()));
         let mut resp = self.response(&rec, token, shown_token_file);
-        resp.sandbox = sandbox;
+        resp.sandbox = sandbox.map(|(start, _)| start);
         let id = rec.id.clone();
+        let owner = rec.owner;
         self.insert_live(rec, ep, tasks, token_file);
         if let Some(x) = exec {
             self.attach_exec(&id, x);
+        }
+        if let Some(o) = owner {
+            self.watch_owner(&id, o);
         }
         Ok(resp)
     }
@@ -717,7 +737,13 @@ impl Daemon {
         prepared: Option<&crate::sandbox::job::Prepared>,
         token: &Secret<String>,
         command: &Option<crate::control::JobCommand>,
-    ) -> Result<(Option<PathBuf>, Option<crate::control::SandboxStart>), ApiError> {
+    ) -> Result<
+        (
+            Option<PathBuf>,
+            Option<(crate::control::SandboxStart, PathBuf)>,
+        ),
+        ApiError,
+    > {
         self.store.save(rec).map_err(internal)?;
         let mut fields = Self::decision_fields(rec, identity);
         if let Some(p) = prepared {
@@ -770,10 +796,12 @@ impl Daemon {
             .map_err(|e| ApiError::new(503, "SandboxUnavailable", e.to_string()))?;
         Ok((
             None,
-            Some(crate::control::SandboxStart {
-                shim: sb.shim().to_path_buf(),
+            Some((
+                crate::control::SandboxStart {
+                    run: run::START_RUN.to_string(),
+                },
                 spec,
-            }),
+            )),
         ))
     }
 
@@ -934,10 +962,12 @@ impl Daemon {
         }
     }
 
-    pub fn list_jobs(&self) -> Vec<JobSummary> {
+    /// The jobs `peer` may see: every job for root, the jobs it owns otherwise.
+    pub fn list_jobs(&self, peer: &Peer) -> Vec<JobSummary> {
         let jobs = lock(&self.jobs);
         let mut v: Vec<JobSummary> = jobs
             .values()
+            .filter(|j| self.may_act_on(&j.record, peer))
             .map(|j| JobSummary {
                 job_id: j.record.id.clone(),
                 runner: j.record.runner.clone(),
@@ -948,6 +978,7 @@ impl Daemon {
                 endpoint: format!("http://{}", j.record.endpoint),
                 created: endpoint::aws_time(j.record.created),
                 deadline: endpoint::aws_time(j.record.deadline),
+                owner_pid: j.record.owner.map(|o| o.pid),
             })
             .collect();
         v.sort_by(|a, b| a.created.cmp(&b.created).then(a.job_id.cmp(&b.job_id)));
@@ -1109,6 +1140,17 @@ impl Daemon {
 pub struct Control(pub Arc<Daemon>);
 
 impl Handler for Control {
+    type Run = run::RunPlan;
+
+    fn prepare_run(&self, job: &str, run: &str, peer: Peer) -> Result<run::RunPlan, ApiError> {
+        self.0.authorize(job, &peer)?;
+        self.0.prepare_run(job, run, &peer)
+    }
+
+    async fn run(&self, plan: run::RunPlan, stream: tokio::net::UnixStream) {
+        self.0.serve_run(plan, stream).await
+    }
+
     async fn start(&self, req: StartRequest, peer: Peer) -> Result<StartResponse, ApiError> {
         self.0.start_job(req, peer).await
     }
@@ -1119,23 +1161,19 @@ impl Handler for Control {
         req: BindRequest,
         peer: Peer,
     ) -> Result<StartResponse, ApiError> {
-        if !jobs::valid_job_id(job) {
-            return Err(ApiError::new(400, "BadRequest", "not a job id"));
-        }
+        self.0.authorize(job, &peer)?;
         self.0.bind_job(job, req, peer).await
     }
 
     async fn end(&self, job: &str, peer: Peer) -> Result<EndResponse, ApiError> {
-        if !jobs::valid_job_id(job) {
-            return Err(ApiError::new(400, "BadRequest", "not a job id"));
-        }
+        self.0.authorize(job, &peer)?;
         self.0
             .end_job(job, &format!("ended by request (uid {})", peer.uid))
             .await
     }
 
-    fn list(&self) -> Vec<JobSummary> {
-        self.0.list_jobs()
+    fn list(&self, peer: Peer) -> Vec<JobSummary> {
+        self.0.list_jobs(&peer)
     }
 
     async fn exec(
@@ -1144,9 +1182,7 @@ impl Handler for Control {
         cmd: crate::control::JobCommand,
         peer: Peer,
     ) -> Result<crate::control::ExecResponse, ApiError> {
-        if !jobs::valid_job_id(job) {
-            return Err(ApiError::new(400, "BadRequest", "not a job id"));
-        }
+        self.0.authorize(job, &peer)?;
         self.0.exec_job(job, cmd, peer).await
     }
 

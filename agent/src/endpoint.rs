@@ -99,8 +99,9 @@ pub struct JobEndpoint {
     region: String,
     imds: bool,
     ended: AtomicBool,
-    /// `POST /v1/bind` is served once, and only if the job was started to bind that way.
-    bind_open: AtomicBool,
+    /// The job's one bind from inside (`POST /v1/bind/claim`, then `POST /v1/bind`), only
+    /// if the job was started to bind that way.
+    bind_route: Mutex<BindRoute>,
     imds_tokens: Mutex<HashMap<[u8; 32], Instant>>,
     refusals: Mutex<(Instant, u32)>,
 }
@@ -128,7 +129,7 @@ impl JobEndpoint {
             region,
             imds,
             ended: AtomicBool::new(false),
-            bind_open: AtomicBool::new(false),
+            bind_route: Mutex::new(BindRoute::Closed),
             imds_tokens: Mutex::new(HashMap::new()),
             refusals: Mutex::new((Instant::now(), 0)),
         }
@@ -144,10 +145,11 @@ impl JobEndpoint {
         self.ended.store(true, Ordering::SeqCst);
     }
 
-    /// Serve one `POST /v1/bind` (a job started with `bind_later` and `endpoint_bind`):
-    /// the first request with the job's token uses it up, whatever its outcome.
+    /// Serve one bind from inside the job (started with `bind_later` and `endpoint_bind`):
+    /// the first `POST /v1/bind/claim` with the job's token closes the route to everyone
+    /// else and gets the one ticket `POST /v1/bind` then needs.
     pub fn open_bind(&self) {
-        self.bind_open.store(true, Ordering::SeqCst);
+        *self.bind_route.lock().unwrap_or_else(|p| p.into_inner()) = BindRoute::Open;
     }
 
     pub fn is_ended(&self) -> bool {
@@ -192,6 +194,18 @@ impl JobEndpoint {
         r.1 += 1;
         r.1 <= AUDIT_REFUSALS_PER_MINUTE
     }
+}
+
+/// Where a job's bind from inside stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BindRoute {
+    /// Not for this job, or used.
+    Closed,
+    /// Waiting for the job-started hook's claim.
+    Open,
+    /// Claimed: the SHA-256 of the ticket the claimant got. Whoever claimed and then failed
+    /// (a hook that could not get its OIDC token) leaves it claimed: no later step can bind.
+    Claimed([u8; 32]),
 }
 
 /// A new random endpoint token: 32 bytes from the OS, base64url (43 characters).
@@ -342,6 +356,9 @@ async fn route<S: CredentialSource>(
     }
     let path = req.uri().path().to_string();
     let path = path.as_str();
+    if path == BIND_CLAIM_PATH {
+        return claim_bind(&req, job, shared);
+    }
     if path == BIND_PATH {
         return bind(req, job, shared).await;
     }
@@ -460,13 +477,57 @@ async fn container<S: CredentialSource>(
     }
 }
 
-/// Where a job binds its own identity (`POST`, the job's token, a `BindRequest` body).
+/// Where a job binds its own identity (`POST`, the job's token, the claim's ticket in
+/// [`BIND_TICKET_HEADER`], a `BindRequest` body).
 pub const BIND_PATH: &str = "/v1/bind";
+/// Where the job-started hook claims the job's one bind first (`POST`, the job's token):
+/// answers `{"ticket": …}` once.
+pub const BIND_CLAIM_PATH: &str = "/v1/bind/claim";
+/// The header that carries the claim's ticket.
+pub const BIND_TICKET_HEADER: &str = "x-airlock-bind-ticket";
+
+/// Audits a refused bind or claim from inside the job.
+fn bind_refused<S>(job: &JobEndpoint, shared: &Shared<S>, reason: &str) -> Resp {
+    let rec = crate::fields! {"reason" => reason, "via" => "endpoint"};
+    if let Err(e) = shared.audit.append("bind_refused", Some(&job.job_id), rec) {
+        tracing::error!(error = %e, "cannot audit a refused bind");
+        shared.metrics.audit_failures.inc();
+    }
+    error(
+        StatusCode::CONFLICT,
+        "AlreadyBound",
+        "this job binds its identity once, claimed by its job-started hook before the first step; this request is refused and audited",
+    )
+}
+
+/// `POST /v1/bind/claim`: the job-started hook's first request (before it asks GitHub for
+/// the job's token, which may fail): it closes the route to every later request, so a step
+/// running after a failed hook (`if: always()`) finds it closed.
+fn claim_bind<S: CredentialSource>(
+    req: &Request<Incoming>,
+    job: &JobEndpoint,
+    shared: &Shared<S>,
+) -> Resp {
+    if let Some(resp) = unauthorized(req, Method::POST, job, shared, "") {
+        return resp;
+    }
+    let ticket = random_token();
+    {
+        let mut route = job.bind_route.lock().unwrap_or_else(|p| p.into_inner());
+        if *route != BindRoute::Open {
+            drop(route);
+            return bind_refused(job, shared, "a bind claim after the job's one claim (or for a job not started to bind this way)");
+        }
+        *route = BindRoute::Claimed(Sha256::digest(ticket.as_bytes()).into());
+    }
+    json_ok(json!({ "ticket": ticket }).to_string())
+}
 
 /// `POST /v1/bind`: the job's one bind from inside, for jobs started with `bind_later` and
 /// `endpoint_bind` (GitHub's job-started hook in an ephemeral runner's sandbox). The job's
-/// token is required; the first such request closes the route whatever its outcome, so a
-/// later request (a step of the job) is refused and audited.
+/// token and the ticket of the route's claim are required; the route closes on the first
+/// such request, whatever its outcome, so a later request (a step of the job) is refused
+/// and audited.
 async fn bind<S: CredentialSource>(
     req: Request<Incoming>,
     job: &JobEndpoint,
@@ -475,20 +536,19 @@ async fn bind<S: CredentialSource>(
     if let Some(resp) = unauthorized(&req, Method::POST, job, shared, "") {
         return resp;
     }
-    if !job.bind_open.swap(false, Ordering::SeqCst) {
-        let rec = crate::fields! {
-            "reason" => "a bind through the job's endpoint after its one bind (or for a job not started to bind this way)",
-            "via" => "endpoint",
+    let presented: Option<[u8; 32]> =
+        header_bytes(req.headers(), BIND_TICKET_HEADER).map(|t| Sha256::digest(t).into());
+    {
+        let mut route = job.bind_route.lock().unwrap_or_else(|p| p.into_inner());
+        let ok = match (*route, presented) {
+            (BindRoute::Claimed(want), Some(got)) => bool::from(want.ct_eq(&got)),
+            _ => false,
         };
-        if let Err(e) = shared.audit.append("bind_refused", Some(&job.job_id), rec) {
-            tracing::error!(error = %e, "cannot audit a refused bind");
-            shared.metrics.audit_failures.inc();
+        if !ok {
+            drop(route);
+            return bind_refused(job, shared, "a bind through the job's endpoint without the claim's ticket (after the job's one bind, or for a job not started to bind this way)");
         }
-        return error(
-            StatusCode::CONFLICT,
-            "AlreadyBound",
-            "this job binds its identity once, before its first step; this bind is refused and audited",
-        );
+        *route = BindRoute::Closed;
     }
     use http_body_util::BodyExt;
     let body = match http_body_util::Limited::new(req.into_body(), MAX_BIND_BODY)

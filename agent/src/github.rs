@@ -25,7 +25,7 @@ use serde_json::{json, Map, Value};
 
 use crate::control::{ApiError, BindRequest, Client, ControlError, StartRequest, StartResponse};
 use crate::daemon::Daemon;
-use crate::endpoint::{Refusal, BIND_PATH, CONTAINER_PATH};
+use crate::endpoint::{Refusal, BIND_CLAIM_PATH, BIND_PATH, BIND_TICKET_HEADER, CONTAINER_PATH};
 use crate::exit;
 use crate::policy::{EgressMode, EgressPolicy, PolicySet};
 use crate::sandbox::job::JobSettings;
@@ -35,6 +35,8 @@ use crate::secret::Secret;
 /// `AIRLOCK_OIDC_AUDIENCE` in the runner's `.env`; it must be one of the issuer's
 /// `audiences` in `airlock.toml`).
 pub const DEFAULT_AUDIENCE: &str = "airlock";
+/// The runner's per-job process: a hooks-only job belongs to it.
+pub const RUNNER_WORKER: &str = "Runner.Worker";
 /// The variables the hook appends to `GITHUB_ENV`, so every later step's SDK finds the
 /// job's endpoint.
 pub const JOB_ENV_KEYS: &[&str] = &[
@@ -116,6 +118,7 @@ pub fn runner_sandbox_settings(
 /// used up the job's one endpoint bind: bind as the control API would, and answer what the
 /// job may know (no token, no environment: the job already has both).
 pub async fn bind_from_endpoint(d: &Daemon, job: &str, req: BindRequest) -> Result<Value, Refusal> {
+    // Not a control-socket caller: the endpoint checked the job's token and the ticket.
     let peer = crate::control::Peer {
         uid: u32::MAX,
         gid: u32::MAX,
@@ -371,6 +374,13 @@ fn bound_message(job: &str, rule: Option<&str>, grants: &[String], source: &str)
 
 /// `airlock github job-started`. Returns the line to print on success.
 pub async fn job_started(env: &Env, socket: &Path) -> Result<String, HookError> {
+    // In a sandbox, claim the job's one bind before anything that can fail: a step that
+    // runs after a failed hook (`if: always()`) must find the route closed.
+    let ticket = if in_job(env) {
+        Some(claim_bind(env).await?)
+    } else {
+        None
+    };
     let token = request_oidc_token(env).await?;
     let (token, claims, source) = match token {
         Some(t) => (Some(t), None, "OIDC token"),
@@ -381,9 +391,10 @@ pub async fn job_started(env: &Env, socket: &Path) -> Result<String, HookError> 
         ),
     };
     let fail_on_refused = var(env, "AIRLOCK_GITHUB_ON_REFUSED") != Some("warn");
-    if in_job(env) {
+    if let Some(ticket) = ticket {
         let answer = bind_through_endpoint(
             env,
+            &ticket,
             BindRequest {
                 oidc_token: token,
                 claims,
@@ -428,11 +439,23 @@ pub async fn job_started(env: &Env, socket: &Path) -> Result<String, HookError> 
         let _ = std::fs::remove_file(&state);
     }
     let client = Client::new(socket);
+    // The job belongs to this job's Runner.Worker: the agent ends it when the worker exits,
+    // and a step (which runs as this user and may reach the socket) can act on its own job
+    // only, never another runner's.
+    let worker = crate::procs::Procs::default()
+        .nearest_named(std::process::id() as i32, RUNNER_WORKER)
+        .ok_or_else(|| {
+            HookError::new(
+                exit::USAGE,
+                format!("airlock: no {RUNNER_WORKER} process above this hook: job-started is run by the GitHub Actions runner (ACTIONS_RUNNER_HOOK_JOB_STARTED)"),
+            )
+        })?;
     let resp: StartResponse = client
         .start(&StartRequest {
             oidc_token: token,
             claims,
             runner: var(env, "RUNNER_NAME").map(String::from),
+            owner_pid: Some(worker.pid),
             ..Default::default()
         })
         .await
@@ -515,21 +538,29 @@ fn endpoint_token(env: &Env) -> Result<Secret<String>, HookError> {
         })
 }
 
-async fn bind_through_endpoint(env: &Env, req: BindRequest) -> Result<Value, HookError> {
+/// `POST` to the job's own endpoint at `path` with the job's token (and the bind ticket).
+async fn post_to_endpoint(
+    env: &Env,
+    path: &str,
+    ticket: Option<&Secret<String>>,
+    body: Vec<u8>,
+) -> Result<crate::http_client::Response, HookError> {
     let full = var(env, "AWS_CONTAINER_CREDENTIALS_FULL_URI").unwrap_or_default();
     let base = full.strip_suffix(CONTAINER_PATH).unwrap_or(full);
-    let url = format!("{base}{BIND_PATH}");
+    let url = format!("{base}{path}");
     let token = endpoint_token(env)?;
-    let body =
-        serde_json::to_vec(&req).map_err(|e| HookError::new(exit::SOFTWARE, e.to_string()))?;
     let client = crate::http_client::HttpClient::new()
         .map_err(|e| HookError::new(exit::SOFTWARE, format!("airlock: {e}")))?;
-    let http_req = http::Request::post(&url)
+    let mut b = http::Request::post(&url)
         .header(http::header::AUTHORIZATION, token.expose().as_str())
-        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::CONTENT_TYPE, "application/json");
+    if let Some(t) = ticket {
+        b = b.header(BIND_TICKET_HEADER, t.expose().as_str());
+    }
+    let http_req = b
         .body(Full::new(Bytes::from(body)))
         .map_err(|_| HookError::new(exit::SOFTWARE, format!("airlock: bad endpoint URL {url}")))?;
-    let r = client
+    client
         .send(http_req, Duration::from_secs(20))
         .await
         .map_err(|e| {
@@ -537,7 +568,33 @@ async fn bind_through_endpoint(env: &Env, req: BindRequest) -> Result<Value, Hoo
                 exit::UNAVAILABLE,
                 format!("airlock: cannot reach this job's airlock endpoint: {e}"),
             )
-        })?;
+        })
+}
+
+/// Claims the job's one bind (`POST /v1/bind/claim`): the ticket the bind needs.
+async fn claim_bind(env: &Env) -> Result<Secret<String>, HookError> {
+    let r = post_to_endpoint(env, BIND_CLAIM_PATH, None, Vec::new()).await?;
+    let v: Value = serde_json::from_slice(&r.body).unwrap_or_default();
+    match v.get("ticket").and_then(Value::as_str) {
+        Some(t) if r.status.is_success() => Ok(Secret::new(t.to_string())),
+        _ => Err(HookError::new(
+            exit::NOPERM,
+            format!(
+                "airlock: this job's bind was claimed already ({}): job-started runs once per job, before the first step; the refusal is audited",
+                v["Code"].as_str().unwrap_or("refused")
+            ),
+        )),
+    }
+}
+
+async fn bind_through_endpoint(
+    env: &Env,
+    ticket: &Secret<String>,
+    req: BindRequest,
+) -> Result<Value, HookError> {
+    let body =
+        serde_json::to_vec(&req).map_err(|e| HookError::new(exit::SOFTWARE, e.to_string()))?;
+    let r = post_to_endpoint(env, BIND_PATH, Some(ticket), body).await?;
     let v: Value = serde_json::from_slice(&r.body).unwrap_or_default();
     if !r.status.is_success() {
         let code = v["Code"].as_str().unwrap_or("Error");
@@ -959,9 +1016,11 @@ impl SupervisorConfig {
 }
 
 /// What runs in each slot's sandbox: copy the runner into the job's home (the host's
-/// filesystem is read-only there), point its `.env` at the hooks, read the JIT
-/// configuration from stdin (never from argv, the spec file or the environment, so it is
-/// not on disk and not in the agent's records), run it.
+/// filesystem is read-only there), point its `.env` at the hooks, unpack the JIT
+/// configuration arriving on stdin into the runner's own files (what the runner does itself
+/// with `--jitconfig`, so the configuration is never in an argv or an environment a step
+/// could read in `/proc`, nor on disk outside the sandbox or in the agent's records), and
+/// run the runner.
 const SLOT_SCRIPT: &str = r#"set -eu
 src=$1; hooks=$2; airlock=$3; audience=$4; on_refused=$5
 dst="$HOME/runner"
@@ -972,13 +1031,75 @@ cd "$dst"
   printf '\n'
   printf 'ACTIONS_RUNNER_HOOK_JOB_STARTED=%s\n' "$hooks/job-started.sh"
   printf 'ACTIONS_RUNNER_HOOK_JOB_COMPLETED=%s\n' "$hooks/job-completed.sh"
-  printf 'AIRLOCK=%s\n' "$airlock"
   printf 'AIRLOCK_OIDC_AUDIENCE=%s\n' "$audience"
   printf 'AIRLOCK_GITHUB_ON_REFUSED=%s\n' "$on_refused"
 } >> .env
-IFS= read -r jit
-exec ./run.sh --jitconfig "$jit"
+"$airlock" github unpack-jitconfig --dir "$dst"
+exec ./run.sh
 "#;
+
+/// Most files a JIT configuration may hold, and the largest of them.
+const JIT_MAX_FILES: usize = 8;
+const JIT_MAX_FILE: usize = 64 * 1024;
+
+/// `airlock github unpack-jitconfig`: the encoded JIT configuration on stdin (one line:
+/// base64 of a JSON object of file name → base64 contents, as
+/// `POST .../actions/runners/generate-jitconfig` returns it) written as those files
+/// (`.runner`, `.credentials`, `.credentials_rsaparams`) into the runner directory `dir`,
+/// mode 0600 — which is what the runner itself does when it is given `--jitconfig`.
+pub fn unpack_jitconfig(dir: &Path, encoded: &str) -> Result<Vec<String>, String> {
+    use base64::Engine;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let json = b64
+        .decode(encoded.trim())
+        .map_err(|_| "the JIT configuration is not base64".to_string())?;
+    let files: BTreeMap<String, String> = serde_json::from_slice(&json)
+        .map_err(|_| "the JIT configuration is not a JSON object of file names".to_string())?;
+    if files.is_empty() || files.len() > JIT_MAX_FILES {
+        return Err(format!(
+            "the JIT configuration holds {} files (1 to {JIT_MAX_FILES})",
+            files.len()
+        ));
+    }
+    let mut written = Vec::new();
+    for (name, contents) in &files {
+        let plain = name.starts_with('.')
+            && name.len() <= 64
+            && name != "."
+            && name != ".."
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !plain {
+            return Err(format!("the JIT configuration names a file {name:?}"));
+        }
+        let data = b64
+            .decode(contents)
+            .map_err(|_| format!("the JIT configuration's {name} is not base64"))?;
+        if data.len() > JIT_MAX_FILE {
+            return Err(format!("the JIT configuration's {name} is too large"));
+        }
+        let path = dir.join(name);
+        let _ = std::fs::remove_file(&path);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc_o_nofollow())
+            .open(&path)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        f.write_all(&data)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        written.push(name.clone());
+    }
+    Ok(written)
+}
+
+fn libc_o_nofollow() -> i32 {
+    nix::fcntl::OFlag::O_NOFOLLOW.bits()
+}
 
 /// `airlock github supervise`: keep `slots` runners going, one job each, each in a fresh
 /// sandbox. Returns when every slot stopped (`max_jobs_per_slot`) or on SIGTERM/SIGINT.
@@ -1055,7 +1176,6 @@ async fn one_job(
     client: &Client,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<i32, String> {
-    use tokio::io::AsyncWriteExt;
     let jit = jit_config(slot, cfg).await?;
     let argv = vec![
         "/bin/sh".to_string(),
@@ -1088,48 +1208,27 @@ async fn one_job(
         return Err("airlockd runs without [sandbox]: ephemeral runner slots need it".into());
     };
     tracing::info!(slot, job = %job.job_id, "runner starting in a fresh sandbox");
-    let spawned = tokio::process::Command::new(&sb.shim)
-        .arg("--spec")
-        .arg(&sb.spec)
-        .env_clear()
-        .stdin(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn();
-    let mut child = match spawned {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = client.end(&job.job_id).await;
-            return Err(format!(
-                "cannot run the sandbox init {}: {e}",
-                sb.shim.display()
-            ));
-        }
-    };
-    if let Some(mut stdin) = child.stdin.take() {
-        let mut line = jit.expose().clone();
-        line.push('\n');
-        let _ = stdin.write_all(line.as_bytes()).await;
-        drop(stdin);
-    }
+    let mut line = jit.expose().clone();
+    line.push('\n');
+    let run = crate::shim_run::run(
+        client,
+        &job.job_id,
+        sb,
+        crate::shim_run::Input::Bytes(line.into_bytes()),
+    );
     let status = tokio::select! {
-        s = child.wait() => s.map_err(|e| e.to_string()),
-        _ = stop.changed() => {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            Err("stopped".to_string())
-        }
+        s = run => s.map(|s| s.code).map_err(|e| e.to_string()),
+        // Ending the job below kills the runner with its cgroup.
+        _ = stop.changed() => Err("stopped".to_string()),
     };
     // Ending the job kills whatever is left in its cgroup and wipes the sandbox.
     let ended = client.end(&job.job_id).await;
     if let Err(e) = &ended {
         tracing::error!(slot, job = %job.job_id, "cannot end the slot's job: {e}");
     }
-    let status = status?;
+    let code = status?;
     ended.map_err(|e| format!("cannot end job {}: {e}", job.job_id))?;
-    use std::os::unix::process::ExitStatusExt;
-    Ok(status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(1)))
+    Ok(code)
 }
 
 async fn jit_config(slot: u32, cfg: &SupervisorConfig) -> Result<Secret<String>, String> {
@@ -1268,6 +1367,14 @@ pub enum GithubCmd {
         #[arg(long, default_value = "/etc/airlock/github-runners.toml")]
         github_config: PathBuf,
     },
+    /// Inside an ephemeral slot's sandbox: read the runner's encoded JIT configuration on
+    /// stdin and write its files into the runner directory (as the runner does with
+    /// --jitconfig), so it is never in a command line or an environment.
+    UnpackJitconfig {
+        /// The runner directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 /// The control socket: `--socket`, else the agent's configuration (when readable), else the
@@ -1287,6 +1394,26 @@ pub async fn run_cli(cmd: GithubCmd, socket: Option<PathBuf>, config: &Path) -> 
     let r = match cmd {
         GithubCmd::JobStarted => job_started(&env, &socket).await,
         GithubCmd::JobCompleted => job_completed(&env, &socket).await,
+        GithubCmd::UnpackJitconfig { dir } => {
+            let mut line = String::new();
+            let read = std::io::Read::read_to_string(
+                &mut std::io::Read::take(std::io::stdin(), 1 << 20),
+                &mut line,
+            );
+            return match read
+                .map_err(|e| format!("cannot read the JIT configuration on stdin: {e}"))
+                .and_then(|_| unpack_jitconfig(&dir, &line))
+            {
+                Ok(files) => {
+                    eprintln!("airlock: runner configured ({})", files.join(", "));
+                    exit::OK
+                }
+                Err(e) => {
+                    eprintln!("airlock: {e}");
+                    exit::DATAERR
+                }
+            };
+        }
         GithubCmd::Supervise { github_config } => {
             let cfg = match SupervisorConfig::load(&github_config) {
                 Ok(c) => c,

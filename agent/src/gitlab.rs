@@ -391,11 +391,24 @@ pub async fn prepare(
         let _ = client.end(&old).await;
         state.remove(&key);
     }
+    // A gitlab-runner that is not root is in the agent's control group: its jobs belong to
+    // its own process (the stages' common ancestor), as the control socket requires.
+    let owner_pid = if nix::unistd::geteuid().is_root() {
+        None
+    } else {
+        let runner = crate::procs::Procs::default()
+            .nearest_named(std::process::id() as i32, "gitlab-runner")
+            .ok_or_else(|| {
+                exits.system("no gitlab-runner process above this driver: `airlock gitlab` is run by gitlab-runner's custom executor (docs/gitlab.md)")
+            })?;
+        Some(runner.pid)
+    };
     let started = client
         .start(&StartRequest {
             oidc_token: Some(Secret::new(token.expose().trim().to_string())),
             runner: Some(format!("{} gitlab-job {}", opts.runner, job.id)),
             max_lifetime_secs: job.timeout_secs.map(|t| t + LIFETIME_MARGIN_SECS),
+            owner_pid,
             ..Default::default()
         })
         .await
@@ -422,15 +435,20 @@ pub async fn prepare(
         env: BTreeMap::new(),
     };
     let checked = match client.exec(&started.job_id, &probe).await {
-        Ok(x) => crate::shim_run::run(&x.sandbox, crate::shim_run::Input::Bytes(Vec::new()))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|st| match crate::shim_run::exit_code(st) {
-                0 => Ok(()),
-                c => Err(format!(
-                    "the sandbox check exited with {c} (the message above says why)"
-                )),
-            }),
+        Ok(x) => crate::shim_run::run(
+            client,
+            &started.job_id,
+            &x.sandbox,
+            crate::shim_run::Input::Bytes(Vec::new()),
+        )
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|st| match st.code {
+            0 => Ok(()),
+            c => Err(format!(
+                "the sandbox check exited with {c} (the message above says why)"
+            )),
+        }),
         Err(ControlError::Refused { code, message, .. }) if code == "NoSandbox" => Err(format!(
             "{message}; the GitLab driver runs every job in a sandbox ([sandbox] enabled = true)"
         )),
@@ -511,17 +529,22 @@ pub async fn run(
             )),
             _ => exits.system(format!("cannot run stage {stage}: {}", agent_error(&e))),
         })?;
-    let status = crate::shim_run::run(&x.sandbox, crate::shim_run::Input::Bytes(data))
-        .await
-        .map_err(|e| exits.system(format!("cannot run stage {stage}: {e}")))?;
-    match crate::shim_run::outcome(&x.sandbox, status) {
-        crate::shim_run::Outcome::Exited(0) => Ok(0),
-        crate::shim_run::Outcome::SetupFailed => Err(exits.system(format!(
+    let status = crate::shim_run::run(
+        client,
+        &airlock_job,
+        &x.sandbox,
+        crate::shim_run::Input::Bytes(data),
+    )
+    .await
+    .map_err(|e| exits.system(format!("cannot run stage {stage}: {e}")))?;
+    match status {
+        s if s.setup_failed => Err(exits.system(format!(
             "the sandbox for stage {stage} could not be built (the message above says why)"
         ))),
-        crate::shim_run::Outcome::Exited(c) => Err(Failure {
+        s if s.code == 0 => Ok(0),
+        s => Err(Failure {
             code: exits.build,
-            message: format!("stage {stage}: the script exited with {c}"),
+            message: format!("stage {stage}: the script exited with {}", s.code),
         }),
     }
 }

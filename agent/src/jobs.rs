@@ -52,6 +52,10 @@ pub struct JobRecord {
     /// The user slot of a sandboxed job (`None`: not sandboxed).
     #[serde(default)]
     pub sandbox_slot: Option<u32>,
+    /// The process the job belongs to (see `StartRequest::owner_pid`): the job ends when it
+    /// exits, and callers that are not root act on the job only from it or below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<crate::procs::ProcId>,
 }
 
 /// Job ids: `j-` and 16 hex digits from the OS's random source.
@@ -172,6 +176,7 @@ mod tests {
             refused: Some("no policy rule matches".into()),
             flags: vec![],
             sandbox_slot: None,
+            owner: None,
         }
     }
 

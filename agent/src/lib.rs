@@ -22,6 +22,7 @@ pub mod jobs;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
+pub mod procs;
 pub mod sandbox;
 pub mod secret;
 pub mod shim_run;

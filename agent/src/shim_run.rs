@@ -1,94 +1,139 @@
-//! The caller's side of a sandboxed command: run the shim with the spec the agent wrote
-//! (`airlock job exec`, the GitLab driver), forward the usual termination signals to it, and
-//! report the command's status.
+//! The caller's side of a sandboxed command (`airlock run`, `airlock job exec`, the GitLab
+//! driver, the Buildkite command hook, the GitHub supervisor): hand the agent this
+//! process's standard descriptors over the control socket, so that the agent starts the
+//! sandbox init with them (`control::run_wire`), pass on the usual termination signals, and
+//! report how the command ended. The caller needs no root and starts no program of its own
+//! for it.
 
-use std::process::{ExitStatus, Stdio};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::pin::Pin;
+use std::process::ExitStatus;
 
-use crate::control::SandboxStart;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+
+use crate::control::run_wire::{self, RunStatus};
+use crate::control::{Client, ControlError, SandboxStart};
 
 /// What the command reads on its stdin.
-#[derive(Debug)]
 pub enum Input {
     /// The caller's own stdin.
     Inherit,
     /// These bytes through a pipe, then end of file: no handle on a host file enters the
     /// sandbox.
     Bytes(Vec<u8>),
+    /// Whatever this reader gives, through a pipe, then end of file.
+    Stream(Pin<Box<dyn AsyncRead + Send>>),
 }
 
-/// Runs `<shim> --spec <spec>` with an empty environment (the spec holds the job's) and
-/// waits for it, forwarding SIGINT, SIGTERM and SIGHUP.
-pub async fn run(start: &SandboxStart, input: Input) -> std::io::Result<ExitStatus> {
-    use nix::sys::signal::{kill, Signal};
-    use tokio::io::AsyncWriteExt;
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut c = tokio::process::Command::new(&start.shim);
-    c.arg("--spec").arg(&start.spec).env_clear();
-    if matches!(input, Input::Bytes(_)) {
-        c.stdin(Stdio::piped());
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Input::Inherit => f.write_str("Inherit"),
+            Input::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            Input::Stream(_) => f.write_str("Stream"),
+        }
     }
-    let mut sint = signal(SignalKind::interrupt())?;
-    let mut sterm = signal(SignalKind::terminate())?;
-    let mut shup = signal(SignalKind::hangup())?;
-    let mut child = c.spawn().map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!(
-                "cannot start the sandbox init {}: {e}",
-                start.shim.display()
-            ),
-        )
-    })?;
-    let feed = match (input, child.stdin.take()) {
-        (Input::Bytes(data), Some(mut stdin)) => Some(tokio::spawn(async move {
-            // A command that exits without reading all of it is not an error here.
-            let _ = stdin.write_all(&data).await;
-            let _ = stdin.shutdown().await;
-        })),
-        _ => None,
-    };
-    let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
-    let forward = |sig: Signal| {
-        if let Some(pid) = pid {
-            let _ = kill(pid, sig);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("cannot pass this process's descriptors to airlockd: {0}")]
+    Pass(#[source] std::io::Error),
+    #[error("airlockd went away while the command ran (restarted or stopped?): its sandbox is wiped when it starts again")]
+    AgentGone,
+    #[error("airlockd could not start the command: {0}")]
+    Refused(String),
+}
+
+/// Starts the prepared command `start` of `job` with this process's stdout and stderr and
+/// `input` as stdin, passes on SIGINT, SIGTERM and SIGHUP, and returns how it ended.
+pub async fn run(
+    client: &Client,
+    job: &str,
+    start: &SandboxStart,
+    input: Input,
+) -> Result<RunStatus, RunError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let stream = client.attach_run(job, &start.run).await?;
+    let (pipe_read, feed): (Option<OwnedFd>, Option<tokio::task::JoinHandle<()>>) = match input {
+        Input::Inherit => (None, None),
+        Input::Bytes(data) => {
+            let (r, w) = pipe().map_err(RunError::Pass)?;
+            (Some(r), Some(feed(w, Box::pin(std::io::Cursor::new(data)))))
+        }
+        Input::Stream(reader) => {
+            let (r, w) = pipe().map_err(RunError::Pass)?;
+            (Some(r), Some(feed(w, reader)))
         }
     };
-    let status = loop {
-        tokio::select! {
-            st = child.wait() => break st?,
-            _ = sint.recv() => forward(Signal::SIGINT),
-            _ = sterm.recv() => forward(Signal::SIGTERM),
-            _ = shup.recv() => forward(Signal::SIGHUP),
-        }
+    {
+        let stdin = std::io::stdin();
+        let stdout = std::io::stdout();
+        let stderr = std::io::stderr();
+        let fd0: BorrowedFd<'_> = match &pipe_read {
+            Some(r) => r.as_fd(),
+            None => stdin.as_fd(),
+        };
+        run_wire::send_fds(&stream, &[fd0, stdout.as_fd(), stderr.as_fd()])
+            .await
+            .map_err(RunError::Pass)?;
+    }
+    // The agent's shim holds the read end now.
+    drop(pipe_read);
+    let (mut sint, mut sterm, mut shup) = (
+        signal(SignalKind::interrupt()).map_err(RunError::Pass)?,
+        signal(SignalKind::terminate()).map_err(RunError::Pass)?,
+        signal(SignalKind::hangup()).map_err(RunError::Pass)?,
+    );
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let forward = |n: i32| format!("signal {n}\n");
+    let result = loop {
+        let sig = tokio::select! {
+            line = lines.next_line() => break line,
+            _ = sint.recv() => libc_sig(nix::sys::signal::Signal::SIGINT),
+            _ = sterm.recv() => libc_sig(nix::sys::signal::Signal::SIGTERM),
+            _ = shup.recv() => libc_sig(nix::sys::signal::Signal::SIGHUP),
+        };
+        // A lost signal is not an error: the command runs on, and the agent kills it if
+        // this process goes away.
+        let _ = write.write_all(forward(sig).as_bytes()).await;
     };
     if let Some(f) = feed {
         f.abort();
     }
+    let line = match result {
+        Ok(Some(l)) => l,
+        _ => return Err(RunError::AgentGone),
+    };
+    let status: RunStatus = serde_json::from_str(&line)
+        .map_err(|e| RunError::Refused(format!("unreadable status from airlockd: {e}")))?;
+    if let Some(e) = &status.error {
+        return Err(RunError::Refused(e.clone()));
+    }
     Ok(status)
 }
 
-/// How a sandboxed command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The command ran and ended with this status (as [`exit_code`] gives it), whatever
-    /// the number: a script may exit 125 itself.
-    Exited(i32),
-    /// The sandbox could not be built; the shim said why on stderr.
-    SetupFailed,
+fn libc_sig(s: nix::sys::signal::Signal) -> i32 {
+    s as i32
 }
 
-/// Tells a sandbox that could not be built from a command that ran, by the status file the
-/// shim writes beside its spec (`exec-3.json` → `exec-3.status`, in the agent's root-only
-/// job directory). Without one — the shim ended before it could write it (a bad spec, or
-/// it was killed) — the exit status decides: 125 is the shim's own.
-pub fn outcome(start: &SandboxStart, status: ExitStatus) -> Outcome {
-    let code = exit_code(status);
-    match std::fs::read_to_string(start.spec.with_extension("status")) {
-        Ok(s) if s.trim() == "setup-failed" => Outcome::SetupFailed,
-        Ok(s) if s.starts_with("exited ") => Outcome::Exited(code),
-        _ if code == airlock_shim::EXIT_SETUP_FAILED => Outcome::SetupFailed,
-        _ => Outcome::Exited(code),
-    }
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
+}
+
+/// Copies `reader` into the pipe's write end, then closes it (end of file for the job).
+fn feed(w: OwnedFd, mut reader: Pin<Box<dyn AsyncRead + Send>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Ok(mut tx) = tokio::net::unix::pipe::Sender::from_owned_fd(w) else {
+            return;
+        };
+        // A command that exits without reading all of it is not an error here.
+        let _ = tokio::io::copy(&mut reader, &mut tx).await;
+        let _ = tx.shutdown().await;
+    })
 }
 
 /// A status as a shell reports it: the exit code, or 128 + the signal.

@@ -404,6 +404,26 @@ impl Agent {
         self.spawn()
     }
 
+    /// Lets `group`'s members use the control socket (`[agent] control_group`), restarts
+    /// the agent with it, and lets other users reach the socket in the agent's tree.
+    pub fn open_to_group(&mut self, group: &str) -> Result<(), HarnessError> {
+        use std::os::unix::fs::PermissionsExt;
+        let text = std::fs::read_to_string(&self.config)
+            .map_err(|e| HarnessError::Prepare(self.config.clone(), e))?;
+        std::fs::write(
+            &self.config,
+            text.replacen(
+                "[agent]\n",
+                &format!("[agent]\ncontrol_group = \"{group}\"\n"),
+                1,
+            ),
+        )
+        .map_err(|e| HarnessError::Prepare(self.config.clone(), e))?;
+        self.restart()?;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| HarnessError::Prepare(self.dir.path().to_path_buf(), e))
+    }
+
     /// Stops the daemon with SIGTERM and waits for it; returns its exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;

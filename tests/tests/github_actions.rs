@@ -89,20 +89,34 @@ impl TokenServer {
     }
 }
 
-/// Let the agent's control socket be used by `nogroup` (`[agent] control_group`), as a
-/// hooks-only runner's user needs, and let `nobody` reach it.
-fn open_control_socket_to_nogroup(agent: &mut Agent) {
-    let cfg = agent.config_path().to_path_buf();
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replacen("[agent]\n", "[agent]\ncontrol_group = \"nogroup\"\n", 1),
-    )
-    .unwrap();
-    agent
-        .restart()
-        .expect("airlockd restarts with control_group");
-    std::fs::set_permissions(agent.dir(), std::fs::Permissions::from_mode(0o711)).unwrap();
+/// Copies of the shipped hooks (`integrations/github/*`) in `dir/hooks`, calling `airlock`
+/// (the built one, at `bin`) with `--socket` when given, instead of `/usr/bin/airlock`:
+/// what an operator installing elsewhere edits.
+fn github_hooks_with(dir: &Path, airlock: &Path, socket: Option<&Path>) -> PathBuf {
+    let hooks = dir.join("hooks");
+    std::fs::create_dir_all(&hooks).unwrap();
+    for entry in std::fs::read_dir(paths::repo_root().join("integrations/github")).unwrap() {
+        let entry = entry.unwrap();
+        let text = std::fs::read_to_string(entry.path()).unwrap();
+        assert!(
+            text.contains("exec /usr/bin/airlock github"),
+            "{}: the binary's path is fixed",
+            entry.path().display()
+        );
+        let call = match socket {
+            Some(s) => format!("exec {} --socket {} github", airlock.display(), s.display()),
+            None => format!("exec {} github", airlock.display()),
+        };
+        let text = text.replace("exec /usr/bin/airlock github", &call);
+        let copy = hooks.join(entry.file_name());
+        std::fs::write(&copy, text).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    hooks
+}
+
+fn github_hooks(dir: &Path, socket: Option<&Path>) -> PathBuf {
+    github_hooks_with(dir, &paths::bin("airlock"), socket)
 }
 
 fn chown_r(p: &Path, uid: u32) {
@@ -114,11 +128,12 @@ fn chown_r(p: &Path, uid: u32) {
     assert!(st.success());
 }
 
-/// The fake runner: loads `.env` as the runner does, runs the job-started hook with
-/// `bash -e`, then each step with `GITHUB_ENV`'s variables, then the job-completed hook.
+/// The fake runner's per-job process, `bin/Runner.Worker` (the name the hooks look for):
+/// loads `.env` as the runner does, runs the job-started hook with `bash -e`, then each step
+/// with `GITHUB_ENV`'s variables, then the job-completed hook. `run.sh` starts it.
 const FAKE_RUNNER: &str = r#"#!/bin/bash
 set -u
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 while IFS= read -r line; do
   case "$line" in ''|'#'*) continue ;; esac
   export "$line"
@@ -168,16 +183,21 @@ impl HooksOnlyRunner {
         ] {
             std::fs::create_dir_all(d).unwrap();
         }
-        std::fs::write(root.join("run.sh"), FAKE_RUNNER).unwrap();
-        std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755))
-            .unwrap();
-        let hooks = paths::repo_root().join("integrations/github");
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::write(root.join("bin/Runner.Worker"), FAKE_RUNNER).unwrap();
+        std::fs::write(
+            root.join("run.sh"),
+            "#!/bin/bash\n\"$(dirname \"$0\")/bin/Runner.Worker\"\n",
+        )
+        .unwrap();
+        for f in ["run.sh", "bin/Runner.Worker"] {
+            std::fs::set_permissions(root.join(f), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let hooks = github_hooks(dir.path(), Some(&agent.socket_path()));
         let env = format!(
-            "# written by config.sh\nLANG=C.UTF-8\nACTIONS_RUNNER_HOOK_JOB_STARTED={}\nACTIONS_RUNNER_HOOK_JOB_COMPLETED={}\nAIRLOCK={}\nAIRLOCK_SOCKET={}\nAIRLOCK_OIDC_AUDIENCE=airlock-test\nAIRLOCK_GITHUB_STATE_DIR={}\n",
+            "# written by config.sh\nLANG=C.UTF-8\nACTIONS_RUNNER_HOOK_JOB_STARTED={}\nACTIONS_RUNNER_HOOK_JOB_COMPLETED={}\nAIRLOCK_OIDC_AUDIENCE=airlock-test\nAIRLOCK_GITHUB_STATE_DIR={}\n",
             hooks.join("job-started.sh").display(),
             hooks.join("job-completed.sh").display(),
-            paths::bin("airlock").display(),
-            agent.socket_path().display(),
             dir.path().join("state").display(),
         );
         std::fs::write(root.join(".env"), env).unwrap();
@@ -282,7 +302,10 @@ env -u RUNNER_TRACKING_ID setsid sleep 1001 > /dev/null 2>&1 < /dev/null & echo 
 fn hooks_only_job_gets_its_rules_credentials_and_job_completed_ends_kills_and_wipes() {
     prereqs();
     let mut stack = Stack::start();
-    open_control_socket_to_nogroup(&mut stack.agent);
+    stack
+        .agent
+        .open_to_group("nogroup")
+        .expect("airlockd restarts with control_group");
     let who = GithubJob::production().with_run_id(9_300_001);
     let oidc = who.token();
     let tokens = TokenServer::start(oidc.clone());
@@ -418,7 +441,10 @@ fn hooks_only_job_gets_its_rules_credentials_and_job_completed_ends_kills_and_wi
 fn hooks_only_refused_job_fails_at_job_started_with_a_readable_message() {
     prereqs();
     let mut stack = Stack::start();
-    open_control_socket_to_nogroup(&mut stack.agent);
+    stack
+        .agent
+        .open_to_group("nogroup")
+        .expect("airlockd restarts with control_group");
     let who = GithubJob::feature_branch();
     let tokens = TokenServer::start(who.token());
     let step = "touch \"$OUT/step-ran\"\n";
@@ -473,14 +499,19 @@ fn hooks_only_refused_job_fails_at_job_started_with_a_readable_message() {
 // ---------------------------------------------------------------------------------------
 
 /// The fake `run.sh` of the ephemeral test, inside the slot's sandbox. Its "JIT config" is
-/// the job message as GitHub would deliver it: `repo|ref|event|oidc token`. It serves the
-/// job's token on the sandbox's loopback as GitHub's token service would, then runs the
-/// hooks and steps as the runner does.
+/// the job message as GitHub would deliver it (`repo|ref|event|oidc token`), in the
+/// `.credentials` file the slot unpacked from the encoded configuration, as the real runner
+/// does with its registration. It serves the job's token on the sandbox's loopback as
+/// GitHub's token service would, then runs the hooks and steps as the runner does. Its
+/// first step looks for the encoded configuration in every process's command line and
+/// environment, tries the bind route twice (claim and bind), and leaves things behind.
 const FAKE_EPHEMERAL_RUNNER: &str = r#"#!/bin/bash
 set -u
 cd "$(dirname "$0")"
-[ "$1" = "--jitconfig" ] || { echo "fake runner: expected --jitconfig"; exit 2; }
-IFS='|' read -r repo ref event oidc <<< "$(printf '%s' "$2" | base64 -d)"
+[ $# -eq 0 ] || { echo "fake runner: arguments given: $*"; exit 2; }
+[ -f .runner ] && [ -f .credentials ] || { echo "fake runner: not configured"; exit 2; }
+[ "$(stat -c %a .credentials)" = 600 ] || { echo "fake runner: .credentials is not 0600"; exit 2; }
+IFS='|' read -r repo ref event oidc < .credentials
 while IFS= read -r line; do
   case "$line" in ''|'#'*) continue ;; esac
   export "$line"
@@ -495,7 +526,9 @@ class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         ok = self.headers.get("Authorization") == "bearer gh-request-token-7Yq2" and "audience=airlock-test" in self.path
         body = ('{"value": "%s"}' % tok if ok else "{}").encode()
-        self.send_response(200 if ok else 401); self.send_header("content-length", str(len(body))); self.end_headers(); self.wfile.write(body)
+        # A job whose "token" is FAIL stands for GitHub's token service failing.
+        code = 500 if tok == "FAIL" else (200 if ok else 401)
+        self.send_response(code); self.send_header("content-length", str(len(body))); self.end_headers(); self.wfile.write(body)
 http.server.HTTPServer(("127.0.0.1", 8089), H).serve_forever()
 PY
 for i in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:8089/ && break; sleep 0.1; done
@@ -505,12 +538,24 @@ export GITHUB_ENV="$HOME/set_env"; : > "$GITHUB_ENV"
 echo "fake runner: job $AIRLOCK_JOB_ID for $repo $ref"
 if ! bash -e "$ACTIONS_RUNNER_HOOK_JOB_STARTED"; then
   echo "fake runner: the job-started hook failed; the job fails"
+  # An `if: always()` step of the failed job tries to bind claims of its own choosing.
+  claim=$(curl -sS -o /dev/null -w '%{http_code}' -X POST -H "Authorization: $AWS_CONTAINER_AUTHORIZATION_TOKEN" http://169.254.170.2/v1/bind/claim)
+  echo "always-step: claim after a failed hook $claim"
   exit 1
 fi
 (
   set -a; . "$GITHUB_ENV"; set +a
+  mark=$(cat jit-mark)
+  seen=0
+  for f in /proc/[0-9]*/cmdline /proc/[0-9]*/environ; do
+    [ -r "$f" ] && seen=$((seen+1))
+    if tr '\0' '\n' < "$f" 2>/dev/null | grep -q "$mark"; then echo "step: JIT CONFIG SEEN in $f"; fi
+  done
+  echo "step: looked into $seen process files for ${#mark} characters"
   code=$(curl -sS -o "$HOME/creds.json" -w '%{http_code}' -H "Authorization: $AWS_CONTAINER_AUTHORIZATION_TOKEN" "$AWS_CONTAINER_CREDENTIALS_FULL_URI")
   echo "step: credentials $code $(grep -o 'role/[a-z-]*' "$HOME/creds.json")"
+  claim=$(curl -sS -o /dev/null -w '%{http_code}' -X POST -H "Authorization: $AWS_CONTAINER_AUTHORIZATION_TOKEN" http://169.254.170.2/v1/bind/claim)
+  echo "step: second claim $claim"
   rebind=$(curl -sS -o /dev/null -w '%{http_code}' -X POST -H "Authorization: $AWS_CONTAINER_AUTHORIZATION_TOKEN" \
     -d '{"claims":{"provider":"github","repository":"acme/web","ref":"refs/heads/main"}}' http://169.254.170.2/v1/bind)
   echo "step: second bind $rebind"
@@ -527,7 +572,10 @@ echo "fake runner: done"
 fn hooks_only_on_a_sandboxing_agent_fails_at_job_started_and_says_why() {
     prereqs();
     let mut stack = Stack::sandboxed("");
-    open_control_socket_to_nogroup(&mut stack.agent);
+    stack
+        .agent
+        .open_to_group("nogroup")
+        .expect("airlockd restarts with control_group");
     let who = GithubJob::production().with_run_id(9_300_003);
     let tokens = TokenServer::start(who.token());
     let step = "touch \"$OUT/step-ran\"\n";
@@ -577,27 +625,46 @@ fn ephemeral_slots_bind_inside_the_sandbox_once_and_are_wiped_and_restarted() {
         std::fs::Permissions::from_mode(0o755),
     )
     .unwrap();
-    std::fs::write(runner_dir.join(".env"), "LANG=C.UTF-8\n").unwrap();
 
-    // Two jobs for the one slot: a production deploy, then a feature branch no rule allows.
+    // Three jobs for the one slot: a production deploy, a feature branch no rule allows, and
+    // a job whose job-started hook cannot get its OIDC token (GitHub's service fails).
     let prod = GithubJob::production().with_run_id(9_300_010);
     let feature = GithubJob::feature_branch();
     let prod_token = prod.token();
     let feature_token = feature.token();
-    let b64 = |s: String| {
+    let b64 = |s: &str| {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(s)
     };
+    // As `generate-jitconfig` encodes it: base64 of a JSON object of the runner's files.
+    let encode = |job: &str| {
+        let files = serde_json::json!({
+            ".credentials": b64(job),
+            ".runner": b64("{\"agentName\":\"ephemeral\",\"ephemeral\":true}"),
+        });
+        b64(&files.to_string())
+    };
     let configs = [
-        b64(format!(
+        encode(&format!(
             "{}|{}|{}|{}",
             prod.repository, prod.git_ref, prod.event_name, prod_token
         )),
-        b64(format!(
+        encode(&format!(
             "{}|{}|{}|{}",
             feature.repository, feature.git_ref, feature.event_name, feature_token
         )),
+        encode(&format!(
+            "{}|{}|{}|FAIL",
+            prod.repository, prod.git_ref, prod.event_name
+        )),
     ];
+    // What every encoded configuration starts with: found in no process's argv or
+    // environment inside the sandbox.
+    let mark = &configs[0][..20];
+    assert!(configs.iter().all(|c| c.starts_with(mark)));
+    // In a file (an environment variable holding it would be found by the search itself).
+    std::fs::write(runner_dir.join(".env"), "LANG=C.UTF-8\n").unwrap();
+    std::fs::write(runner_dir.join("jit-mark"), mark).unwrap();
     for (i, c) in configs.iter().enumerate() {
         std::fs::write(dir.path().join(format!("jit-{i}")), c).unwrap();
     }
@@ -613,21 +680,16 @@ fn ephemeral_slots_bind_inside_the_sandbox_once_and_are_wiped_and_restarted() {
     std::fs::set_permissions(&jit, std::fs::Permissions::from_mode(0o755)).unwrap();
     // The hooks and the airlock binary run inside the slot's sandbox: copies where jobs see
     // the host's tree (the clone and its target directory may be under /tmp).
-    let hooks_dir = dir.path().join("hooks");
-    std::fs::create_dir_all(&hooks_dir).unwrap();
-    for entry in std::fs::read_dir(paths::repo_root().join("integrations/github")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), hooks_dir.join(entry.file_name())).unwrap();
-    }
     let airlock_bin = dir.path().join("airlock");
     if std::fs::hard_link(paths::bin("airlock"), &airlock_bin).is_err() {
         std::fs::copy(paths::bin("airlock"), &airlock_bin).unwrap();
     }
+    let hooks_dir = github_hooks_with(dir.path(), &airlock_bin, None);
     let cfg = dir.path().join("github-runners.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[github]\nrunner_dir = \"{}\"\nslots = 1\njitconfig_command = [\"{}\"]\nhooks_dir = \"{}\"\nairlock_bin = \"{}\"\naudience = \"airlock-test\"\nmax_lifetime = \"5m\"\nrestart_delay = \"1s\"\nmax_jobs_per_slot = 2\n",
+            "[github]\nrunner_dir = \"{}\"\nslots = 1\njitconfig_command = [\"{}\"]\nhooks_dir = \"{}\"\nairlock_bin = \"{}\"\naudience = \"airlock-test\"\nmax_lifetime = \"5m\"\nrestart_delay = \"1s\"\nmax_jobs_per_slot = 3\n",
             runner_dir.display(),
             jit.display(),
             hooks_dir.display(),
@@ -660,7 +722,22 @@ fn ephemeral_slots_bind_inside_the_sandbox_once_and_are_wiped_and_restarted() {
         log.contains("step: credentials 200 role/web-prod-deploy"),
         "{log}"
     );
+    assert!(log.contains("step: second claim 409"), "{log}");
     assert!(log.contains("step: second bind 409"), "{log}");
+    assert!(
+        !log.contains("JIT CONFIG SEEN") && log.contains("for 20 characters"),
+        "a step found the runner's JIT configuration (or did not look): {log}"
+    );
+    // Job 3: its hook failed before it could bind (no OIDC token); the claim it made first
+    // closed the route, so the `if: always()` step's claim is refused.
+    assert!(
+        log.contains("cannot get this job's OIDC token from GitHub"),
+        "{log}"
+    );
+    assert!(
+        log.contains("always-step: claim after a failed hook 409"),
+        "{log}"
+    );
     // Job 2: a fresh sandbox (nothing of job 1 left), refused with the readable message.
     assert!(
         !log.contains("LEFTOVER SEEN"),
@@ -683,7 +760,7 @@ fn ephemeral_slots_bind_inside_the_sandbox_once_and_are_wiped_and_restarted() {
         .filter(|r| r["event"] == "job_started" && r["runner"] == "github-slot-0")
         .map(|r| r["job"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(jobs.len(), 2, "two slot starts: {jobs:?}");
+    assert_eq!(jobs.len(), 3, "three slot starts: {jobs:?}");
     for j in &jobs {
         let started = recs
             .iter()
@@ -712,10 +789,25 @@ fn ephemeral_slots_bind_inside_the_sandbox_once_and_are_wiped_and_restarted() {
         .collect();
     assert_eq!(
         refused.len(),
-        1,
-        "the step's bind is audited once: {refused:?}"
+        2,
+        "the step's claim and bind are audited: {refused:?}"
     );
-    assert_eq!(refused[0]["via"], "endpoint");
+    assert!(
+        refused.iter().all(|r| r["via"] == "endpoint"),
+        "{refused:?}"
+    );
+    // Job 3 never bound, and the always-step's claim is on record.
+    assert!(
+        !recs
+            .iter()
+            .any(|r| r["event"] == "job_bound" && r["job"] == jobs[2].as_str()),
+        "job 3 bound"
+    );
+    assert!(
+        recs.iter()
+            .any(|r| r["event"] == "bind_refused" && r["job"] == jobs[2].as_str()),
+        "the always-step's claim is audited"
+    );
 
     // No token of the jobs in the supervisor's output, the agent's log or the audit.
     let audit = std::fs::read_to_string(stack.agent.audit_path()).unwrap();
@@ -731,5 +823,5 @@ fn ephemeral_slots_bind_inside_the_sandbox_once_and_are_wiped_and_restarted() {
     let mut s = String::new();
     let _ =
         std::fs::File::open(dir.path().join("count")).and_then(|mut f| f.read_to_string(&mut s));
-    assert_eq!(s.trim(), "2", "one JIT config per slot start");
+    assert_eq!(s.trim(), "3", "one JIT config per slot start");
 }

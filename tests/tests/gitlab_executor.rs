@@ -135,20 +135,20 @@ impl<'a> GitlabJob<'a> {
         self
     }
 
-    /// Runs `integrations/gitlab/<stage>.sh ARGS` with gitlab-runner's environment.
+    /// Runs `integrations/gitlab/<stage>.sh ARGS` with gitlab-runner's environment: a copy
+    /// of the shipped script with the built `airlock` as its (fixed) binary, and the agent's
+    /// `--config` in front of the stage's arguments, where config.toml's `*_args` put it.
     fn stage(&self, stage: &str, args: &[&str]) -> Output {
-        let script = paths::repo_root()
-            .join("integrations/gitlab")
-            .join(format!("{stage}.sh"));
+        let script = driver_script(self.dir.path(), stage);
+        let config = self.stack.agent.config_path().display().to_string();
         let mut cmd = Command::new(&script);
-        cmd.args(args)
+        cmd.args(["--config", config.as_str()])
+            .args(args)
             .env_clear()
             .env(
                 "PATH",
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             )
-            .env("AIRLOCK_BIN", paths::bin("airlock"))
-            .env("AIRLOCK_CONFIG", self.stack.agent.config_path())
             .env("BUILD_FAILURE_EXIT_CODE", BUILD_FAILURE.to_string())
             .env("SYSTEM_FAILURE_EXIT_CODE", SYSTEM_FAILURE.to_string())
             .env("JOB_RESPONSE_FILE", self.dir.path().join("response.json"))
@@ -178,6 +178,32 @@ impl<'a> GitlabJob<'a> {
         .unwrap();
         self.stage("run", &[path.to_str().unwrap(), stage])
     }
+}
+
+/// A copy of the shipped driver script `<stage>.sh` in `dir`, calling the built `airlock`
+/// instead of `/usr/bin/airlock` (what an operator installing elsewhere edits).
+fn driver_script(dir: &std::path::Path, stage: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let src = paths::repo_root()
+        .join("integrations/gitlab")
+        .join(format!("{stage}.sh"));
+    let text = std::fs::read_to_string(&src).unwrap();
+    assert!(
+        text.contains("exec /usr/bin/airlock gitlab"),
+        "{}: the binary's path is fixed",
+        src.display()
+    );
+    let copy = dir.join(format!("driver-{stage}.sh"));
+    std::fs::write(
+        &copy,
+        text.replace(
+            "exec /usr/bin/airlock",
+            &format!("exec {}", paths::bin("airlock").display()),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy
 }
 
 fn text(o: &Output) -> String {
@@ -465,11 +491,11 @@ fn a_policy_refusal_is_a_system_failure_that_says_why() {
     );
     // The agent down: a system failure too.
     let (job3, _) = GitlabJob::with_token(&stack, 522, "acme/web");
-    let down = Command::new(paths::repo_root().join("integrations/gitlab/prepare.sh"))
+    let down = Command::new(driver_script(job3.dir.path(), "prepare"))
+        .arg("--socket")
+        .arg(stack.agent.dir().join("no-such.sock"))
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
-        .env("AIRLOCK_BIN", paths::bin("airlock"))
-        .env("AIRLOCK_SOCKET", stack.agent.dir().join("no-such.sock"))
         .env("BUILD_FAILURE_EXIT_CODE", BUILD_FAILURE.to_string())
         .env("SYSTEM_FAILURE_EXIT_CODE", SYSTEM_FAILURE.to_string())
         .env("JOB_RESPONSE_FILE", job3.dir.path().join("response.json"))

@@ -14,11 +14,12 @@ use airlock::secret::Secret;
 #[derive(Debug, Parser)]
 #[command(version, propagate_version = true)]
 struct Cli {
-    /// Agent configuration (for the socket, policy and audit paths).
-    #[arg(long, short, global = true, env = "AIRLOCK_CONFIG", default_value = airlock::config::DEFAULT_PATH)]
+    /// Agent configuration (for the socket, policy and audit paths). A flag only, never an
+    /// environment variable: the CI integrations run with variables a pipeline sets.
+    #[arg(long, short, global = true, default_value = airlock::config::DEFAULT_PATH)]
     config: PathBuf,
-    /// Control socket of airlockd (default: from the configuration).
-    #[arg(long, global = true, env = "AIRLOCK_SOCKET")]
+    /// Control socket of airlockd (default: from the configuration). A flag only.
+    #[arg(long, global = true)]
     socket: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
@@ -102,6 +103,12 @@ enum JobCmd {
         /// End the job after this long, e.g. "30m" (at most the agent's [jobs] max_lifetime).
         #[arg(long, value_parser = humantime::parse_duration)]
         max_lifetime: Option<std::time::Duration>,
+        /// The process the job belongs to (this command or one of its ancestors): the job
+        /// ends when it exits, and a caller that is not root may act on the job only from
+        /// it or below it. Default for callers that are not root: this command's parent
+        /// (the shell that ran it); for root: none.
+        #[arg(long)]
+        owner_pid: Option<i32>,
     },
     /// Bind the identity of a job started with --bind-later (once).
     Bind {
@@ -112,7 +119,7 @@ enum JobCmd {
     /// End a job: its token and credentials stop working at once.
     End { job_id: String },
     /// Run CMD in a started job's existing sandbox (its files, network, cgroup and
-    /// credentials), as root; exit with CMD's status (125: the sandbox could not be built).
+    /// credentials); exit with CMD's status (125: the sandbox could not be built).
     Exec {
         job_id: String,
         /// The command and its arguments.
@@ -336,6 +343,8 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
                         argv: cmd.clone(),
                         env: std::env::vars().collect(),
                     }),
+                    // The job is this command's: it ends if airlock is killed.
+                    owner_pid: Some(std::process::id() as i32),
                     ..Default::default()
                 },
                 &cmd,
@@ -347,7 +356,11 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
             runner,
             bind_later,
             max_lifetime,
+            owner_pid,
         }) => {
+            let owner_pid = owner_pid.or_else(|| {
+                (!nix::unistd::geteuid().is_root()).then(|| nix::unistd::getppid().as_raw())
+            });
             let (oidc_token, claims) = identity_input(&id)?;
             if !bind_later && oidc_token.is_none() && claims.is_none() {
                 return Err(Fail(
@@ -364,6 +377,7 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
                     bind_later,
                     max_lifetime_secs: max_lifetime.map(|d| d.as_secs()),
                     command: None,
+                    owner_pid,
                     ..Default::default()
                 })
                 .await
@@ -400,10 +414,15 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
                 )
                 .await
                 .map_err(control_fail)?;
-            let status = airlock::shim_run::run(&x.sandbox, airlock::shim_run::Input::Inherit)
-                .await
-                .map_err(|e| Fail(exit::OSERR, format!("cannot run {}: {e}", cmd[0])))?;
-            Ok(airlock::shim_run::exit_code(status))
+            let status = airlock::shim_run::run(
+                &client,
+                &job_id,
+                &x.sandbox,
+                airlock::shim_run::Input::Inherit,
+            )
+            .await
+            .map_err(|e| Fail(exit::UNAVAILABLE, format!("cannot run {}: {e}", cmd[0])))?;
+            Ok(status.code)
         }
         Cmd::Gitlab(cmd) => Ok(airlock::gitlab::run_cli(cmd, cli.socket, &cli.config).await),
         Cmd::Buildkite(cmd) => Ok(airlock::buildkite::run_cli(cmd, cli.socket, &cli.config).await),
@@ -697,20 +716,22 @@ async fn run_job(client: &Client, req: StartRequest, cmd: &[String]) -> Result<i
             job.grants.join(", ")
         ),
     }
-    let mut command = match &job.sandbox {
-        // The agent built the sandbox and wrote the spec: the shim runs CMD inside it with
-        // a clean environment of the agent's making.
-        Some(sb) => {
-            let mut c = tokio::process::Command::new(&sb.shim);
-            c.arg("--spec").arg(&sb.spec).env_clear();
-            c
+    // The agent built the sandbox and wrote the spec: it runs CMD inside with this process's
+    // descriptors and a clean environment of its own making.
+    if let Some(sb) = &job.sandbox {
+        let status =
+            airlock::shim_run::run(client, &job.job_id, sb, airlock::shim_run::Input::Inherit)
+                .await;
+        let ended = client.end(&job.job_id).await;
+        if let Err(e) = &ended {
+            eprintln!("airlock: warning: could not end job {}: {e}", job.job_id);
         }
-        None => {
-            let mut c = tokio::process::Command::new(&cmd[0]);
-            c.args(&cmd[1..]);
-            c
-        }
-    };
+        return status
+            .map(|s| s.code)
+            .map_err(|e| Fail(exit::UNAVAILABLE, format!("cannot run {}: {e}", cmd[0])));
+    }
+    let mut command = tokio::process::Command::new(&cmd[0]);
+    command.args(&cmd[1..]);
     // The host's own credentials must not reach the job, nor win over the job's in the
     // SDKs' provider chains.
     for var in [
@@ -728,9 +749,7 @@ async fn run_job(client: &Client, req: StartRequest, cmd: &[String]) -> Result<i
     ] {
         command.env_remove(var);
     }
-    if job.sandbox.is_none() {
-        command.envs(job.env.expose());
-    }
+    command.envs(job.env.expose());
     let status = match command.spawn() {
         Ok(mut child) => {
             use nix::sys::signal::{kill, Signal};
@@ -766,9 +785,5 @@ async fn run_job(client: &Client, req: StartRequest, cmd: &[String]) -> Result<i
     if let Err(e) = &ended {
         eprintln!("airlock: warning: could not end job {}: {e}", job.job_id);
     }
-    let status = status?;
-    use std::os::unix::process::ExitStatusExt;
-    Ok(status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(1)))
+    Ok(airlock::shim_run::exit_code(status?))
 }

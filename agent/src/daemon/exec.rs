@@ -2,8 +2,9 @@
 //! existing sandbox — the same cgroup, network namespace, slot user and tmpfs, so what one
 //! command leaves in `/tmp`, `/home` or `/run` the next one finds (a GitLab job's stages).
 //!
-//! The agent writes a new spec for the job and answers with it; the caller (root) runs the
-//! shim, as for `airlock run`. Each exec gets its own mount, pid, ipc, uts and cgroup
+//! The agent writes a new spec for the job and answers with the name of the prepared
+//! command; the caller starts it with `run` (the agent runs the shim with the caller's
+//! descriptors, see `run.rs`), as for `airlock run`. Each exec gets its own mount, pid, ipc, uts and cgroup
 //! namespaces: when its command exits, the kernel kills whatever it left running, and the
 //! job's wipe (`cgroup.kill`) reaches every exec of the job.
 //!
@@ -19,6 +20,8 @@
 //! the whole argv — never the arguments themselves nor any environment value) before its
 //! spec is written.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use super::{lock, Daemon};
@@ -31,7 +34,7 @@ use crate::secret::Secret;
 pub(super) struct ExecHandle(Arc<Mutex<ExecState>>);
 
 #[derive(Debug)]
-struct ExecState {
+pub(super) struct ExecState {
     ctx: ExecContext,
     /// The job's endpoint token: each exec's spec writes it into the job's tmpfs again and
     /// sets it in the environment. Kept in the agent's memory only, for the job's lifetime.
@@ -39,16 +42,33 @@ struct ExecState {
     /// The job's tmpfs is mounted (by its first exec, or by `airlock run`'s spec).
     fs_mounted: bool,
     execs: u64,
+    /// Prepared commands not started yet: run name → spec. Each starts once.
+    pub(super) pending: HashMap<String, PathBuf>,
+    /// Commands of the job running now (see `run::MAX_RUNS_PER_JOB`).
+    pub(super) running: usize,
 }
 
 impl ExecHandle {
-    pub(super) fn new(ctx: ExecContext, token: &Secret<String>, fs_mounted: bool) -> ExecHandle {
+    /// `start`: the command the job was started with, if any (its tmpfs is then mounted).
+    pub(super) fn new(
+        ctx: ExecContext,
+        token: &Secret<String>,
+        start: Option<(SandboxStart, PathBuf)>,
+    ) -> ExecHandle {
+        let fs_mounted = start.is_some();
+        let pending = start.into_iter().map(|(s, spec)| (s.run, spec)).collect();
         ExecHandle(Arc::new(Mutex::new(ExecState {
             ctx,
             token: token.clone(),
             fs_mounted,
             execs: 0,
+            pending,
+            running: 0,
         })))
+    }
+
+    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, ExecState> {
+        lock(&self.0)
     }
 }
 
@@ -151,16 +171,18 @@ impl Daemon {
             std::path::Path::new(JOB_TOKEN_FILE),
         );
         let env = sb.job_env(&cmd.env, &airlock_env);
+        let name = format!("exec-{n}");
         let spec = sb
             .write_spec_file(
                 job,
                 &st.ctx,
-                &format!("exec-{n}.json"),
+                &format!("{name}.json"),
                 cmd.argv,
                 env,
                 st.token.expose(),
             )
             .map_err(unavailable)?;
+        st.pending.insert(name.clone(), spec.clone());
         drop(st);
         // Ended meanwhile: its directory (and this spec) went with the wipe, or goes now.
         if !lock(&self.jobs).contains_key(job) {
@@ -175,10 +197,7 @@ impl Daemon {
         Ok(ExecResponse {
             job_id: job.to_string(),
             exec: n,
-            sandbox: SandboxStart {
-                shim: sb.shim().to_path_buf(),
-                spec,
-            },
+            sandbox: SandboxStart { run: name },
         })
     }
 }

@@ -66,6 +66,9 @@ pub struct JobSettings {
     /// The rule's `[rule.egress]` merged with the baseline: the job's network is then
     /// egress-controlled, with the agent as its resolver.
     pub egress: Option<EgressPolicy>,
+    /// Host paths hidden from this job besides the agent's list (the caller's: e.g. the
+    /// Buildkite agent's build path).
+    pub hide: Vec<PathBuf>,
 }
 
 impl Default for JobSettings {
@@ -78,6 +81,7 @@ impl Default for JobSettings {
             cpu_millis: None,
             tmpfs_size: None,
             egress: None,
+            hide: Vec::new(),
         }
     }
 }
@@ -119,6 +123,7 @@ impl JobSettings {
             cpu_millis: r.cpu_millis,
             tmpfs_size: r.tmpfs_size,
             egress,
+            hide: Vec::new(),
         }
     }
 }
@@ -138,6 +143,8 @@ pub struct Prepared {
     /// The job's endpoint sockets, bound inside its namespace (container, then IMDS).
     pub listeners: Vec<std::net::TcpListener>,
     pub dir: PathBuf,
+    /// The job's own hidden paths (from its start request), besides the agent's.
+    pub hide: Vec<PathBuf>,
 }
 
 /// What later commands of a job need of its sandbox (`airlock job exec`): the agent keeps
@@ -148,6 +155,8 @@ pub struct ExecContext {
     pub gid: u32,
     /// The job's root-only directory (`<runtime_dir>/<job>`).
     pub dir: PathBuf,
+    /// The job's own hidden paths, besides the agent's.
+    pub hide: Vec<PathBuf>,
     pub netns: PathBuf,
     /// The directories the shim joins.
     pub cgroups: Vec<PathBuf>,
@@ -163,6 +172,7 @@ impl Prepared {
             uid: self.user.uid,
             gid: self.user.gid,
             dir: self.dir.clone(),
+            hide: self.hide.clone(),
             netns: self.net.ns_path.clone(),
             cgroups: self.cgroup.dirs().map(Path::to_path_buf).collect(),
             cgroup: self.cgroup.path().to_path_buf(),
@@ -289,6 +299,12 @@ impl Sandboxes {
             "/run/containerd".into(),
             "/var/lib/docker".into(),
             "/var/lib/containerd".into(),
+            // The runners' own configuration, tokens and build trees: another job's
+            // checkout, the agent's registration token.
+            "/etc/buildkite-agent".into(),
+            "/var/lib/buildkite-agent".into(),
+            "/etc/gitlab-runner".into(),
+            "/var/lib/gitlab-runner".into(),
             cfg.agent.state_dir.clone(),
             runtime_dir.clone(),
             s.netns_dir.clone(),
@@ -469,6 +485,7 @@ impl Sandboxes {
             net,
             listeners,
             dir,
+            hide: settings.hide.clone(),
         })
     }
 
@@ -546,7 +563,13 @@ impl Sandboxes {
                 mode: 0o400,
             }],
             resolv_conf: p.resolv_conf.clone(),
-            hide: self.hide.clone(),
+            hide: {
+                let mut h = self.hide.clone();
+                h.extend(ctx.hide.iter().cloned());
+                h.sort();
+                h.dedup();
+                h
+            },
             rlimits: Rlimits {
                 nofile: None,
                 nproc: None,
