@@ -52,11 +52,12 @@ demo: deps build
 # sandbox (root only), measured against bubblewrap in the same run; then egress (root only):
 # a job's rules against a namespace without rules, its resolver against the upstream.
 BENCH_BIN_DIR = $(if $(CARGO_TARGET_DIR),$(abspath $(CARGO_TARGET_DIR)),$(CURDIR)/target)/release
+# The agent's benchmark starts sandboxed jobs too (their RSS), so the release shim is built
+# with the agent, before any program runs.
 bench: deps
-	$(CARGO) build --release -p airlock-agent --bins
+	$(CARGO) build --release -p airlock-agent -p airlock-shim --bins
 	AIRLOCK_BIN_DIR=$(BENCH_BIN_DIR) $(CARGO) run -p airlock-tests --bin airlock-bench --release
 	scripts/setup-bench-deps.sh
-	$(CARGO) build --release -p airlock-shim --bins
 	AIRLOCK_BIN_DIR=$(BENCH_BIN_DIR) $(CARGO) run -p airlock-tests --bin airlock-sandbox-bench --release
 	$(CARGO) run -p airlock-tests --bin airlock-egress-bench --release
 

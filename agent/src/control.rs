@@ -827,3 +827,37 @@ mod secret_env {
         Ok(Secret::new(BTreeMap::deserialize(d)?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(uid: u32, gid: u32, pid: i32) -> Peer {
+        Peer {
+            uid,
+            gid,
+            pid: Some(pid),
+        }
+    }
+
+    #[test]
+    fn root_the_primary_and_a_supplementary_control_group_may_ask() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::procs::fake_tree(
+            dir.path(),
+            &[(100, "runner", 1, 5)],
+            "Uid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\nGroups:\t27 998\n",
+        );
+        let procs = crate::procs::Procs::at(dir.path());
+        assert!(peer_allowed(&peer(0, 0, 100), None, &procs));
+        assert!(!peer_allowed(&peer(1000, 1000, 100), None, &procs));
+        assert!(peer_allowed(&peer(1000, 998, 100), Some(998), &procs));
+        // `usermod -aG`: the group is a supplementary one.
+        assert!(peer_allowed(&peer(1000, 1000, 100), Some(998), &procs));
+        assert!(!peer_allowed(&peer(1000, 1000, 100), Some(5), &procs));
+        // The pid's status is another user's (reused pid): refused.
+        assert!(!peer_allowed(&peer(1001, 1001, 100), Some(998), &procs));
+        // No such process: refused.
+        assert!(!peer_allowed(&peer(1000, 1000, 101), Some(998), &procs));
+    }
+}

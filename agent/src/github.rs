@@ -1298,6 +1298,47 @@ mod tests {
     }
 
     #[test]
+    fn a_jit_configuration_unpacks_into_the_runners_files_and_nothing_else() {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let dir = tempfile::tempdir().unwrap();
+        let config = b64(&serde_json::json!({
+            ".runner": b64("{\"agentId\": 7}"),
+            ".credentials": b64("{\"scheme\": \"OAuth\"}"),
+        })
+        .to_string());
+        let files = unpack_jitconfig(dir.path(), &format!("{config}\n")).unwrap();
+        assert_eq!(files, [".credentials", ".runner"]);
+        let runner = std::fs::read_to_string(dir.path().join(".runner")).unwrap();
+        assert_eq!(runner, "{\"agentId\": 7}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(".credentials"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        for (bad, why) in [
+            (
+                b64(&serde_json::json!({"../x": b64("a")}).to_string()),
+                "names a file",
+            ),
+            (
+                b64(&serde_json::json!({"run.sh": b64("a")}).to_string()),
+                "names a file",
+            ),
+            (
+                b64(&serde_json::json!({".runner": "%%%"}).to_string()),
+                "not base64",
+            ),
+            ("not base64 at all".to_string(), "not base64"),
+            (b64("[1, 2]"), "JSON object"),
+        ] {
+            let e = unpack_jitconfig(dir.path(), &bad).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+    }
+
+    #[test]
     fn start_ticks_survive_odd_command_names() {
         let stat =
             "1234 (a) b (c) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";

@@ -206,3 +206,23 @@ async fn wait_for_exit(owner: ProcId, procs: &crate::procs::Procs) {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_hidden_paths_must_be_plain_absolute_paths() {
+        let ok = checked_hide(&["/var/lib/buildkite-agent/builds".into()]).unwrap();
+        assert_eq!(ok, vec![PathBuf::from("/var/lib/buildkite-agent/builds")]);
+        for bad in ["relative/path", "/", "/a/../etc", "//", "a"] {
+            let e = checked_hide(&[bad.into()]).unwrap_err();
+            assert_eq!(e.status, 400, "{bad}");
+            assert!(e.message.contains("hide"), "{bad}: {}", e.message);
+        }
+        let many: Vec<PathBuf> = (0..=MAX_EXTRA_HIDE)
+            .map(|i| format!("/x{i}").into())
+            .collect();
+        assert!(checked_hide(&many).is_err());
+    }
+}

@@ -177,6 +177,23 @@ fn find_bwrap() -> Res<PathBuf> {
         })
 }
 
+/// Where jobs can run the bench's own filler from: a copy of this program outside `/tmp`,
+/// `/var/tmp`, `/run` and `/home` (a job's own tmpfs covers those, and a clone may live
+/// under any of them) and outside `/root` (hidden from jobs).
+fn job_visible_copy(exe: &Path) -> Res<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Path::new("/var/lib/airlock-bench");
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let copy = dir.join(format!("airlock-sandbox-bench-{}", std::process::id()));
+    fs::copy(exe, &copy)
+        .map_err(|e| format!("copy {} to {}: {e}", exe.display(), copy.display()))?;
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("{}: {e}", copy.display()))?;
+    Ok(copy)
+}
+
 fn shim_path(me: &Path) -> Res<PathBuf> {
     let dir = match std::env::var_os("AIRLOCK_BIN_DIR").filter(|d| !d.is_empty()) {
         Some(d) => PathBuf::from(d),
@@ -261,8 +278,9 @@ impl Bench {
     fn new() -> Res<Bench> {
         require_root()?;
         let bwrap = find_bwrap()?;
-        let me = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-        let shim = shim_path(&me)?;
+        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+        let shim = shim_path(&exe)?;
+        let me = job_visible_copy(&exe)?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -590,6 +608,7 @@ fn wait_ready(child: &mut Child, timeout: Duration) -> Res<()> {
 
 impl Drop for Bench {
     fn drop(&mut self) {
+        let _ = fs::remove_file(&self.me);
         for id in std::mem::take(&mut self.live) {
             if let Ok(cg) = self.parent.job(&id) {
                 if let Err(e) = cg.teardown(TEARDOWN_TIMEOUT) {
