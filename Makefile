@@ -50,7 +50,9 @@ demo: deps build
 
 # Release builds of the agent, measured against a bare hyper server in the same run; then the
 # sandbox (root only), measured against bubblewrap in the same run; then egress (root only):
-# a job's rules against a namespace without rules, its resolver against the upstream.
+# a job's rules against a namespace without rules, its resolver against the upstream; then
+# the noisy neighbour (root only): a job's latency while another job attacks the agent,
+# against its latency quiet.
 BENCH_BIN_DIR = $(if $(CARGO_TARGET_DIR),$(abspath $(CARGO_TARGET_DIR)),$(CURDIR)/target)/release
 # The agent's benchmark starts sandboxed jobs too (their RSS), so the release shim is built
 # with the agent, before any program runs.
@@ -60,6 +62,7 @@ bench: deps
 	scripts/setup-bench-deps.sh
 	AIRLOCK_BIN_DIR=$(BENCH_BIN_DIR) $(CARGO) run -p airlock-tests --bin airlock-sandbox-bench --release
 	$(CARGO) run -p airlock-tests --bin airlock-egress-bench --release
+	AIRLOCK_BIN_DIR=$(BENCH_BIN_DIR) $(CARGO) run -p airlock-tests --bin airlock-noisy-bench --release
 
 # Release .deb and .rpm (docs/packaging.md): the pinned cargo-deb and cargo-generate-rpm, a
 # release build of the three installed binaries only, then packaging/build-packages.sh.

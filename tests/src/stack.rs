@@ -91,7 +91,8 @@ impl Stack {
         Self::sandboxed_with(extra, crate::agent::Policies::Files(files))
     }
 
-    fn sandboxed_with(extra: &str, policies: crate::agent::Policies) -> Stack {
+    /// Like [`Stack::sandboxed`], with `policies` instead of the repository's.
+    pub fn sandboxed_with(extra: &str, policies: crate::agent::Policies) -> Stack {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);

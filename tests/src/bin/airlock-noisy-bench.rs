@@ -1,0 +1,420 @@
+//! `airlock-noisy-bench`: the noisy-neighbour benchmark of `make bench` (root only).
+//!
+//! One sandboxed `airlockd` (the binaries of `AIRLOCK_BIN_DIR`: release builds in `make
+//! bench`), moto as STS and a fake upstream resolver. Two jobs of the same egress rule
+//! (`*.bench.test:443` allowed): job A attacks the agent, job B is a well-behaved neighbour
+//! that, from inside its own sandbox, fetches its credentials from its endpoint and resolves
+//! an allowed name through its resolver, in a loop, timing each. B runs once quiet, then
+//! once during each of A's attacks in turn:
+//!
+//! - `connections`: A holds thousands of connections to its endpoint and sends a cheap
+//!   request on each every second (reopening what the agent closes);
+//! - `refusals`: A floods its endpoint with bind claims, binds and wrong tokens (each a
+//!   refusal the agent audits), from 8 threads;
+//! - `dns`: A floods its resolver with random names under the allowed wildcard, from 8
+//!   threads;
+//! - `forks`: a fork bomb;
+//! - `memory`: a process that allocates until the job's memory limit kills it, again and
+//!   again.
+//!
+//! Printed for each: B's credential and lookup p99 (and the quiet reference from the same
+//! run), B's errors, the agent's descriptors and RSS at most during the attack (A's cost:
+//! their rise over the quiet figures), and the audit lines A's job added per minute. The
+//! targets (issue 10): B's p99 ≤ 2× quiet and no error under every attack; the agent's
+//! descriptors and RSS bounded by the documented per-job caps; A's audit growth bounded.
+//! The last line is `key=value` pairs.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use airlock_tests::agent::Policies;
+use airlock_tests::fakedns::{FakeDns, Zone};
+use airlock_tests::oidc::GithubJob;
+use airlock_tests::stack::Stack;
+use serde_json::Value;
+
+/// The allowed name B resolves, answered by the fake upstream.
+const NAME: &str = "victim.bench.test";
+/// How long B measures, quiet and under each attack.
+const MEASURE: Duration = Duration::from_secs(10);
+/// How long an attack runs before B starts measuring.
+const RAMP: Duration = Duration::from_secs(4);
+
+const POLICY: &str = r#"
+[egress]
+baseline = []
+
+[[rule]]
+name = "bench"
+[rule.match]
+provider = "github"
+repository = "acme/web"
+[[rule.grant]]
+alias = "deploy"
+role_arn = "arn:aws:iam::123456789012:role/web-prod-deploy"
+duration = "1h"
+[rule.sandbox]
+pids = 256
+memory = "256M"
+[rule.egress]
+allow = ["*.bench.test:443"]
+"#;
+
+/// B's loop, inside its sandbox: a credential GET on a new connection (as botocore does)
+/// and an A lookup, each timed, every 10 ms, for ARGV[1] seconds.
+const PROBE: &str = r#"
+import json, os, random, socket, struct, sys, time
+dur = float(sys.argv[1]); name = sys.argv[2]
+tok = open(os.environ["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"]).read().strip()
+host = "169.254.170.2"
+cred, dns, errors = [], [], []
+def get_creds():
+    s = socket.create_connection((host, 80), timeout=5)
+    s.sendall(("GET /v1/credentials HTTP/1.1\r\nHost: %s\r\nAuthorization: %s\r\nConnection: close\r\n\r\n" % (host, tok)).encode())
+    data = b""
+    while True:
+        b = s.recv(65536)
+        if not b: break
+        data += b
+    s.close()
+    if not data.startswith(b"HTTP/1.1 200"): raise Exception(data[:60])
+def lookup():
+    q = struct.pack(">HHHHHH", random.randrange(65536), 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+    s.sendto(q, ("169.254.170.53", 53)); r = s.recv(4096); s.close()
+    if r[3] & 0xf: raise Exception("rcode %d" % (r[3] & 0xf))
+end = time.monotonic() + dur
+while time.monotonic() < end:
+    for kind, f, out in (("cred", get_creds, cred), ("dns", lookup, dns)):
+        t = time.monotonic()
+        try:
+            f(); out.append(int((time.monotonic() - t) * 1e6))
+        except Exception as e:
+            errors.append("%s: %s" % (kind, str(e)[:100]))
+    time.sleep(0.01)
+print("PROBE " + json.dumps({"cred": cred, "dns": dns, "errors": errors}), flush=True)
+"#;
+
+const ATTACK_CONNECTIONS: &str = r#"
+import resource, socket, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+N = 4000
+socks = []
+def conn():
+    s = socket.create_connection(("169.254.170.2", 80), timeout=2); s.settimeout(2); return s
+while True:
+    while len(socks) < N:
+        try: socks.append(conn())
+        except Exception: break
+    for s in list(socks):
+        try:
+            s.sendall(b"GET /nothing-here HTTP/1.1\r\nHost: 169.254.170.2\r\n\r\n"); s.recv(4096)
+        except Exception:
+            socks.remove(s); s.close()
+    print("ATTACK holding %d" % len(socks), flush=True)
+    time.sleep(1)
+"#;
+
+const ATTACK_REFUSALS: &str = r#"
+import os, socket, threading
+tok = open(os.environ["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"]).read().strip()
+reqs = [
+    "POST /v1/bind/claim HTTP/1.1\r\nHost: 169.254.170.2\r\nAuthorization: %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % tok,
+    "POST /v1/bind HTTP/1.1\r\nHost: 169.254.170.2\r\nAuthorization: %s\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}" % tok,
+    "GET /v1/credentials HTTP/1.1\r\nHost: 169.254.170.2\r\nAuthorization: wrong-token\r\nConnection: close\r\n\r\n",
+]
+def flood(i):
+    while True:
+        try:
+            s = socket.create_connection(("169.254.170.2", 80), timeout=2)
+            s.sendall(reqs[i % 3].encode()); s.recv(4096); s.close()
+        except Exception:
+            pass
+        i += 1
+for i in range(8): threading.Thread(target=flood, args=(i,), daemon=True).start()
+print("ATTACK refusals", flush=True)
+threading.Event().wait()
+"#;
+
+const ATTACK_DNS: &str = r#"
+import os, random, socket, string, struct, threading
+def flood():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.05)
+    while True:
+        label = "".join(random.choice(string.ascii_lowercase) for _ in range(12))
+        q = struct.pack(">HHHHHH", random.randrange(65536), 0x0100, 1, 0, 0, 0)
+        q += b"".join(bytes([len(l)]) + l.encode() for l in (label, "flood", "bench", "test")) + b"\0" + struct.pack(">HH", 1, 1)
+        try:
+            s.sendto(q, ("169.254.170.53", 53)); s.recv(4096)
+        except Exception:
+            pass
+for _ in range(8): threading.Thread(target=flood, daemon=True).start()
+print("ATTACK dns", flush=True)
+threading.Event().wait()
+"#;
+
+const ATTACK_FORKS: &str = "echo ATTACK forks; b() { b | b & }; b; sleep 100000";
+
+const ATTACK_MEMORY: &str = "echo ATTACK memory; while true; do python3 -c 'a = []\nwhile True: a.append(bytearray(64 << 20))' 2>/dev/null; done";
+
+type Res<T> = Result<T, String>;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("airlock-noisy-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The agent's open descriptors and RSS (KiB) now.
+fn agent_cost(pid: u32) -> (u64, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0);
+    (fds, rss)
+}
+
+/// Samples the agent's cost every 100 ms until stopped; returns the highest of each.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    fds: Arc<AtomicU64>,
+    rss: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn start(pid: u32) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let fds = Arc::new(AtomicU64::new(0));
+        let rss = Arc::new(AtomicU64::new(0));
+        let (s, f, r) = (stop.clone(), fds.clone(), rss.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let (a, b) = agent_cost(pid);
+                f.fetch_max(a, Ordering::Relaxed);
+                r.fetch_max(b, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Sampler {
+            stop,
+            fds,
+            rss,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        (self.fds.load(Ordering::Relaxed), self.rss.load(Ordering::Relaxed))
+    }
+}
+
+/// A job running `argv` with `airlock run`, in the background; its job id from the CLI's
+/// first line.
+struct Background {
+    child: Child,
+    job: String,
+}
+
+fn start_background(stack: &Stack, token_file: &Path, argv: &[&str]) -> Res<Background> {
+    let mut child = Command::new(airlock_tests::paths::bin("airlock"))
+        .arg("--config")
+        .arg(stack.agent.config_path())
+        .arg("run")
+        .arg("--oidc-token-file")
+        .arg(token_file)
+        .arg("--")
+        .args(argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("airlock run: {e}"))?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("airlock: job ") {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+            }
+        }
+    });
+    let job = rx
+        .recv_timeout(Duration::from_secs(60))
+        .map_err(|_| "the attacking job did not start".to_string())?;
+    Ok(Background { child, job })
+}
+
+/// B's probe: its credential and lookup times (µs) and its errors.
+struct Probe {
+    cred: Vec<u64>,
+    dns: Vec<u64>,
+    errors: Vec<String>,
+}
+
+fn probe(stack: &Stack, token_file: &Path) -> Res<Probe> {
+    let out = stack.agent.cli(&[
+        "run",
+        "--oidc-token-file",
+        token_file.to_str().ok_or("token path")?,
+        "--",
+        "/usr/bin/python3",
+        "-c",
+        PROBE,
+        &MEASURE.as_secs().to_string(),
+        NAME,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("PROBE "))
+        .ok_or_else(|| {
+            format!(
+                "the probe printed no result ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("probe output: {e}"))?;
+    let nums = |k: &str| -> Vec<u64> {
+        v[k].as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default()
+    };
+    Ok(Probe {
+        cred: nums("cred"),
+        dns: nums("dns"),
+        errors: v["errors"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|e| e.as_str().map(String::from)).collect())
+            .unwrap_or_default(),
+    })
+}
+
+fn p99(v: &[u64]) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    s[((s.len() - 1) * 99) / 100]
+}
+
+fn run() -> Res<()> {
+    if !airlock_tests::prereq::is_root() {
+        return Err("needs root (sandboxed jobs): run it through `make bench` as root".into());
+    }
+    let dns = FakeDns::start(Zone::default().a(NAME, [203, 0, 113, 10].into(), 300));
+    let stack = Stack::sandboxed_with(
+        &format!("[egress]\nupstreams = [\"{}\"]\n", dns.addr),
+        Policies::Files(vec![("10-bench.toml".into(), POLICY.into())]),
+    );
+    let pid = stack.agent.pid().ok_or("the agent has no pid")?;
+    let who = |n: u64| GithubJob::production().with_run_id(9_800_000 + n).token();
+    let b_token = stack.agent.token_file(&who(1));
+
+    // Warm-up (first fetch from STS, first admission), then the quiet reference.
+    probe(&stack, &b_token)?;
+    let (fds0, rss0) = agent_cost(pid);
+    let quiet = probe(&stack, &b_token)?;
+    let (q_cred, q_dns) = (p99(&quiet.cred), p99(&quiet.dns));
+    println!(
+        "quiet: B's credential GET p99 {q_cred} µs ({} samples), lookup p99 {q_dns} µs ({}), {} errors; agent {fds0} descriptors, RSS {rss0} KiB",
+        quiet.cred.len(),
+        quiet.dns.len(),
+        quiet.errors.len()
+    );
+    let mut kv = vec![
+        format!("quiet_cred_p99_us={q_cred}"),
+        format!("quiet_dns_p99_us={q_dns}"),
+        format!("quiet_errors={}", quiet.errors.len()),
+        format!("quiet_agent_fds={fds0}"),
+        format!("quiet_agent_rss_kib={rss0}"),
+    ];
+    let mut worst = 0f64;
+    let mut b_errors = quiet.errors.len();
+    let attacks: [(&str, Vec<&str>); 5] = [
+        ("connections", vec!["/usr/bin/python3", "-c", ATTACK_CONNECTIONS]),
+        ("refusals", vec!["/usr/bin/python3", "-c", ATTACK_REFUSALS]),
+        ("dns", vec!["/usr/bin/python3", "-c", ATTACK_DNS]),
+        ("forks", vec!["/bin/bash", "-c", ATTACK_FORKS]),
+        ("memory", vec!["/bin/bash", "-c", ATTACK_MEMORY]),
+    ];
+    for (i, (name, argv)) in attacks.iter().enumerate() {
+        let a_token = stack.agent.token_file(&who(10 + i as u64));
+        let mut a = start_background(&stack, &a_token, argv)?;
+        std::thread::sleep(RAMP);
+        let sampler = Sampler::start(pid);
+        let before = audit_lines(&stack, &a.job);
+        let t0 = Instant::now();
+        let result = probe(&stack, &b_token);
+        let took = t0.elapsed();
+        let after = audit_lines(&stack, &a.job);
+        let (fds, rss) = sampler.finish();
+        // End A: its cgroup is killed, whatever it did to its signals.
+        let _ = stack.agent.end_job(&a.job);
+        let _ = a.child.wait();
+        let r = result?;
+        let (c, d) = (p99(&r.cred), p99(&r.dns));
+        let per_min = (after.saturating_sub(before)) as f64 * 60.0 / took.as_secs_f64();
+        let ratio = (c as f64 / q_cred.max(1) as f64).max(d as f64 / q_dns.max(1) as f64);
+        worst = worst.max(ratio);
+        b_errors += r.errors.len();
+        println!(
+            "{name}: B's credential GET p99 {c} µs ({:.2}× quiet), lookup p99 {d} µs ({:.2}× quiet), {} errors{}; agent at most {fds} descriptors (+{}), RSS {rss} KiB (+{}); A's audit {per_min:.0} lines/min",
+            c as f64 / q_cred.max(1) as f64,
+            d as f64 / q_dns.max(1) as f64,
+            r.errors.len(),
+            r.errors
+                .first()
+                .map(|e| format!(" (first: {e})"))
+                .unwrap_or_default(),
+            fds.saturating_sub(fds0),
+            rss.saturating_sub(rss0),
+        );
+        kv.push(format!("{name}_cred_p99_us={c}"));
+        kv.push(format!("{name}_dns_p99_us={d}"));
+        kv.push(format!("{name}_errors={}", r.errors.len()));
+        kv.push(format!("{name}_agent_fds_max={fds}"));
+        kv.push(format!("{name}_agent_rss_kib_max={rss}"));
+        kv.push(format!("{name}_audit_lines_per_min={per_min:.0}"));
+    }
+    let ok = worst <= 2.0 && b_errors == 0;
+    println!(
+        "worst p99 under attack: {worst:.2}× quiet (target <= 2.0), B's errors {b_errors} (target 0): {}",
+        if ok { "met" } else { "NOT met" }
+    );
+    kv.push(format!("worst_p99_ratio={worst:.3}"));
+    kv.push(format!("b_errors={b_errors}"));
+    println!("{}", kv.join(" "));
+    Ok(())
+}
+
+/// Audit records of `job` so far.
+fn audit_lines(stack: &Stack, job: &str) -> usize {
+    stack
+        .agent
+        .audit_records()
+        .iter()
+        .filter(|r| r["job"] == job)
+        .count()
+}
