@@ -1002,6 +1002,13 @@ impl SupervisorConfig {
                 c.runner_dir.display()
             ));
         }
+        if !Path::new(&c.jitconfig_command[0]).is_absolute() {
+            return Err(format!(
+                "{}: [github] jitconfig_command: {:?} is not an absolute path (the supervisor looks no program up in PATH)",
+                path.display(),
+                c.jitconfig_command[0]
+            ));
+        }
         for p in [&c.hooks_dir, &c.airlock_bin, &c.runner_dir] {
             if !p.is_absolute() {
                 return Err(format!(
@@ -1231,10 +1238,36 @@ async fn one_job(
     Ok(code)
 }
 
+/// What `jitconfig_command` gets of the supervisor's environment besides `PATH` and
+/// `AIRLOCK_SLOT`: where it may write, its language, and the host's proxies.
+const JITCONFIG_ENV: &[&str] = &[
+    "HOME",
+    "LANG",
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_PROXY",
+    "https_proxy",
+    "http_proxy",
+    "no_proxy",
+];
+
 async fn jit_config(slot: u32, cfg: &SupervisorConfig) -> Result<Secret<String>, String> {
-    let out = tokio::process::Command::new(&cfg.jitconfig_command[0])
-        .args(&cfg.jitconfig_command[1..])
-        .env("AIRLOCK_SLOT", slot.to_string())
+    // An environment of our own: the supervisor's variables (systemd's) are not the
+    // command's business, and nothing reaches a program path through them.
+    let mut cmd = tokio::process::Command::new(&cfg.jitconfig_command[0]);
+    cmd.args(&cfg.jitconfig_command[1..])
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("AIRLOCK_SLOT", slot.to_string());
+    for k in JITCONFIG_ENV {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
+    }
+    let out = cmd
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
         .output();

@@ -224,7 +224,10 @@ impl Sampler {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        (self.fds.load(Ordering::Relaxed), self.rss.load(Ordering::Relaxed))
+        (
+            self.fds.load(Ordering::Relaxed),
+            self.rss.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -305,7 +308,11 @@ fn probe(stack: &Stack, token_file: &Path) -> Res<Probe> {
         dns: nums("dns"),
         errors: v["errors"]
             .as_array()
-            .map(|a| a.iter().filter_map(|e| e.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default(),
     })
 }
@@ -353,7 +360,10 @@ fn run() -> Res<()> {
     let mut worst = 0f64;
     let mut b_errors = quiet.errors.len();
     let attacks: [(&str, Vec<&str>); 5] = [
-        ("connections", vec!["/usr/bin/python3", "-c", ATTACK_CONNECTIONS]),
+        (
+            "connections",
+            vec!["/usr/bin/python3", "-c", ATTACK_CONNECTIONS],
+        ),
         ("refusals", vec!["/usr/bin/python3", "-c", ATTACK_REFUSALS]),
         ("dns", vec!["/usr/bin/python3", "-c", ATTACK_DNS]),
         ("forks", vec!["/bin/bash", "-c", ATTACK_FORKS]),
