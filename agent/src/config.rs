@@ -114,9 +114,14 @@ pub struct EndpointSection {
     /// Address the per-job credential listeners bind to while jobs are not sandboxed.
     #[serde(default = "default_endpoint_bind")]
     pub bind: std::net::IpAddr,
-    /// Serve the IMDSv2 emulation besides the container-credentials protocol.
-    #[serde(default = "yes")]
+    /// Serve the IMDSv2 emulation besides the container-credentials protocol: the
+    /// effective value, `imds` if set, else on with `[sandbox] enabled` and off without it
+    /// (IMDS asks no job token, so on a shared loopback any local process could use it).
+    #[serde(skip)]
     pub imds: bool,
+    /// `imds` as the file says it (`None`: not set).
+    #[serde(default, rename = "imds")]
+    pub imds_setting: Option<bool>,
     /// Region reported to jobs (`AWS_REGION`, IMDS region documents).
     #[serde(default = "default_region")]
     pub region: String,
@@ -127,6 +132,7 @@ impl Default for EndpointSection {
         EndpointSection {
             bind: default_endpoint_bind(),
             imds: true,
+            imds_setting: None,
             region: default_region(),
         }
     }
@@ -531,7 +537,7 @@ impl Config {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
             ConfigError::Parse {
                 path: path.to_owned(),
@@ -540,6 +546,7 @@ impl Config {
                 message: e.message().to_string(),
             }
         })?;
+        cfg.endpoint.imds = cfg.endpoint.imds_setting.unwrap_or(cfg.sandbox.enabled);
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -690,6 +697,27 @@ mod tests {
             .to_string();
         assert!(err.contains("not a loopback address"), "{err}");
         Config::parse(Path::new("a.toml"), "[endpoint]\nbind = \"::1\"\n").unwrap();
+    }
+
+    #[test]
+    fn imds_is_off_by_default_without_the_sandbox_and_on_when_asked() {
+        let p = Path::new("a.toml");
+        assert!(
+            Config::parse(p, "").unwrap().endpoint.imds,
+            "sandboxed default"
+        );
+        let off = Config::parse(p, "[sandbox]\nenabled = false\n").unwrap();
+        assert!(
+            !off.endpoint.imds,
+            "unsandboxed: no token-less IMDS by default"
+        );
+        let on = Config::parse(p, "[endpoint]\nimds = true\n[sandbox]\nenabled = false\n").unwrap();
+        assert!(
+            on.endpoint.imds,
+            "an explicit imds = true still turns it on"
+        );
+        let sandboxed_off = Config::parse(p, "[endpoint]\nimds = false\n").unwrap();
+        assert!(!sandboxed_off.endpoint.imds);
     }
 
     #[test]

@@ -176,6 +176,7 @@ impl Daemon {
             source: source.clone(),
             metrics: metrics.clone(),
             audit: audit.clone(),
+            conns: endpoint::ConnBudget::for_this_process(),
         });
         let sandboxes = sandboxes.map(|sb| {
             sb.count_reclaims_in(metrics.sandbox_reclaims_pending.clone());

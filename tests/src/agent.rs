@@ -80,6 +80,8 @@ pub struct AgentOptions {
     pub extra_config: String,
     /// `AIRLOCK_LOG` for the daemon, when the test wants more (e.g. debug) output.
     pub log_filter: Option<String>,
+    /// `[endpoint] imds`; `None` leaves it unset (on with the sandbox, off without).
+    pub imds: Option<bool>,
 }
 
 impl AgentOptions {
@@ -92,7 +94,14 @@ impl AgentOptions {
             jwks_file: crate::paths::oidc_fixtures().join("jwks.json"),
             extra_config: String::new(),
             log_filter: None,
+            imds: None,
         }
+    }
+
+    /// Sets `[endpoint] imds` (unsandboxed tests of the IMDS emulation turn it on).
+    pub fn imds(mut self, on: bool) -> Self {
+        self.imds = Some(on);
+        self
     }
 
     pub fn policies(mut self, policies: Policies) -> Self {
@@ -453,6 +462,43 @@ impl Agent {
         }
     }
 
+    /// Descriptors the daemon has open now (entries of `/proc/<pid>/fd`).
+    pub fn open_fds(&self) -> Option<usize> {
+        let pid = self.pid()?;
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()
+            .map(|d| d.count())
+    }
+
+    /// `airlock run --oidc-token-file <token> -- /bin/sh -c <script>`, started and left
+    /// running: stdout and stderr are piped, stdin is closed.
+    pub fn spawn_run_sh(&self, oidc_token: &str, script: &str) -> Child {
+        let f = self.token_file(oidc_token);
+        let airlock = crate::paths::bin("airlock");
+        let mut cmd = Command::new(&airlock);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .arg("--oidc-token-file")
+            .arg(&f)
+            .args(["--", "/bin/sh", "-c", script]);
+        for v in HOST_AWS_VARS {
+            cmd.env_remove(v);
+        }
+        match cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => panic!(
+                "cannot run {}: {e} (run `cargo build --bins`)",
+                airlock.display()
+            ),
+        }
+    }
+
     /// Writes `token` to a file in the agent's tree and returns the path.
     pub fn token_file(&self, token: &str) -> PathBuf {
         // A process-wide counter, not a directory listing: concurrent callers (tests that
@@ -568,7 +614,7 @@ dir = {policies}
 [endpoint]
 bind = "127.0.0.1"
 region = "us-east-1"
-
+{imds}
 [admin]
 listen = "{admin}"
 
@@ -597,6 +643,9 @@ jwks_file = {jwks}
         issuer = toml_str(crate::oidc::GITHUB_ISSUER),
         aud = toml_str(crate::oidc::TEST_AUDIENCE),
         jwks = toml_str(&opts.jwks_file.to_string_lossy()),
+        imds = opts
+            .imds
+            .map_or(String::new(), |on| format!("imds = {on}\n")),
         // Jobs of these tests run unsandboxed on loopback unless a test brings its own
         // [sandbox] table (Stack::sandboxed).
         sandbox = if opts.extra_config.contains("[sandbox]") {
