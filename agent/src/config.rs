@@ -374,6 +374,11 @@ pub struct SandboxSection {
     /// CPU per job in thousandths of a CPU; none: no limit.
     #[serde(default)]
     pub cpu_millis: Option<u64>,
+    /// Each job's CPU share under contention (`cpu.weight`, 1..=10000; the kernel's
+    /// default 100, which is also what systemd gives airlockd's own service). See
+    /// docs/cgroups.md.
+    #[serde(default = "default_cpu_weight")]
+    pub cpu_weight: u64,
     /// Size cap of the job's tmpfs, in bytes: one for the job as a whole (its /tmp,
     /// /var/tmp, /run, home and workspace).
     #[serde(default = "default_tmpfs_size")]
@@ -413,6 +418,9 @@ fn default_pids_max() -> u64 {
 }
 fn default_memory_max() -> u64 {
     8 << 30
+}
+fn default_cpu_weight() -> u64 {
+    crate::sandbox::cgroup::DEFAULT_CPU_WEIGHT
 }
 fn default_tmpfs_size() -> u64 {
     4 << 30

@@ -736,6 +736,7 @@ impl Daemon {
                     "memory_max": p.limits.memory_max_bytes,
                     "tmpfs_size": p.tmpfs_size,
                     "cpu_max_us": p.limits.cpu_max.map(|c| format!("{} {}", c.quota_us, c.period_us)),
+                    "cpu_weight": p.limits.cpu_weight,
                 }),
             );
         }

@@ -4,6 +4,7 @@
 //! socket and wipes go on. Unsandboxed agents serve no token-less IMDS unless asked.
 
 use airlock_tests::agent::{parse_response, raw_request, Job};
+use airlock_tests::jobprobe::{credential_latency, python};
 use airlock_tests::oidc::GithubJob;
 use airlock_tests::stack::Stack;
 use std::io::{BufRead, BufReader};
@@ -232,69 +233,6 @@ while not os.path.exists(stop) and time.time() < end:
 print("done", flush=True)
 "#;
 
-/// Job B: 40 credential GETs over fresh connections, each timed; prints
-/// `n= errors= p50_ms= p99_ms= max_ms=`.
-const LATENCY: &str = r#"
-import os, socket, time
-host = "169.254.170.2"
-tok = os.environ["AWS_CONTAINER_AUTHORIZATION_TOKEN"]
-req = ("GET /v1/credentials HTTP/1.1\r\nHost: %s\r\nAuthorization: %s\r\nConnection: close\r\n\r\n" % (host, tok)).encode()
-lat, errors = [], 0
-for _ in range(40):
-    t = time.monotonic()
-    ok = False
-    try:
-        s = socket.create_connection((host, 80), timeout=3)
-        s.sendall(req)
-        data = b""
-        while True:
-            c = s.recv(65536)
-            if not c:
-                break
-            data += c
-        s.close()
-        ok = data.startswith(b"HTTP/1.1 200") and b"SecretAccessKey" in data
-    except OSError:
-        pass
-    if ok:
-        lat.append((time.monotonic() - t) * 1000)
-    else:
-        errors += 1
-    time.sleep(0.05)
-lat.sort()
-pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else -1
-print("n=%d" % len(lat))
-print("errors=%d" % errors)
-print("p50_ms=%.2f" % pick(0.5))
-print("p99_ms=%.2f" % pick(0.99))
-print("max_ms=%.2f" % (lat[-1] if lat else -1))
-"#;
-
-fn py(script: &str, args: &str) -> String {
-    format!("/usr/bin/python3 - {args} <<'AL_EOF'\n{script}\nAL_EOF\n")
-}
-
-/// Job B's latency run: its `key=value` findings, after asserting it ran.
-fn latency(stack: &Stack, when: &str) -> std::collections::BTreeMap<String, String> {
-    let out = stack.run_sh(&GithubJob::production().token(), &py(LATENCY, ""));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "job B ({when}) failed: {stdout}\n{}\nagent log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        stack.agent.log()
-    );
-    let kv = airlock_tests::kv(&stdout);
-    eprintln!("job B {when}: {kv:?}");
-    kv
-}
-
-fn num(kv: &std::collections::BTreeMap<String, String>, k: &str) -> f64 {
-    kv.get(k)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {k} in {kv:?}"))
-}
-
 /// Lines of a child's stdout, as they come, on a channel.
 fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
@@ -340,13 +278,13 @@ fn a_job_hoarding_connections_holds_only_its_cap_and_starves_no_one() {
     let _ = std::fs::remove_file(&go);
     let _ = std::fs::remove_file(&stop);
 
-    let quiet = latency(&stack, "quiet");
-    assert_eq!(num(&quiet, "errors"), 0.0, "{quiet:?}");
+    let quiet = credential_latency(&stack, "quiet");
+    assert_eq!(quiet.errors, 0, "{quiet:?}");
     let idle_fds = stack.agent.open_fds().expect("the agent's /proc/<pid>/fd");
 
     let mut a = Reap(stack.agent.spawn_run_sh(
         &GithubJob::production().token(),
-        &py(
+        &python(
             HOARDER,
             &format!("{} {} {HOARD}", go.display(), stop.display()),
         ),
@@ -371,16 +309,15 @@ fn a_job_hoarding_connections_holds_only_its_cap_and_starves_no_one() {
     sample(&mut max_fds);
 
     // Job B still gets its credentials quickly and without errors.
-    let busy = latency(&stack, "while A hoards");
+    let busy = credential_latency(&stack, "while A hoards");
     sample(&mut max_fds);
-    assert_eq!(num(&busy, "errors"), 0.0, "{busy:?}");
-    assert_eq!(num(&busy, "n"), 40.0, "{busy:?}");
+    assert_eq!((busy.errors, busy.n), (0, 40), "{busy:?}");
     // The SDKs give up after 1 s (JS) or 2 s (botocore); a quiet fetch takes a few ms.
     assert!(
-        num(&busy, "p99_ms") < 500.0,
+        busy.p99_ms < 500.0,
         "job B's p99 {} ms while A hoards (quiet: {} ms)",
-        num(&busy, "p99_ms"),
-        num(&quiet, "p99_ms")
+        busy.p99_ms,
+        quiet.p99_ms
     );
 
     // The control socket answers: list, start and end a job.

@@ -253,6 +253,7 @@ impl Sandboxes {
             pids_max: Some(s.pids_max),
             memory_max_bytes: Some(s.memory_max),
             cpu_max: s.cpu_millis.map(CpuMax::millicpus),
+            cpu_weight: Some(s.cpu_weight),
         };
         limits.validate()?;
         let parent = CgroupRoot::detect(&s.cgroup_root)?.open_parent(&s.cgroup_parent)?;
@@ -378,6 +379,7 @@ impl Sandboxes {
                 .cpu_millis
                 .map(CpuMax::millicpus)
                 .or(self.limits.cpu_max),
+            cpu_weight: self.limits.cpu_weight,
         };
         limits.validate()?;
         let user = self.users().acquire()?;
