@@ -359,6 +359,11 @@ pub struct SandboxSection {
     /// `net.ipv6.conf.all.forwarding` at the first such job (see docs/network.md).
     #[serde(default)]
     pub ipv6_address_pool: Option<String>,
+    /// Forwarded traffic that is neither from nor to a job: `auto` (dropped when airlock
+    /// turned forwarding on, left alone on a host that forwarded before), `drop` or
+    /// `allow`. See docs/network.md.
+    #[serde(default)]
+    pub other_forwarding: crate::sandbox::forwarding::OtherForwarding,
     #[serde(default)]
     pub users: crate::sandbox::users::JobUsersConfig,
     /// The runner's own uid and gid, which no job may have.

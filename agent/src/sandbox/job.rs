@@ -272,6 +272,10 @@ impl Sandboxes {
             pool,
             pool6,
             proc_dir: "/proc".into(),
+            forwarding: super::forwarding::ForwardingConfig {
+                other: s.other_forwarding,
+                state_dir: Some(cfg.agent.state_dir.clone()),
+            },
         })?;
         std::fs::DirBuilder::new()
             .recursive(true)
