@@ -82,6 +82,12 @@ pub struct AgentOptions {
     pub log_filter: Option<String>,
     /// `[endpoint] imds`; `None` leaves it unset (on with the sandbox, off without).
     pub imds: Option<bool>,
+    /// Run the daemon in this network namespace (`nsenter --net`), as if it were the
+    /// host's: tests of what the agent does to the host's network make a host of their own.
+    /// Its STS and the admin listener are then inside that namespace too (the harness
+    /// reaches the admin listener there; STS stays unreachable, which job starts do not
+    /// need).
+    pub netns: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -95,7 +101,14 @@ impl AgentOptions {
             extra_config: String::new(),
             log_filter: None,
             imds: None,
+            netns: None,
         }
+    }
+
+    /// Runs the daemon in the network namespace at `path` (see [`AgentOptions::netns`]).
+    pub fn netns(mut self, path: &Path) -> Self {
+        self.netns = Some(path.to_owned());
+        self
     }
 
     /// Sets `[endpoint] imds` (unsandboxed tests of the IMDS emulation turn it on).
@@ -293,7 +306,17 @@ impl Agent {
         let log2 = log
             .try_clone()
             .map_err(|e| HarnessError::Prepare(log_path.clone(), e))?;
-        let mut cmd = Command::new(&airlockd);
+        let mut cmd = match &self.opts.netns {
+            None => Command::new(&airlockd),
+            Some(ns) => {
+                // nsenter execs airlockd in place: the child's pid is the daemon's.
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display()))
+                    .arg("--")
+                    .arg(&airlockd);
+                c
+            }
+        };
         cmd.arg("--config").arg(&self.config);
         for v in HOST_AWS_VARS {
             cmd.env_remove(v);
@@ -340,15 +363,29 @@ impl Agent {
         }
     }
 
+    /// `GET path` on the admin listener, from the daemon's network namespace.
+    fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        let admin = self.admin;
+        match &self.opts.netns {
+            None => http_get(admin, path).ok(),
+            Some(ns) => {
+                let path = path.to_owned();
+                airlock::sandbox::netns::run_in_netns(ns, move || http_get(admin, &path).ok())
+                    .ok()
+                    .flatten()
+            }
+        }
+    }
+
     /// Status of `GET /healthz` on the admin listener, `None` if it does not answer.
     pub fn healthz(&self) -> Option<u16> {
-        let (status, _) = http_get(self.admin, "/healthz").ok()?;
+        let (status, _) = self.admin_get("/healthz")?;
         Some(status)
     }
 
     /// Body of `GET /metrics`.
     pub fn metrics(&self) -> Option<String> {
-        http_get(self.admin, "/metrics").ok().map(|(_, b)| b)
+        self.admin_get("/metrics").map(|(_, b)| b)
     }
 
     pub fn dir(&self) -> &Path {
