@@ -114,9 +114,14 @@ pub struct EndpointSection {
     /// Address the per-job credential listeners bind to while jobs are not sandboxed.
     #[serde(default = "default_endpoint_bind")]
     pub bind: std::net::IpAddr,
-    /// Serve the IMDSv2 emulation besides the container-credentials protocol.
-    #[serde(default = "yes")]
+    /// Serve the IMDSv2 emulation besides the container-credentials protocol: the
+    /// effective value, `imds` if set, else on with `[sandbox] enabled` and off without it
+    /// (IMDS asks no job token, so on a shared loopback any local process could use it).
+    #[serde(skip)]
     pub imds: bool,
+    /// `imds` as the file says it (`None`: not set).
+    #[serde(default, rename = "imds")]
+    pub imds_setting: Option<bool>,
     /// Region reported to jobs (`AWS_REGION`, IMDS region documents).
     #[serde(default = "default_region")]
     pub region: String,
@@ -127,6 +132,7 @@ impl Default for EndpointSection {
         EndpointSection {
             bind: default_endpoint_bind(),
             imds: true,
+            imds_setting: None,
             region: default_region(),
         }
     }
@@ -353,6 +359,11 @@ pub struct SandboxSection {
     /// `net.ipv6.conf.all.forwarding` at the first such job (see docs/network.md).
     #[serde(default)]
     pub ipv6_address_pool: Option<String>,
+    /// Forwarded traffic that is neither from nor to a job: `auto` (dropped when airlock
+    /// turned forwarding on, left alone on a host that forwarded before), `drop` or
+    /// `allow`. See docs/network.md.
+    #[serde(default)]
+    pub other_forwarding: crate::sandbox::forwarding::OtherForwarding,
     #[serde(default)]
     pub users: crate::sandbox::users::JobUsersConfig,
     /// The runner's own uid and gid, which no job may have.
@@ -368,6 +379,11 @@ pub struct SandboxSection {
     /// CPU per job in thousandths of a CPU; none: no limit.
     #[serde(default)]
     pub cpu_millis: Option<u64>,
+    /// Each job's CPU share under contention (`cpu.weight`, 1..=10000; the kernel's
+    /// default 100, which is also what systemd gives airlockd's own service). See
+    /// docs/cgroups.md.
+    #[serde(default = "default_cpu_weight")]
+    pub cpu_weight: u64,
     /// Size cap of the job's tmpfs, in bytes: one for the job as a whole (its /tmp,
     /// /var/tmp, /run, home and workspace).
     #[serde(default = "default_tmpfs_size")]
@@ -407,6 +423,9 @@ fn default_pids_max() -> u64 {
 }
 fn default_memory_max() -> u64 {
     8 << 30
+}
+fn default_cpu_weight() -> u64 {
+    crate::sandbox::cgroup::DEFAULT_CPU_WEIGHT
 }
 fn default_tmpfs_size() -> u64 {
     4 << 30
@@ -531,7 +550,7 @@ impl Config {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
             ConfigError::Parse {
                 path: path.to_owned(),
@@ -540,6 +559,7 @@ impl Config {
                 message: e.message().to_string(),
             }
         })?;
+        cfg.endpoint.imds = cfg.endpoint.imds_setting.unwrap_or(cfg.sandbox.enabled);
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -690,6 +710,27 @@ mod tests {
             .to_string();
         assert!(err.contains("not a loopback address"), "{err}");
         Config::parse(Path::new("a.toml"), "[endpoint]\nbind = \"::1\"\n").unwrap();
+    }
+
+    #[test]
+    fn imds_is_off_by_default_without_the_sandbox_and_on_when_asked() {
+        let p = Path::new("a.toml");
+        assert!(
+            Config::parse(p, "").unwrap().endpoint.imds,
+            "sandboxed default"
+        );
+        let off = Config::parse(p, "[sandbox]\nenabled = false\n").unwrap();
+        assert!(
+            !off.endpoint.imds,
+            "unsandboxed: no token-less IMDS by default"
+        );
+        let on = Config::parse(p, "[endpoint]\nimds = true\n[sandbox]\nenabled = false\n").unwrap();
+        assert!(
+            on.endpoint.imds,
+            "an explicit imds = true still turns it on"
+        );
+        let sandboxed_off = Config::parse(p, "[endpoint]\nimds = false\n").unwrap();
+        assert!(!sandboxed_off.endpoint.imds);
     }
 
     #[test]

@@ -42,6 +42,9 @@ const RECLAIM_WAIT: Duration = Duration::from_secs(20);
 /// The shortest lifetime a start request may ask for.
 const MIN_JOB_LIFETIME_SECS: u64 = 10;
 
+/// A sandboxed command prepared for a job: its run name and its spec.
+type PreparedRun = (crate::control::SandboxStart, PathBuf);
+
 /// The broker as the endpoint sees it, plus why refused jobs get nothing.
 #[derive(Debug)]
 pub struct BrokerSource {
@@ -182,6 +185,7 @@ impl Daemon {
             source: source.clone(),
             metrics: metrics.clone(),
             audit: audit.clone(),
+            conns: endpoint::ConnBudget::for_this_process(),
         });
         let sandboxes = sandboxes.map(|sb| {
             sb.count_reclaims_in(metrics.sandbox_reclaims_pending.clone());
@@ -737,13 +741,7 @@ impl Daemon {
         prepared: Option<&crate::sandbox::job::Prepared>,
         token: &Secret<String>,
         command: &Option<crate::control::JobCommand>,
-    ) -> Result<
-        (
-            Option<PathBuf>,
-            Option<(crate::control::SandboxStart, PathBuf)>,
-        ),
-        ApiError,
-    > {
+    ) -> Result<(Option<PathBuf>, Option<PreparedRun>), ApiError> {
         self.store.save(rec).map_err(internal)?;
         let mut fields = Self::decision_fields(rec, identity);
         if let Some(p) = prepared {
@@ -761,6 +759,7 @@ impl Daemon {
                     "memory_max": p.limits.memory_max_bytes,
                     "tmpfs_size": p.tmpfs_size,
                     "cpu_max_us": p.limits.cpu_max.map(|c| format!("{} {}", c.quota_us, c.period_us)),
+                    "cpu_weight": p.limits.cpu_weight,
                 }),
             );
         }

@@ -6,6 +6,14 @@
 //! must also match that job's token, compared in constant time. The endpoint never decides
 //! anything: it serves what its [`CredentialSource`] (the broker) holds for its job, and it
 //! never reaches into policies or sandboxes.
+//!
+//! Every connection costs the agent a descriptor, so connections are bounded: at most
+//! [`CONNECTIONS_PER_JOB`] per job (all its listeners together) and a global budget
+//! ([`ConnBudget`], from `RLIMIT_NOFILE`, see `fd_budget`) that leaves headroom for the
+//! control socket, recovery and wipes. At either bound the listener is simply not accepted
+//! from: new connections wait in the kernel's accept queue, and the agent does no work for
+//! them. A connection idle between requests for [`IDLE_TIMEOUT`], or whose response the job
+//! does not read for [`WRITE_TIMEOUT`], is closed.
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
@@ -18,12 +26,16 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
@@ -37,6 +49,18 @@ const IMDS_TTL_MAX: u64 = 21_600;
 const IMDS_TOKENS_MAX: usize = 256;
 /// Refusal records per job per minute, so a flood cannot fill the disk.
 const AUDIT_REFUSALS_PER_MINUTE: u32 = 10;
+/// Open connections one job may hold on its endpoint, all its listeners together. An SDK
+/// uses one; the credential benchmark drives 32.
+pub const CONNECTIONS_PER_JOB: usize = 64;
+/// A keep-alive connection with no new request for this long is closed. It is hyper's
+/// header read timeout, which runs from the moment a connection waits for a request head
+/// until the head is complete: it also ends a head sent a byte at a time.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection whose response cannot be written for this long (the job does not read
+/// it) is closed.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A request body (`POST /v1/bind`) must arrive in full within this time.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Credentials as the endpoint serves them.
 #[derive(Debug, Clone)]
@@ -104,6 +128,10 @@ pub struct JobEndpoint {
     bind_route: Mutex<BindRoute>,
     imds_tokens: Mutex<HashMap<[u8; 32], Instant>>,
     refusals: Mutex<(Instant, u32)>,
+    /// The job's connection slots, shared by its listeners (made by the first `serve`).
+    conn_slots: OnceLock<Arc<Semaphore>>,
+    /// Connections of this job open now.
+    live: Arc<AtomicUsize>,
 }
 
 impl JobEndpoint {
@@ -132,7 +160,20 @@ impl JobEndpoint {
             bind_route: Mutex::new(BindRoute::Closed),
             imds_tokens: Mutex::new(HashMap::new()),
             refusals: Mutex::new((Instant::now(), 0)),
+            conn_slots: OnceLock::new(),
+            live: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// Connections of this job open now.
+    pub fn open_connections(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    fn slots(&self, per_job: usize) -> Arc<Semaphore> {
+        self.conn_slots
+            .get_or_init(|| Arc::new(Semaphore::new(per_job)))
+            .clone()
     }
 
     /// Also accept `host` (e.g. `169.254.170.2` inside a sandbox).
@@ -216,12 +257,87 @@ pub fn random_token() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
 
+/// The bounds on endpoint connections (the defaults are the documented ones; tests shorten
+/// the timeouts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    pub per_job: usize,
+    pub idle: Duration,
+    pub write: Duration,
+    pub body: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            per_job: CONNECTIONS_PER_JOB,
+            idle: IDLE_TIMEOUT,
+            write: WRITE_TIMEOUT,
+            body: BODY_TIMEOUT,
+        }
+    }
+}
+
+/// Connection slots of all jobs together, and the per-job bounds.
+#[derive(Debug)]
+pub struct ConnBudget {
+    pub limits: ConnLimits,
+    total: usize,
+    global: Arc<Semaphore>,
+    /// When the exhausted budget was last logged (at most once a minute).
+    warned: Mutex<Option<Instant>>,
+}
+
+impl ConnBudget {
+    pub fn new(limits: ConnLimits, total: usize) -> ConnBudget {
+        ConnBudget {
+            limits,
+            total,
+            global: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
+            warned: Mutex::new(None),
+        }
+    }
+
+    /// The default bounds with the global budget derived from this process's
+    /// `RLIMIT_NOFILE` (see [`crate::fd_budget::endpoint_connections`]).
+    pub fn for_this_process() -> ConnBudget {
+        let nofile = crate::fd_budget::current_nofile();
+        ConnBudget::new(
+            ConnLimits::default(),
+            crate::fd_budget::endpoint_connections(nofile),
+        )
+    }
+
+    /// Connection slots of all jobs together.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Slots taken now (by open connections, and one by each listener waiting to accept).
+    pub fn in_use(&self) -> usize {
+        self.total - self.global.available_permits().min(self.total)
+    }
+
+    fn warn_exhausted(&self) {
+        let mut w = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        if w.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+            *w = Some(Instant::now());
+            tracing::warn!(
+                budget = self.total,
+                "every endpoint connection slot is taken: new connections of every job wait \
+                 until one closes (raise LimitNOFILE to give the endpoints more)"
+            );
+        }
+    }
+}
+
 /// Shared by every job's listener.
 #[derive(Debug)]
 pub struct Shared<S> {
     pub source: Arc<S>,
     pub metrics: Arc<Metrics>,
     pub audit: Arc<AuditLog>,
+    pub conns: ConnBudget,
 }
 
 /// Serve one job's listener until the task is aborted.
@@ -230,10 +346,29 @@ pub async fn serve<S: CredentialSource>(
     job: Arc<JobEndpoint>,
     shared: Arc<Shared<S>>,
 ) {
+    let limits = shared.conns.limits;
+    let slots = job.slots(limits.per_job);
     loop {
+        // Slots before `accept`: at a bound the listener is not polled at all, so new
+        // connections wait in the kernel's accept queue and cost the agent nothing (no
+        // descriptor, no accept-and-close loop a job could keep spinning).
+        let Ok(job_slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let global_slot = match shared.conns.global.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                shared.conns.warn_exhausted();
+                match shared.conns.global.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return,
+                }
+            }
+        };
         let (stream, _peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
+                // EMFILE and the like: wait, keeping the slots, rather than spin.
                 tracing::warn!(job = %job.job_id, error = %e, "endpoint accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
@@ -242,7 +377,9 @@ pub async fn serve<S: CredentialSource>(
         let _ = stream.set_nodelay(true);
         let job = job.clone();
         let shared = shared.clone();
+        let live = LiveConn::new(job.live.clone());
         tokio::spawn(async move {
+            let _slots = (job_slot, global_slot, live);
             let svc = service_fn(move |req| {
                 let job = job.clone();
                 let shared = shared.clone();
@@ -250,12 +387,126 @@ pub async fn serve<S: CredentialSource>(
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
+                .header_read_timeout(limits.idle)
                 .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), svc);
-            // Malformed requests end here with hyper's own 400/431; nothing else is affected.
+                .serve_connection(TokioIo::new(WriteDeadline::new(stream, limits.write)), svc);
+            // Malformed requests end here with hyper's own 400/431, timeouts with the
+            // connection closed; nothing else is affected.
             let _ = conn.await;
         });
+    }
+}
+
+/// Counts one open connection of a job for as long as it lives.
+struct LiveConn(Arc<AtomicUsize>);
+
+impl LiveConn {
+    fn new(n: Arc<AtomicUsize>) -> LiveConn {
+        n.fetch_add(1, Ordering::SeqCst);
+        LiveConn(n)
+    }
+}
+
+impl Drop for LiveConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A stream whose writes fail with `TimedOut` once one has made no progress for `limit`:
+/// a job that sends requests and never reads the answers cannot keep a connection (and
+/// its task and buffers) for ever. Reads are left to hyper's header read timeout.
+#[derive(Debug)]
+pub struct WriteDeadline<T> {
+    inner: T,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteDeadline<T> {
+    pub fn new(inner: T, limit: Duration) -> WriteDeadline<T> {
+        WriteDeadline {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// After a write that made progress (`ready`), forget the stall; after one that did
+    /// not, time it.
+    fn track<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        res: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        match res {
+            Poll::Ready(r) => {
+                self.stalled = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let limit = self.limit;
+                let sleep = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    self.stalled = None;
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the peer has not read its response within the write timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteDeadline<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.track(cx, res)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.track(cx, res)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_flush(cx);
+        this.track(cx, res)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.track(cx, res)
     }
 }
 
@@ -551,16 +802,14 @@ async fn bind<S: CredentialSource>(
         *route = BindRoute::Closed;
     }
     use http_body_util::BodyExt;
-    let body = match http_body_util::Limited::new(req.into_body(), MAX_BIND_BODY)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    let collect = http_body_util::Limited::new(req.into_body(), MAX_BIND_BODY).collect();
+    let body = match tokio::time::timeout(shared.conns.limits.body, collect).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) | Err(_) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "BadRequest",
-                "the bind request is unreadable or too large",
+                "the bind request is unreadable, too large or too slow",
             )
         }
     };
@@ -764,6 +1013,13 @@ mod tests {
     const TOKEN: &str = "job-token-abc";
 
     async fn start() -> (SocketAddr, Arc<JobEndpoint>, tempfile::TempDir) {
+        start_with(ConnLimits::default(), 1024).await
+    }
+
+    async fn start_with(
+        limits: ConnLimits,
+        total: usize,
+    ) -> (SocketAddr, Arc<JobEndpoint>, tempfile::TempDir) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -778,6 +1034,7 @@ mod tests {
             source: Arc::new(Fake),
             metrics: Arc::new(Metrics::new()),
             audit: Arc::new(AuditLog::open(&dir.path().join("a.jsonl")).unwrap()),
+            conns: ConnBudget::new(limits, total),
         });
         tokio::spawn(serve(listener, job.clone(), shared));
         (addr, job, dir)
@@ -1039,6 +1296,207 @@ mod tests {
         assert_eq!(audit.lines().count(), AUDIT_REFUSALS_PER_MINUTE as usize);
         assert!(audit.contains("token_rejected"));
         assert!(!audit.contains("stolen-token-value"));
+    }
+
+    /// Polls `cond` every 20 ms until it holds or `limit` passes.
+    async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cond()
+    }
+
+    fn keep_alive_get(addr: SocketAddr) -> Vec<u8> {
+        format!("GET /v1/credentials HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {TOKEN}\r\n\r\n")
+            .into_bytes()
+    }
+
+    /// Reads one response (headers and a Content-Length body) from a kept-alive stream.
+    async fn read_response(s: &mut tokio::net::TcpStream) -> String {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before a whole response");
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(str::to_string)
+                    })
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if body.len() >= len {
+                    return text;
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_holds_at_most_its_cap_and_the_rest_wait_without_a_descriptor() {
+        let limits = ConnLimits {
+            per_job: 4,
+            ..ConnLimits::default()
+        };
+        let (addr, job, _d) = start_with(limits, 1024).await;
+        // Four connections kept busy with requests: all served.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(&keep_alive_get(addr)).await.unwrap();
+            assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+            held.push(s);
+        }
+        assert_eq!(job.open_connections(), 4);
+        // A fifth connects (the kernel completes the handshake) but is not accepted: its
+        // request gets no answer while the others are open.
+        let mut fifth = tokio::net::TcpStream::connect(addr).await.unwrap();
+        fifth.write_all(&keep_alive_get(addr)).await.unwrap();
+        let mut byte = [0u8; 1];
+        let waited = tokio::time::timeout(Duration::from_millis(500), fifth.read(&mut byte)).await;
+        assert!(waited.is_err(), "a connection beyond the cap was served");
+        assert_eq!(job.open_connections(), 4);
+        // The busy ones keep being served meanwhile.
+        held[0].write_all(&keep_alive_get(addr)).await.unwrap();
+        assert!(read_response(&mut held[0])
+            .await
+            .starts_with("HTTP/1.1 200"));
+        // One closes: the waiting one is accepted and answered.
+        drop(held.pop());
+        let answer = tokio::time::timeout(Duration::from_secs(3), read_response(&mut fifth))
+            .await
+            .expect("the waiting connection is served once a slot is free");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(eventually(Duration::from_secs(2), || job.open_connections() == 4).await);
+    }
+
+    #[tokio::test]
+    async fn the_global_budget_bounds_all_jobs_together() {
+        let (addr, job, _d) = start_with(ConnLimits::default(), 3).await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(&keep_alive_get(addr)).await.unwrap();
+            assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+            held.push(s);
+        }
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        third.write_all(&keep_alive_get(addr)).await.unwrap();
+        assert!(read_response(&mut third).await.starts_with("HTTP/1.1 200"));
+        let mut fourth = tokio::net::TcpStream::connect(addr).await.unwrap();
+        fourth.write_all(&keep_alive_get(addr)).await.unwrap();
+        let mut byte = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), fourth.read(&mut byte))
+                .await
+                .is_err(),
+            "a connection beyond the global budget was served"
+        );
+        assert_eq!(job.open_connections(), 3);
+        drop(third);
+        let answer = tokio::time::timeout(Duration::from_secs(3), read_response(&mut fourth))
+            .await
+            .expect("served once the budget has room");
+        assert!(answer.starts_with("HTTP/1.1 200"));
+    }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+        let limits = ConnLimits {
+            idle: Duration::from_millis(300),
+            ..ConnLimits::default()
+        };
+        let (addr, job, _d) = start_with(limits, 1024).await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(&keep_alive_get(addr)).await.unwrap();
+        assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+        assert_eq!(job.open_connections(), 1);
+        // Idle: the agent closes it (EOF on our side) and frees its slot.
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "an idle connection was kept open");
+        assert!(eventually(Duration::from_secs(2), || job.open_connections() == 0).await);
+        // A request head dribbled a byte at a time is cut off the same way.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        for b in b"GET /v1/credentials HTTP/1.1\r\n".iter() {
+            if slow.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), slow.read_to_end(&mut rest)).await;
+        assert!(started.elapsed() < Duration::from_secs(4));
+        assert!(eventually(Duration::from_secs(2), || job.open_connections() == 0).await);
+    }
+
+    #[tokio::test]
+    async fn a_job_that_never_reads_its_responses_loses_the_connection() {
+        let limits = ConnLimits {
+            write: Duration::from_millis(300),
+            ..ConnLimits::default()
+        };
+        let (addr, job, _d) = start_with(limits, 1024).await;
+        // A small receive window, and thousands of pipelined requests never read: the
+        // agent's writes stall until the write timeout ends the connection.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut s = sock.connect(addr).await.unwrap();
+        let burst: Vec<u8> = keep_alive_get(addr).repeat(200);
+        let writer = tokio::spawn(async move {
+            for _ in 0..500 {
+                if tokio::time::timeout(Duration::from_secs(2), s.write_all(&burst))
+                    .await
+                    .map_or(true, |r| r.is_err())
+                {
+                    break;
+                }
+            }
+            s
+        });
+        assert!(
+            eventually(Duration::from_secs(5), || job.open_connections() == 1).await,
+            "the connection was never accepted"
+        );
+        assert!(
+            eventually(Duration::from_secs(10), || job.open_connections() == 0).await,
+            "a connection whose responses are never read is kept"
+        );
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn write_deadline_fails_a_stalled_write_and_not_a_slow_one() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut w = WriteDeadline::new(a, Duration::from_millis(200));
+        // Progress within the limit each time: fine, however long it takes overall.
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut buf = [0u8; 64];
+            while got < 640 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                got += b.read(&mut buf).await.unwrap();
+            }
+            b
+        });
+        w.write_all(&[7u8; 640]).await.unwrap();
+        let _b = reader.await.unwrap();
+        // Nobody reads: the write fails once it has stalled for the limit.
+        let started = Instant::now();
+        let err = w.write_all(&[7u8; 4096]).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod egress;
 pub mod endpoint;
 pub mod exit;
+pub mod fd_budget;
 pub mod github;
 pub mod gitlab;
 pub mod http_client;

@@ -207,6 +207,123 @@ pub fn mount_proc_sys(root_dir: &Path) -> Result<(), Error> {
     )
 }
 
+/// Kernel interfaces in the job's fresh `/proc` and `/sys` that it must not read: runc's
+/// default masked paths (`libcontainer/specconv/example.go`, `MaskedPaths`, the list Docker
+/// and containerd ship too) — physical memory (`kcore`), kernel keys, timers and scheduler
+/// internals that leak other processes' activity, firmware tables and power-capping
+/// counters (RAPL, a known side channel) — and the DMI ids, which on EC2 hold the instance
+/// id (`board_asset_tag`) and elsewhere the machine's serial numbers and UUID
+/// (`product_uuid`, `product_serial`, `board_serial`, `chassis_asset_tag`). A directory goes
+/// under an empty read-only tmpfs, a file under `/dev/null`.
+pub const MASKED_PATHS: [&str; 13] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+    "/sys/class/dmi",
+    "/sys/devices/virtual/dmi",
+];
+
+/// Kernel interfaces the job may read but never write: runc's default read-only paths
+/// (`ReadonlyPaths` of the same file). Each is bound onto itself read-only, so even a
+/// process that somehow regained privileges could not change a sysctl or trigger SysRq.
+pub const READONLY_PATHS: [&str; 5] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// `path` (absolute, inside the job's `/proc` or `/sys`) in the job's root, as it is there:
+/// no symlink on the host is resolved.
+fn kernel_path(root_dir: &Path, path: &Path) -> PathBuf {
+    root_dir.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// Masks one of [`MASKED_PATHS`] in the job's root. `false` when the kernel has no such
+/// file (not every machine has ACPI, sound, DMI or RAPL).
+pub fn mask_kernel_path(root_dir: &Path, path: &Path) -> Result<bool, Error> {
+    let target = kernel_path(root_dir, path);
+    let meta = match std::fs::symlink_metadata(&target) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::Resolve(path.to_path_buf(), e)),
+    };
+    if meta.is_dir() {
+        mnt(
+            "an empty tmpfs over a masked kernel directory",
+            Some(Path::new("tmpfs")),
+            &target,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+            Some("size=4096,mode=0555"),
+        )?;
+    } else {
+        mnt(
+            "/dev/null over a masked kernel file",
+            Some(Path::new("/dev/null")),
+            &target,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+        mnt(
+            "/dev/null over a masked kernel file (read-only)",
+            None,
+            &target,
+            None,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NOEXEC,
+            None,
+        )?;
+    }
+    Ok(true)
+}
+
+/// Makes one of [`READONLY_PATHS`] read-only in the job's root (bound onto itself, then
+/// remounted read-only, as runc does). `false` when the kernel has no such file.
+pub fn read_only_kernel_path(root_dir: &Path, path: &Path) -> Result<bool, Error> {
+    let target = kernel_path(root_dir, path);
+    match std::fs::symlink_metadata(&target) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::Resolve(path.to_path_buf(), e)),
+    }
+    mnt(
+        "a read-only kernel path (bind)",
+        Some(&target),
+        &target,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    mnt(
+        "a read-only kernel path (read-only)",
+        None,
+        &target,
+        None,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None,
+    )?;
+    Ok(true)
+}
+
 /// A minimal `/dev`: a small tmpfs with the harmless device nodes bound from the host, a
 /// private devpts instance, a `/dev/shm` tmpfs and the usual symlinks.
 pub fn build_dev(root_dir: &Path) -> Result<(), Error> {

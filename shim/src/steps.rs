@@ -9,6 +9,7 @@ use crate::{env, namespaces, rlimits, SandboxSpec, SetupError};
 use nix::unistd::Pid;
 use seccompiler::BpfProgram;
 use std::fmt;
+use std::path::Path;
 
 /// The setup steps, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +24,7 @@ pub enum Step {
     MountsPrivate,
     BindHostRoot,
     ProcSys,
+    MaskKernel,
     Dev,
     Binds,
     Files,
@@ -58,6 +60,7 @@ impl fmt::Display for Step {
             Step::MountsPrivate => "make mounts private",
             Step::BindHostRoot => "bind the host's / read-only",
             Step::ProcSys => "mount /proc and /sys",
+            Step::MaskKernel => "mask kernel paths in /proc and /sys",
             Step::Dev => "build /dev",
             Step::Binds => "bind the job's directories",
             Step::Files => "write the job's files",
@@ -149,6 +152,16 @@ fn child<S: Syscalls>(
     sys.make_mounts_private().at(Step::MountsPrivate)?;
     sys.bind_host_root(root).at(Step::BindHostRoot)?;
     sys.mount_proc_sys(root).at(Step::ProcSys)?;
+    // Right after their mounts, before anything of the job's is bound: runc's masked and
+    // read-only paths, and the DMI ids.
+    for path in crate::rootfs::MASKED_PATHS {
+        sys.mask_kernel_path(root, Path::new(path))
+            .at(Step::MaskKernel)?;
+    }
+    for path in crate::rootfs::READONLY_PATHS {
+        sys.read_only_kernel_path(root, Path::new(path))
+            .at(Step::MaskKernel)?;
+    }
     sys.build_dev(root).at(Step::Dev)?;
     // Parents before children, so one directory of the job may lie under another.
     let mut binds: Vec<_> = spec.binds.iter().collect();
@@ -268,6 +281,12 @@ mod tests {
         fn mount_proc_sys(&mut self, _: &Path) -> Result<(), SetupError> {
             self.call("mount_proc_sys", String::new())
         }
+        fn mask_kernel_path(&mut self, _: &Path, path: &Path) -> Result<(), SetupError> {
+            self.call("mask_kernel_path", path.display().to_string())
+        }
+        fn read_only_kernel_path(&mut self, _: &Path, path: &Path) -> Result<(), SetupError> {
+            self.call("read_only_kernel_path", path.display().to_string())
+        }
         fn build_dev(&mut self, _: &Path) -> Result<(), SetupError> {
             self.call("build_dev", String::new())
         }
@@ -378,6 +397,24 @@ mod tests {
                 "make_mounts_private",
                 "bind_host_root",
                 "mount_proc_sys",
+                "mask_kernel_path",
+                "mask_kernel_path",
+                "mask_kernel_path",
+                "mask_kernel_path",
+                "mask_kernel_path",
+                "mask_kernel_path",
+                "mask_kernel_path",
+                "mask_kernel_path",
+                "mask_kernel_path",
+                "mask_kernel_path",
+                "mask_kernel_path",
+                "mask_kernel_path",
+                "mask_kernel_path",
+                "read_only_kernel_path",
+                "read_only_kernel_path",
+                "read_only_kernel_path",
+                "read_only_kernel_path",
+                "read_only_kernel_path",
                 "build_dev",
                 "bind_job_dir",
                 "bind_job_dir",
@@ -420,6 +457,48 @@ mod tests {
         // A fresh network namespace when the agent gave none; core dumps off.
         assert!(fake.calls.contains(&"unshare net=true".to_string()));
         assert!(fake.calls.contains(&"set_rlimit RLIMIT_CORE=0".to_string()));
+    }
+
+    #[test]
+    fn runcs_masked_and_read_only_paths_and_the_dmi_ids_are_covered() {
+        let (f, _) = child_run(&spec());
+        let args = |name: &str| -> Vec<String> {
+            f.calls
+                .iter()
+                .filter_map(|c| c.strip_prefix(&format!("{name} ")).map(str::to_string))
+                .collect()
+        };
+        assert_eq!(
+            args("mask_kernel_path"),
+            [
+                "/proc/acpi",
+                "/proc/asound",
+                "/proc/kcore",
+                "/proc/keys",
+                "/proc/latency_stats",
+                "/proc/timer_list",
+                "/proc/timer_stats",
+                "/proc/sched_debug",
+                "/proc/scsi",
+                "/sys/firmware",
+                "/sys/devices/virtual/powercap",
+                "/sys/class/dmi",
+                "/sys/devices/virtual/dmi",
+            ]
+        );
+        assert_eq!(
+            args("read_only_kernel_path"),
+            [
+                "/proc/bus",
+                "/proc/fs",
+                "/proc/irq",
+                "/proc/sys",
+                "/proc/sysrq-trigger"
+            ]
+        );
+        // After the mounts they cover; before anything of the job is bound or run.
+        assert!(f.pos("mount_proc_sys") < f.pos("mask_kernel_path"));
+        assert!(f.pos("read_only_kernel_path") < f.pos("bind_job_dir"));
     }
 
     #[test]

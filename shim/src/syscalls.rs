@@ -20,6 +20,10 @@ pub trait Syscalls {
     fn make_mounts_private(&mut self) -> Result<(), SetupError>;
     fn bind_host_root(&mut self, root_dir: &Path) -> Result<(), SetupError>;
     fn mount_proc_sys(&mut self, root_dir: &Path) -> Result<(), SetupError>;
+    /// Masks one of `rootfs::MASKED_PATHS` in the job's `/proc` or `/sys`.
+    fn mask_kernel_path(&mut self, root_dir: &Path, path: &Path) -> Result<(), SetupError>;
+    /// Makes one of `rootfs::READONLY_PATHS` read-only in the job's `/proc`.
+    fn read_only_kernel_path(&mut self, root_dir: &Path, path: &Path) -> Result<(), SetupError>;
     fn build_dev(&mut self, root_dir: &Path) -> Result<(), SetupError>;
     fn bind_job_dir(&mut self, root_dir: &Path, bind: &BindMount) -> Result<(), SetupError>;
     fn write_file(
@@ -97,6 +101,14 @@ impl Syscalls for Linux {
     }
     fn mount_proc_sys(&mut self, root_dir: &Path) -> Result<(), SetupError> {
         Ok(rootfs::mount_proc_sys(root_dir)?)
+    }
+    fn mask_kernel_path(&mut self, root_dir: &Path, path: &Path) -> Result<(), SetupError> {
+        rootfs::mask_kernel_path(root_dir, path)?;
+        Ok(())
+    }
+    fn read_only_kernel_path(&mut self, root_dir: &Path, path: &Path) -> Result<(), SetupError> {
+        rootfs::read_only_kernel_path(root_dir, path)?;
+        Ok(())
     }
     fn build_dev(&mut self, root_dir: &Path) -> Result<(), SetupError> {
         Ok(rootfs::build_dev(root_dir)?)

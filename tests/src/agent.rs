@@ -80,6 +80,14 @@ pub struct AgentOptions {
     pub extra_config: String,
     /// `AIRLOCK_LOG` for the daemon, when the test wants more (e.g. debug) output.
     pub log_filter: Option<String>,
+    /// `[endpoint] imds`; `None` leaves it unset (on with the sandbox, off without).
+    pub imds: Option<bool>,
+    /// Run the daemon in this network namespace (`nsenter --net`), as if it were the
+    /// host's: tests of what the agent does to the host's network make a host of their own.
+    /// Its STS and the admin listener are then inside that namespace too (the harness
+    /// reaches the admin listener there; STS stays unreachable, which job starts do not
+    /// need).
+    pub netns: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -92,7 +100,21 @@ impl AgentOptions {
             jwks_file: crate::paths::oidc_fixtures().join("jwks.json"),
             extra_config: String::new(),
             log_filter: None,
+            imds: None,
+            netns: None,
         }
+    }
+
+    /// Runs the daemon in the network namespace at `path` (see [`AgentOptions::netns`]).
+    pub fn netns(mut self, path: &Path) -> Self {
+        self.netns = Some(path.to_owned());
+        self
+    }
+
+    /// Sets `[endpoint] imds` (unsandboxed tests of the IMDS emulation turn it on).
+    pub fn imds(mut self, on: bool) -> Self {
+        self.imds = Some(on);
+        self
     }
 
     pub fn policies(mut self, policies: Policies) -> Self {
@@ -284,7 +306,17 @@ impl Agent {
         let log2 = log
             .try_clone()
             .map_err(|e| HarnessError::Prepare(log_path.clone(), e))?;
-        let mut cmd = Command::new(&airlockd);
+        let mut cmd = match &self.opts.netns {
+            None => Command::new(&airlockd),
+            Some(ns) => {
+                // nsenter execs airlockd in place: the child's pid is the daemon's.
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display()))
+                    .arg("--")
+                    .arg(&airlockd);
+                c
+            }
+        };
         cmd.arg("--config").arg(&self.config);
         for v in HOST_AWS_VARS {
             cmd.env_remove(v);
@@ -331,15 +363,29 @@ impl Agent {
         }
     }
 
+    /// `GET path` on the admin listener, from the daemon's network namespace.
+    fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        let admin = self.admin;
+        match &self.opts.netns {
+            None => http_get(admin, path).ok(),
+            Some(ns) => {
+                let path = path.to_owned();
+                airlock::sandbox::netns::run_in_netns(ns, move || http_get(admin, &path).ok())
+                    .ok()
+                    .flatten()
+            }
+        }
+    }
+
     /// Status of `GET /healthz` on the admin listener, `None` if it does not answer.
     pub fn healthz(&self) -> Option<u16> {
-        let (status, _) = http_get(self.admin, "/healthz").ok()?;
+        let (status, _) = self.admin_get("/healthz")?;
         Some(status)
     }
 
     /// Body of `GET /metrics`.
     pub fn metrics(&self) -> Option<String> {
-        http_get(self.admin, "/metrics").ok().map(|(_, b)| b)
+        self.admin_get("/metrics").map(|(_, b)| b)
     }
 
     pub fn dir(&self) -> &Path {
@@ -473,6 +519,43 @@ impl Agent {
         }
     }
 
+    /// Descriptors the daemon has open now (entries of `/proc/<pid>/fd`).
+    pub fn open_fds(&self) -> Option<usize> {
+        let pid = self.pid()?;
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()
+            .map(|d| d.count())
+    }
+
+    /// `airlock run --oidc-token-file <token> -- /bin/sh -c <script>`, started and left
+    /// running: stdout and stderr are piped, stdin is closed.
+    pub fn spawn_run_sh(&self, oidc_token: &str, script: &str) -> Child {
+        let f = self.token_file(oidc_token);
+        let airlock = crate::paths::bin("airlock");
+        let mut cmd = Command::new(&airlock);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .arg("--oidc-token-file")
+            .arg(&f)
+            .args(["--", "/bin/sh", "-c", script]);
+        for v in HOST_AWS_VARS {
+            cmd.env_remove(v);
+        }
+        match cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => panic!(
+                "cannot run {}: {e} (run `cargo build --bins`)",
+                airlock.display()
+            ),
+        }
+    }
+
     /// Writes `token` to a file in the agent's tree and returns the path.
     pub fn token_file(&self, token: &str) -> PathBuf {
         // A process-wide counter, not a directory listing: concurrent callers (tests that
@@ -588,7 +671,7 @@ dir = {policies}
 [endpoint]
 bind = "127.0.0.1"
 region = "us-east-1"
-
+{imds}
 [admin]
 listen = "{admin}"
 
@@ -617,6 +700,9 @@ jwks_file = {jwks}
         issuer = toml_str(crate::oidc::GITHUB_ISSUER),
         aud = toml_str(crate::oidc::TEST_AUDIENCE),
         jwks = toml_str(&opts.jwks_file.to_string_lossy()),
+        imds = opts
+            .imds
+            .map_or(String::new(), |on| format!("imds = {on}\n")),
         // Jobs of these tests run unsandboxed on loopback unless a test brings its own
         // [sandbox] table (Stack::sandboxed).
         sandbox = if opts.extra_config.contains("[sandbox]") {

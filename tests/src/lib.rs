@@ -7,6 +7,7 @@ pub mod agent;
 pub mod clients;
 pub mod fakedns;
 pub mod internet;
+pub mod jobprobe;
 pub mod moto;
 pub mod oidc;
 pub mod paths;

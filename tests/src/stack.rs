@@ -66,6 +66,16 @@ impl Stack {
     /// rule of that file of the repository's policies (`10-production.toml`: production,
     /// `20-staging.toml`: staging), which must not have such tables yet.
     pub fn sandboxed_rule_tables(extra: &str, edits: &[(&str, &str)]) -> Stack {
+        Self::sandboxed_rule_tables_with(extra, edits, |o| o)
+    }
+
+    /// [`Stack::sandboxed_rule_tables`] with the agent's options changed by `adjust` last
+    /// (e.g. [`AgentOptions::netns`]).
+    pub fn sandboxed_rule_tables_with(
+        extra: &str,
+        edits: &[(&str, &str)],
+        adjust: impl FnOnce(AgentOptions) -> AgentOptions,
+    ) -> Stack {
         let src = crate::paths::repo_root().join("policies");
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&src).expect("the repository's policies/") {
@@ -88,11 +98,19 @@ impl Stack {
             }
             files.push((name, text));
         }
-        Self::sandboxed_with(extra, crate::agent::Policies::Files(files))
+        Self::sandboxed_with_adjusted(extra, crate::agent::Policies::Files(files), adjust)
     }
 
     /// Like [`Stack::sandboxed`], with `policies` instead of the repository's.
     pub fn sandboxed_with(extra: &str, policies: crate::agent::Policies) -> Stack {
+        Self::sandboxed_with_adjusted(extra, policies, |o| o)
+    }
+
+    fn sandboxed_with_adjusted(
+        extra: &str,
+        policies: crate::agent::Policies,
+        adjust: impl FnOnce(AgentOptions) -> AgentOptions,
+    ) -> Stack {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
@@ -105,7 +123,7 @@ impl Stack {
             o.policies = policies;
             // For debugging a test: `AIRLOCK_TEST_LOG=airlock=debug cargo nextest run ...`.
             o.log_filter = std::env::var("AIRLOCK_TEST_LOG").ok();
-            o
+            adjust(o)
         })
     }
 

@@ -46,7 +46,7 @@ fn assert_deploy_session(run: &ClientRun, session: &str) {
 
 #[test]
 fn aws_cli_gets_job_credentials_via_container_and_imds() {
-    let stack = Stack::start();
+    let stack = Stack::start_with(|o| o.imds(true));
     let (job, session) = production_job(&stack);
     let run = run_ok(&stack, Client::AwsCli, &job.container_env());
     assert_deploy_session(&run, &session);
@@ -56,7 +56,7 @@ fn aws_cli_gets_job_credentials_via_container_and_imds() {
 
 #[test]
 fn boto3_gets_job_credentials_via_container_and_imds() {
-    let stack = Stack::start();
+    let stack = Stack::start_with(|o| o.imds(true));
     let (job, session) = production_job(&stack);
     let run = run_ok(&stack, Client::Boto3, &job.container_env());
     assert_deploy_session(&run, &session);
@@ -68,7 +68,7 @@ fn boto3_gets_job_credentials_via_container_and_imds() {
 
 #[test]
 fn node_sdk_gets_job_credentials_via_container_and_imds() {
-    let stack = Stack::start();
+    let stack = Stack::start_with(|o| o.imds(true));
     let (job, session) = production_job(&stack);
     for mode in ["container", "http", "chain"] {
         let run = run_ok(&stack, Client::Node(mode), &job.container_env());
@@ -84,7 +84,7 @@ fn node_sdk_gets_job_credentials_via_container_and_imds() {
 fn container_token_file_is_what_the_sdks_read() {
     // With only the token file (no inline token), botocore and fromHttp must still work:
     // the file is the one the agent wrote for this job.
-    let stack = Stack::start();
+    let stack = Stack::start_with(|o| o.imds(true));
     let (job, session) = production_job(&stack);
     let mut env = job.container_env();
     env.remove("AWS_CONTAINER_AUTHORIZATION_TOKEN");

@@ -45,7 +45,7 @@ fn set_job_env(env: &BTreeMap<String, String>) {
 
 #[test]
 fn rust_sdk_gets_job_credentials_via_container_and_imds() {
-    let stack = Stack::start();
+    let stack = Stack::start_with(|o| o.imds(true));
     let job = stack.job(&GithubJob::production());
     assert_eq!(job.credentials().expect("endpoint answers").0, 200);
     let session = stack

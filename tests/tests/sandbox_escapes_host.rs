@@ -925,3 +925,138 @@ fn a_jobs_environment_holds_only_allowed_and_airlock_variables() {
         Some("/run/airlock/token")
     );
 }
+
+/// runc's default masked paths (`libcontainer/specconv/example.go`) and the DMI ids.
+const MASKED: [&str; 13] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+    "/sys/class/dmi",
+    "/sys/devices/virtual/dmi",
+];
+/// runc's default read-only paths.
+const READ_ONLY: [&str; 5] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+/// The DMI ids that name the machine (on EC2 `board_asset_tag` is the instance id).
+const DMI_IDS: [&str; 5] = [
+    "board_asset_tag",
+    "product_uuid",
+    "product_serial",
+    "board_serial",
+    "chassis_asset_tag",
+];
+
+#[test]
+fn kernel_paths_runc_masks_are_empty_or_read_only_in_a_job() {
+    let fx = fixture();
+    let r = fx.probe(
+        &format!(
+            r#"
+masked = {masked:?}
+read_only = {read_only:?}
+dmi = {dmi:?}
+mounts = {{}}
+for line in open("/proc/self/mountinfo"):
+    f = line.split(" ")
+    mounts[f[4]] = f[5].split(",")
+for p in masked:
+    if not os.path.lexists(p):
+        print(f"masked:{{p}}=absent")
+        continue
+    st = os.lstat(p)
+    if os.path.isdir(p):
+        kind = "dir"
+        try:
+            listing = os.listdir(p)
+        except OSError as e:
+            listing = ename(e.errno)
+        ro = "ro" in mounts.get(p, [])
+        print(f"masked:{{p}}=dir:{{listing!r}}:mounted={{p in mounts}}:ro={{ro}}")
+    else:
+        try:
+            data = open(p, "rb").read()
+        except OSError as e:
+            data = ename(e.errno)
+        dev = (os.major(st.st_rdev), os.minor(st.st_rdev)) if stat_is_chr(st) else None
+        print(f"masked:{{p}}=file:{{data!r}}:dev={{dev}}")
+for p in read_only:
+    if not os.path.lexists(p):
+        print(f"ro:{{p}}=absent")
+        continue
+    print(f"ro:{{p}}=mounted={{p in mounts}}:ro={{'ro' in mounts.get(p, [])}}")
+py("write_proc_sys", lambda: open("/proc/sys/kernel/hostname", "w").write("x"))
+py("write_sysrq", lambda: open("/proc/sysrq-trigger", "w").write("h"))
+for i in dmi:
+    py("dmi:" + i, lambda i=i: open("/sys/class/dmi/id/" + i).read())
+    py("dmi_dev:" + i, lambda i=i: open("/sys/devices/virtual/dmi/id/" + i).read())
+"#,
+            masked = MASKED,
+            read_only = READ_ONLY,
+            dmi = DMI_IDS,
+        )
+        .replace("stat_is_chr(st)", "__import__('stat').S_ISCHR(st.st_mode)"),
+    );
+    let mut checked = 0;
+    for p in MASKED {
+        let on_host = Path::new(p).exists();
+        let got = r.get(&format!("masked:{p}"));
+        if !on_host {
+            assert_eq!(got, "absent", "{p} is not on the host but shows in the job");
+            continue;
+        }
+        checked += 1;
+        if Path::new(p).is_dir() {
+            // An empty read-only tmpfs over it: listable, empty.
+            assert_eq!(got, "dir:[]:mounted=True:ro=True", "{p}");
+        } else {
+            // /dev/null over it: reads as empty, and is /dev/null (1:3), not the kernel's file.
+            assert_eq!(got, "file:b'':dev=(1, 3)", "{p}");
+        }
+    }
+    for p in READ_ONLY {
+        let got = r.get(&format!("ro:{p}"));
+        if !Path::new(p).exists() {
+            assert_eq!(got, "absent", "{p}");
+            continue;
+        }
+        checked += 1;
+        assert_eq!(
+            got, "mounted=True:ro=True",
+            "{p} is not a read-only mount in the job"
+        );
+    }
+    // On any Linux host /proc/keys, /proc/timer_list (or sched_debug), /sys/firmware and
+    // /proc/sys exist: the test is never vacuous.
+    assert!(
+        checked >= 5,
+        "only {checked} of the paths exist on this host:\n{}",
+        r.raw
+    );
+    // Writes fail on the read-only mount itself (EROFS), not only on the job's missing
+    // privileges (which would be EACCES).
+    r.expect("write_proc_sys", "EROFS");
+    let sysrq = if Path::new("/proc/sysrq-trigger").exists() {
+        "EROFS"
+    } else {
+        "ENOENT"
+    };
+    r.expect("write_sysrq", sysrq);
+    // No DMI id is readable, whatever the host has.
+    for i in DMI_IDS {
+        r.expect(&format!("dmi:{i}"), "ENOENT");
+        r.expect(&format!("dmi_dev:{i}"), "ENOENT");
+    }
+}

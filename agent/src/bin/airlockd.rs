@@ -69,6 +69,21 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    // Before any thread exists: the endpoints' connection budget is derived from it.
+    match airlock::fd_budget::raise_nofile() {
+        Ok(r) => tracing::info!(
+            nofile = r.now,
+            raised_from = r.before,
+            endpoint_connections = airlock::fd_budget::endpoint_connections(r.now),
+            reserved = airlock::fd_budget::reserve(r.now),
+            per_job = airlock::endpoint::CONNECTIONS_PER_JOB,
+            "descriptor budget"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "keeping RLIMIT_NOFILE as it is; the endpoints' connection budget is derived from it"
+        ),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -123,6 +138,14 @@ async fn run(args: Args, cfg: Config, policies: airlock::policy::PolicySet) -> E
         tracing::warn!(
             "[sandbox] is disabled: jobs run unsandboxed with loopback credential endpoints"
         );
+        if cfg.endpoint.imds {
+            tracing::warn!(
+                "[endpoint] imds = true with [sandbox] disabled: IMDSv2 asks no job token, so \
+                 any local process that finds a job's loopback port gets that job's role; \
+                 remove the line (it is off by default without the sandbox) unless every \
+                 process on this host may have every running job's credentials"
+            );
+        }
         let with_egress: Vec<&str> = policies
             .rules()
             .iter()

@@ -175,12 +175,28 @@ impl CpuMax {
     }
 }
 
+/// The kernel's default `cpu.weight` (and systemd's `CPUWeight=`): what every other
+/// cgroup on the host has unless someone set it.
+pub const DEFAULT_CPU_WEIGHT: u64 = 100;
+
+/// `cpu.shares` (cgroup v1) for a `cpu.weight`: the default weight 100 is v1's default
+/// 1024 shares, proportionally, as systemd converts `CPUWeight=` (v1 takes 2..=262144).
+pub fn weight_to_shares(weight: u64) -> u64 {
+    (weight.saturating_mul(1024) / DEFAULT_CPU_WEIGHT).clamp(2, 262_144)
+}
+
 /// A job's limits; `None` leaves the kernel's default (no limit).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {
     pub pids_max: Option<u64>,
     pub memory_max_bytes: Option<u64>,
     pub cpu_max: Option<CpuMax>,
+    /// The job's share of CPU time when CPUs are contended (`cpu.weight`, 1..=10000; v1:
+    /// `cpu.shares`). A share, not a cap: an idle host gives a job every CPU. It is what
+    /// keeps a job's CPU burners from starving the agent: the scheduler shares CPU between
+    /// groups by weight, not between processes, so a thousand busy processes of one job
+    /// weigh no more than one.
+    pub cpu_weight: Option<u64>,
 }
 
 impl Limits {
@@ -211,6 +227,15 @@ impl Limits {
             }
             if c.quota_us < 1_000 {
                 return bad("cpu.max", c.quota_us, "the quota must be at least 1000 µs");
+            }
+        }
+        if let Some(w) = self.cpu_weight {
+            if !(1..=10_000).contains(&w) {
+                return bad(
+                    "cpu.weight",
+                    w,
+                    "the weight must be 1..=10000 (default 100)",
+                );
             }
         }
         Ok(())
@@ -665,6 +690,17 @@ impl JobCgroup {
                 }
             }
         }
+        if let (Some(weight), Some(dir)) = (limits.cpu_weight, self.controller_dir(Controller::Cpu))
+        {
+            if v1(Controller::Cpu) {
+                write_file(
+                    &dir.join("cpu.shares"),
+                    &weight_to_shares(weight).to_string(),
+                )?;
+            } else {
+                write_file(&dir.join("cpu.weight"), &weight.to_string())?;
+            }
+        }
         if let (Some(cpu), Some(dir)) = (limits.cpu_max, self.controller_dir(Controller::Cpu)) {
             if v1(Controller::Cpu) {
                 write_file(&dir.join("cpu.cfs_period_us"), &cpu.period_us.to_string())?;
@@ -1090,6 +1126,7 @@ mod tests {
             pids_max: Some(512),
             memory_max_bytes: Some(2 << 30),
             cpu_max: Some(CpuMax::millicpus(1500)),
+            cpu_weight: Some(DEFAULT_CPU_WEIGHT),
         };
         assert!(ok.validate().is_ok());
         assert_eq!(ok.cpu_max.unwrap().quota_us, 150_000);
@@ -1116,10 +1153,26 @@ mod tests {
                 }),
                 ..ok
             },
+            Limits {
+                cpu_weight: Some(0),
+                ..ok
+            },
+            Limits {
+                cpu_weight: Some(10_001),
+                ..ok
+            },
         ] {
             let e = bad.validate().unwrap_err().to_string();
             assert!(e.starts_with("limit "), "{e}");
         }
+    }
+
+    #[test]
+    fn cpu_weights_map_to_v1_shares_proportionally() {
+        assert_eq!(weight_to_shares(DEFAULT_CPU_WEIGHT), 1024);
+        assert_eq!(weight_to_shares(50), 512);
+        assert_eq!(weight_to_shares(1), 10);
+        assert_eq!(weight_to_shares(10_000), 102_400);
     }
 
     #[test]

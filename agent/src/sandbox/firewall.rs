@@ -639,8 +639,11 @@ pub fn admit_addresses(pairs: &[(IpAddr, u16)], ttl_secs: u32) -> Nftables<'stat
 }
 
 /// The host's table. `flush` first, so applying it again replaces the rules rather than
-/// adding a second copy; the whole batch is one transaction.
-pub fn host_ruleset() -> Nftables<'static> {
+/// adding a second copy; the whole batch is one transaction. `other`: the families whose
+/// forwarded traffic that neither comes from nor goes to a job link is dropped (see
+/// `forwarding`: a host that airlock made forward must not route between its other
+/// networks).
+pub fn host_ruleset(other: super::forwarding::DropOther) -> Nftables<'static> {
     let mut b = Builder::new();
     b.table();
     b.blocked_set();
@@ -738,6 +741,22 @@ pub fn host_ruleset() -> Nftables<'static> {
         "forward",
         vec![is(meta(MetaKey::Oifname), job_links()), counter(), drop()],
     );
+    // Forwarding airlock turned on is for jobs only: the host's other networks are not
+    // routed to each other through it.
+    for (on, family) in [(other.ipv4, "ipv4"), (other.ipv6, "ipv6")] {
+        if on {
+            b.rule(
+                "forward",
+                vec![
+                    is(meta(MetaKey::Nfproto), s(family)),
+                    is_not(meta(MetaKey::Iifname), job_links()),
+                    is_not(meta(MetaKey::Oifname), job_links()),
+                    counter(),
+                    drop(),
+                ],
+            );
+        }
+    }
     // Out to anywhere but a job link: masqueraded behind the host's address. Matched on the
     // job links rather than the pool, so every agent on the host writes the same table.
     b.rule(
@@ -1154,8 +1173,31 @@ mod tests {
     }
 
     #[test]
+    fn the_host_table_drops_other_forwarding_only_for_the_families_asked() {
+        use super::super::forwarding::DropOther;
+        let rule = |family: &str| {
+            format!(
+                r#"{{"match":{{"left":{{"meta":{{"key":"nfproto"}}}},"right":"{family}","op":"=="}}}},{{"match":{{"left":{{"meta":{{"key":"iifname"}}}},"right":"al-*","op":"!="}}}},{{"match":{{"left":{{"meta":{{"key":"oifname"}}}},"right":"al-*","op":"!="}}}},{{"counter":null}},{{"drop":null}}"#
+            )
+        };
+        let none = json(&host_ruleset(DropOther::default()));
+        assert!(!none.contains("nfproto"), "{none}");
+        let v4 = json(&host_ruleset(DropOther {
+            ipv4: true,
+            ipv6: false,
+        }));
+        assert!(v4.contains(&rule("ipv4")), "{v4}");
+        assert!(!v4.contains(&rule("ipv6")), "{v4}");
+        let both = json(&host_ruleset(DropOther {
+            ipv4: true,
+            ipv6: true,
+        }));
+        assert!(both.contains(&rule("ipv4")) && both.contains(&rule("ipv6")));
+    }
+
+    #[test]
     fn the_host_table_is_flushed_before_its_rules_so_reapplying_replaces_them() {
-        let j = json(&host_ruleset());
+        let j = json(&host_ruleset(Default::default()));
         let flush = j.find(r#"{"flush":"#).expect("flush");
         let first_rule = j.find(r#"{"add":{"rule":"#).expect("rule");
         assert!(flush < first_rule, "{j}");

@@ -263,6 +263,7 @@ impl Sandboxes {
             pids_max: Some(s.pids_max),
             memory_max_bytes: Some(s.memory_max),
             cpu_max: s.cpu_millis.map(CpuMax::millicpus),
+            cpu_weight: Some(s.cpu_weight),
         };
         limits.validate()?;
         let parent = CgroupRoot::detect(&s.cgroup_root)?.open_parent(&s.cgroup_parent)?;
@@ -281,6 +282,10 @@ impl Sandboxes {
             pool,
             pool6,
             proc_dir: "/proc".into(),
+            forwarding: super::forwarding::ForwardingConfig {
+                other: s.other_forwarding,
+                state_dir: Some(cfg.agent.state_dir.clone()),
+            },
         })?;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -394,6 +399,7 @@ impl Sandboxes {
                 .cpu_millis
                 .map(CpuMax::millicpus)
                 .or(self.limits.cpu_max),
+            cpu_weight: self.limits.cpu_weight,
         };
         limits.validate()?;
         let user = self.users().acquire()?;

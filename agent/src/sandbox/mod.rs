@@ -4,6 +4,7 @@
 pub mod addr_pool;
 pub mod cgroup;
 pub mod firewall;
+pub mod forwarding;
 pub mod job;
 pub mod jobfs;
 pub mod netns;

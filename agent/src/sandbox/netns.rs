@@ -168,6 +168,8 @@ pub struct NetConfig {
     pub pool6: Option<addr_pool::Pool6>,
     /// procfs, for the leftover-process check.
     pub proc_dir: PathBuf,
+    /// Whose forwarding the host table leaves alone (see `forwarding`).
+    pub forwarding: super::forwarding::ForwardingConfig,
 }
 
 impl Default for NetConfig {
@@ -177,6 +179,7 @@ impl Default for NetConfig {
             pool: DEFAULT_POOL.parse().expect("DEFAULT_POOL parses"),
             pool6: None,
             proc_dir: "/proc".into(),
+            forwarding: Default::default(),
         }
     }
 }
@@ -576,21 +579,10 @@ impl NetManager {
             NetMode::Egress(rules) => firewall::job_egress_ruleset(rules, ipv6),
             _ => firewall::job_ruleset(ipv6),
         };
+        let forwarding = self.cfg.forwarding.clone();
         tokio::task::spawn_blocking(move || -> Result<(), NetnsError> {
             firewall::apply_in_netns(&path, ruleset, "job's ruleset")?;
-            firewall::apply(&firewall::host_ruleset(), "host's ruleset")?;
-            if firewall::enable_forwarding(&proc_dir)? {
-                tracing::info!("turned on IPv4 forwarding (net.ipv4.ip_forward=1) for outbound jobs; it stays on");
-            }
-            if ipv6 {
-                if let Some(kept) = firewall::enable_forwarding6(&proc_dir)? {
-                    tracing::info!(
-                        accept_ra_2 = ?kept,
-                        "turned on IPv6 forwarding (net.ipv6.conf.all.forwarding=1) for jobs with IPv6; it stays on. \
-                         Interfaces that took router advertisements still do (accept_ra=2)"
-                    );
-                }
-            }
+            super::forwarding::apply_host_table_and_forward(&forwarding, &proc_dir, ipv6)?;
             Ok(())
         })
         .await

@@ -334,6 +334,7 @@ impl Bench {
             pids_max: Some(1024),
             memory_max_bytes: Some(2048 * MIB),
             cpu_max: Some(CpuMax::millicpus(2000)),
+            cpu_weight: None,
         };
         let cgroup = self
             .parent
