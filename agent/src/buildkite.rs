@@ -654,7 +654,10 @@ mod tests {
                 "issuer = \"https://agent.buildkite.com\"\nsubject = \"organization:acme:*\"",
                 false,
             ),
-            ("repository = \"acme/deploy\"", true),
+            (
+                "provider = \"buildkite\"\norganization_id = \"0184990a-477b\"",
+                true,
+            ),
         ] {
             let p = policies(&rule(m));
             let warned = p.warnings().iter().any(|w| w.contains("Buildkite"));
@@ -728,7 +731,7 @@ mod tests {
         let d = p.decide(&id, time::OffsetDateTime::now_utc());
         assert!(d.refused.is_none() && d.grants.len() == 1, "{d:?}");
 
-        let p = policies(&rule("repository = \"*/web\"").replacen(
+        let p = policies(&rule("provider = \"github\"\nrepository = \"*/web\"").replacen(
             "[rule.match]",
             "require_oidc = false\n[rule.match]",
             1,

@@ -767,4 +767,199 @@ mod tests {
         assert_eq!(json["decision"]["grants"][0]["method"], "assume-role");
         assert_eq!(json["rules"][1]["matched"], true);
     }
+
+    /// A verified token of `issuer`, read as `provider` reads its claims.
+    fn token_of(provider: Provider, issuer: &str, claims: serde_json::Value) -> JobIdentity {
+        let serde_json::Value::Object(claims) = claims else {
+            panic!("claims must be an object")
+        };
+        crate::identity::normalise(provider, issuer, IdentitySource::Oidc, claims)
+    }
+
+    /// Buildkite's organisation `acme`, pipeline `web`: the names of GitHub's acme/web.
+    fn buildkite_acme() -> JobIdentity {
+        token_of(
+            Provider::Buildkite,
+            "https://agent.buildkite.com",
+            serde_json::json!({
+                "sub": "organization:acme:pipeline:web:ref:refs/heads/main:commit:abc:step:deploy",
+                "organization_slug": "acme", "pipeline_slug": "web", "build_number": 7,
+                "build_branch": "main", "job_id": "0190-aa",
+                // Ids as a GitHub token of acme/web would carry them: names of one
+                // issuer's claims mean nothing in another's tokens.
+                "repository_id": "700001", "repository_owner_id": "500001",
+            }),
+        )
+    }
+
+    /// GitLab.com's group `acme`, project `web`, on main with environment production.
+    fn gitlab_acme() -> JobIdentity {
+        token_of(
+            Provider::Gitlab,
+            "https://gitlab.com",
+            serde_json::json!({
+                "sub": "project_path:acme/web:ref_type:branch:ref:main",
+                "namespace_path": "acme", "namespace_id": "7", "project_path": "acme/web",
+                "project_id": "22", "ref": "main", "ref_type": "branch",
+                "environment": "production", "pipeline_source": "push", "pipeline_id": "4100",
+                "repository_id": "700001", "repository_owner_id": "500001",
+            }),
+        )
+    }
+
+    /// The reproduced attack: a Buildkite organisation and a GitLab group called `acme`
+    /// present tokens whose names are GitHub's acme/web's. No rule written for GitHub's
+    /// acme grants them anything, and explain says why first.
+    #[test]
+    fn other_issuers_called_acme_never_match_rules_for_githubs_acme() {
+        let set = shipped();
+        for id in [buildkite_acme(), gitlab_acme()] {
+            assert_eq!(id.owner.as_deref(), Some("acme"));
+            assert_eq!(id.repository.as_deref(), Some("acme/web"));
+            let d = set.decide(&id, WEEKDAY);
+            assert_eq!((d.rule.as_deref(), d.grants.len()), (None, 0), "{d:?}");
+            assert!(
+                d.refused.as_deref().unwrap().starts_with("no policy rule matches"),
+                "{d:?}"
+            );
+            let ex = set.explain(&id, WEEKDAY);
+            for v in &ex.rules {
+                assert!(!v.matched, "{}: {v:?}", id.issuer);
+                assert_eq!(v.reasons.len(), 1, "{v:?}");
+                assert_eq!(
+                    v.reasons[0],
+                    format!(
+                        "issuer {:?} is not the rule's issuer \"https://token.actions.githubusercontent.com\": \
+                         tokens of another issuer never match, whatever their names (the rule's other keys \
+                         are not compared)",
+                        id.issuer
+                    )
+                );
+            }
+        }
+        // The same names from GitHub's issuer still get what the rules say.
+        let d = set.decide(
+            &github("acme/web", "refs/heads/feature", None, "push"),
+            WEEKDAY,
+        );
+        assert_eq!(d.rule.as_deref(), Some("acme-ci-readonly"));
+        assert_eq!(d.grants.len(), 1);
+
+        // Runner-attested claims have no issuer: the read-only rule (require_oidc = false)
+        // takes attested claims of its provider only.
+        let attested = |provider: &str, extra: serde_json::Value| {
+            let mut c = serde_json::json!({"provider": provider});
+            c.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            crate::identity::from_attested_value(c).unwrap()
+        };
+        for id in [
+            attested(
+                "buildkite",
+                serde_json::json!({"organization_slug": "acme", "pipeline_slug": "web",
+                    "issuer": "https://token.actions.githubusercontent.com"}),
+            ),
+            attested(
+                "gitlab",
+                serde_json::json!({"namespace_path": "acme", "project_path": "acme/web"}),
+            ),
+        ] {
+            let d = set.decide(&id, WEEKDAY);
+            assert_eq!((d.rule, d.grants.len()), (None, 0), "{}", id.provider);
+            let why = &set.explain(&id, WEEKDAY).rules[2].reasons[0];
+            assert!(
+                why.starts_with(&format!(
+                    "runner-attested {} identity: the rule trusts only https://token.actions.githubusercontent.com (github)",
+                    id.provider
+                )),
+                "{why}"
+            );
+        }
+        let gh = attested(
+            "github",
+            serde_json::json!({"repository_owner": "acme", "repository": "acme/web"}),
+        );
+        assert_eq!(set.decide(&gh, WEEKDAY).rule.as_deref(), Some("acme-ci-readonly"));
+    }
+
+    /// Issuers are compared exactly, as the verifier looks them up: one that differs by a
+    /// trailing slash is another issuer.
+    #[test]
+    fn the_rules_issuer_is_compared_exactly() {
+        let mut id = github("acme/tools", "refs/heads/main", None, "push");
+        id.issuer.push('/');
+        let d = shipped().decide(&id, WEEKDAY);
+        assert_eq!((d.rule, d.grants.len()), (None, 0));
+    }
+
+    /// A rule that pins `repository_owner_id`: the organisation's name can be renamed and
+    /// re-registered by someone else, its id cannot.
+    #[test]
+    fn an_id_pin_refuses_a_re_registered_organisation() {
+        let text = "[[rule]]\nname = \"pinned\"\n[rule.match]\nprovider = \"github\"\nowner = \"acme\"\n\
+                    repository_owner_id = \"500001\"\n\
+                    [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n";
+        let set = load_str(Path::new("p.toml"), text).unwrap();
+        let ours = github("acme/web", "refs/heads/main", None, "push");
+        assert_eq!(set.decide(&ours, WEEKDAY).grants.len(), 1);
+
+        let mut squatter = ours.clone();
+        squatter
+            .claims
+            .insert("repository_owner_id".into(), "987654".into());
+        let d = set.decide(&squatter, WEEKDAY);
+        assert_eq!((d.rule.as_deref(), d.grants.len()), (None, 0), "{d:?}");
+        let ex = set.explain(&squatter, WEEKDAY);
+        assert_eq!(ex.rules[0].id_pins, ["repository_owner_id = \"500001\""]);
+        assert_eq!(
+            ex.rules[0].reasons[1],
+            "repository_owner_id \"987654\" is not the pinned id \"500001\": an id stays with its owner \
+             when a name is renamed or re-registered"
+        );
+        // Exact, not a prefix or a glob; a number in the token is compared as its text.
+        squatter
+            .claims
+            .insert("repository_owner_id".into(), "5000010".into());
+        assert!(set.decide(&squatter, WEEKDAY).is_refused());
+        squatter
+            .claims
+            .insert("repository_owner_id".into(), serde_json::json!(500001));
+        assert!(!set.decide(&squatter, WEEKDAY).is_refused());
+        // A token without the claim does not match.
+        squatter.claims.remove("repository_owner_id");
+        let ex = set.explain(&squatter, WEEKDAY);
+        assert_eq!(
+            ex.rules[0].reasons[1],
+            "repository_owner_id: the job has none"
+        );
+    }
+
+    /// A rule whose provider has no configured issuer and that accepts attested claims
+    /// matches attested identities of that provider and no token.
+    #[test]
+    fn an_attested_only_rule_matches_no_token() {
+        let github_only = [crate::policy::TrustedIssuer {
+            issuer: "https://token.actions.githubusercontent.com".into(),
+            provider: Provider::Github,
+        }];
+        let text = "[[rule]]\nname = \"gl\"\nrequire_oidc = false\n[rule.match]\nprovider = \"gitlab\"\n\
+                    owner = \"acme\"\n\
+                    [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n";
+        let set = crate::policy::load_str_with(Path::new("p.toml"), text, &github_only).unwrap();
+        assert_eq!(set.rules()[0].scope.issuer, None);
+        assert!(set.warnings()[0].contains("matches only runner-attested gitlab identities"));
+        let attested = crate::identity::from_attested_value(
+            serde_json::json!({"provider": "gitlab", "namespace_path": "acme", "project_path": "acme/web"}),
+        )
+        .unwrap();
+        assert_eq!(set.decide(&attested, WEEKDAY).grants.len(), 1);
+        let token = gitlab_acme();
+        assert!(set.decide(&token, WEEKDAY).rule.is_none());
+        assert_eq!(
+            set.explain(&token, WEEKDAY).rules[0].reasons,
+            ["issuer \"https://gitlab.com\": the rule matches only runner-attested gitlab identities \
+              (no gitlab issuer is configured)"]
+        );
+    }
 }

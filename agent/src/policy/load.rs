@@ -2387,4 +2387,240 @@ mod tests {
         let ro = &set.rule("acme-ci-readonly").unwrap().grants[0];
         assert_eq!((ro.duration_secs, ro.policy_arns.len()), (1800, 1));
     }
+
+    const GH: &str = "https://token.actions.githubusercontent.com";
+    const BK: &str = "https://agent.buildkite.com";
+    const GL_A: &str = "https://gitlab.a.example";
+    const GL_B: &str = "https://gitlab.b.example";
+
+    /// An agent that trusts GitHub, Buildkite and two GitLab instances.
+    fn four_issuers() -> Vec<TrustedIssuer> {
+        [
+            (GH, Provider::Github),
+            (BK, Provider::Buildkite),
+            (GL_A, Provider::Gitlab),
+            (GL_B, Provider::Gitlab),
+        ]
+        .into_iter()
+        .map(|(issuer, provider)| TrustedIssuer {
+            issuer: issuer.into(),
+            provider,
+        })
+        .collect()
+    }
+
+    /// A rule whose [rule.match] (line 4 on) is `keys`, loaded against [`four_issuers`].
+    fn scoped(keys: &str, require_oidc: bool) -> Result<PolicySet, PolicyError> {
+        // Line 3 holds require_oidc either way, so the keys start on line 4.
+        let oidc = if require_oidc { "# oidc only" } else { "require_oidc = false" };
+        let text = format!("[[rule]]\nname = \"r\"\n{oidc}\n[rule.match]\n{keys}\n{GRANT}");
+        load_str_with(Path::new("p.toml"), &text, &four_issuers())
+    }
+
+    fn scoped_err(keys: &str, require_oidc: bool) -> String {
+        match scoped(keys, require_oidc) {
+            Ok(_) => panic!("expected a load error for:\n{keys}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_rule_trusts_exactly_one_configured_issuer() {
+        let scope = |keys: &str| scoped(keys, true).unwrap().rules()[0].scope.clone();
+        let s = scope("provider = \"github\"\nowner = \"acme\"");
+        assert_eq!(
+            (s.issuer.as_deref(), s.provider, s.written.as_str()),
+            (Some(GH), Provider::Github, "provider = \"github\"")
+        );
+        let s = scope(&format!("issuer = \"{GL_B}\"\nowner = \"acme\""));
+        assert_eq!((s.issuer.as_deref(), s.provider), (Some(GL_B), Provider::Gitlab));
+        // The scope replaces the issuer and provider keys; a consistent provider may stay.
+        let set = scoped(&format!("issuer = [\"{GL_A}\"]\nprovider = \"gitlab\"\nowner = \"acme\""), true)
+            .unwrap();
+        assert_eq!(set.rules()[0].scope.issuer.as_deref(), Some(GL_A));
+        let keys: Vec<&str> = set.rules()[0].matchers.iter().map(|m| m.field.as_str()).collect();
+        assert_eq!(keys, ["owner"]);
+
+        for (keys, at, needles) in [
+            // Neither: at the rule, naming every configured issuer.
+            (
+                "owner = \"acme\"".to_string(),
+                "1:1",
+                vec![
+                    "rule \"r\" does not say which issuer it trusts; add issuer = ",
+                    "configured: https://token.actions.githubusercontent.com (github), https://agent.buildkite.com (buildkite), https://gitlab.a.example (gitlab), https://gitlab.b.example (gitlab)",
+                    "a Buildkite organisation or GitLab group called like a GitHub organisation",
+                ],
+            ),
+            // A provider two configured issuers have.
+            (
+                "provider = \"gitlab\"\nowner = \"acme\"".to_string(),
+                "5:12",
+                vec![
+                    "provider = \"gitlab\" could match tokens of 2 configured issuers (https://gitlab.a.example, https://gitlab.b.example)",
+                    "write issuer = \"https://gitlab.a.example\"",
+                ],
+            ),
+            (
+                "provider = [\"github\", \"buildkite\"]".to_string(),
+                "5:12",
+                vec!["provider lists 2 providers, so it could match tokens of several issuers"],
+            ),
+            (
+                "provider = \"git*\"".to_string(),
+                "5:12",
+                vec!["provider \"git*\" is a glob, which could match tokens of several issuers"],
+            ),
+            (
+                "provider = \"githb\"".to_string(),
+                "5:12",
+                vec!["provider \"githb\" is not a provider; write one of github, gitlab, buildkite, generic"],
+            ),
+            (
+                format!("issuer = [\"{GH}\", \"{BK}\"]\nowner = \"acme\""),
+                "5:10",
+                vec!["issuer lists 2 issuers, and a rule trusts exactly one"],
+            ),
+            (
+                "issuer = \"https://*.example\"".to_string(),
+                "5:10",
+                vec!["issuer \"https://*.example\" is a glob"],
+            ),
+            (
+                "issuer = \"https://evil.example\"".to_string(),
+                "5:10",
+                vec!["issuer \"https://evil.example\" is not configured, so this rule could never match; configured: "],
+            ),
+            (
+                format!("issuer = \"{GH}/\""),
+                "5:10",
+                vec!["(did you mean \"https://token.actions.githubusercontent.com\"? issuers are compared exactly)"],
+            ),
+            (
+                format!("issuer = \"{GH}\"\nprovider = \"buildkite\""),
+                "6:12",
+                vec!["provider = \"buildkite\" contradicts issuer \"https://token.actions.githubusercontent.com\", a github issuer"],
+            ),
+            (
+                "provider = \"generic\"".to_string(),
+                "5:12",
+                vec!["provider = \"generic\" names no configured issuer, so this rule could never match"],
+            ),
+        ] {
+            let e = scoped_err(&keys, true);
+            assert!(e.starts_with(&format!("p.toml:{at}: ")), "{keys}: wrong place: {e}");
+            for n in needles {
+                assert!(e.contains(n), "{keys}: {e:?} lacks {n:?}");
+            }
+        }
+        // No configured issuer of the provider: with require_oidc = false the rule is
+        // scoped to attested identities of that provider (and warned about).
+        let set = scoped("provider = \"generic\"\nsubject = \"x\"", false).unwrap();
+        assert_eq!(set.rules()[0].scope.issuer, None);
+        assert!(
+            set.warnings()
+                .iter()
+                .any(|w| w.starts_with("p.toml:1:1: rule \"r\" matches only runner-attested generic identities")),
+            "{:?}",
+            set.warnings()
+        );
+        // An agent without issuers loads no OIDC rule, and says why.
+        let e = load_str_with(Path::new("p.toml"), &rule(GRANT), &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("configured: none: the agent's configuration has no [[issuer]]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn id_pins_are_exact_ids_of_the_rules_issuer_in_oidc_rules() {
+        let set = scoped(
+            "provider = \"github\"\nrepository_id = 700001\nrepository_owner_id = [\"500001\", \"500002\"]",
+            true,
+        )
+        .unwrap();
+        let pins: Vec<String> = set.rules()[0]
+            .matchers
+            .iter()
+            .filter(|m| m.id_pin)
+            .map(Matcher::written)
+            .collect();
+        assert_eq!(
+            pins,
+            ["repository_id = \"700001\"", "repository_owner_id = [\"500001\", \"500002\"]"]
+        );
+        assert!(scoped(&format!("issuer = \"{GL_A}\"\nproject_id = \"22\"\nnamespace_id = \"7\""), true).is_ok());
+        assert!(scoped("provider = \"buildkite\"\norganization_id = \"0184990a-477b\"", true).is_ok());
+
+        for (keys, oidc, at, needle) in [
+            (
+                "provider = \"github\"\nrepository_owner_id = \"5*\"",
+                true,
+                "6:23",
+                "match field \"repository_owner_id\": an id pin is compared exactly, so \"5*\" would match no token",
+            ),
+            (
+                "provider = \"github\"\nrepository_id = [\"1\", \"\"]",
+                true,
+                "6:23",
+                "an id pin is compared exactly",
+            ),
+            (
+                "issuer = \"https://gitlab.a.example\"\nrepository_id = \"700001\"",
+                true,
+                "6:1",
+                "repository_id is an id of github tokens, and the rule trusts https://gitlab.a.example (gitlab) \
+                 (issuer = \"https://gitlab.a.example\"), so it could never match; its tokens' ids are project_id, namespace_id",
+            ),
+            (
+                "provider = \"buildkite\"\nproject_id = \"22\"",
+                true,
+                "6:1",
+                "its tokens' ids are organization_id, pipeline_id",
+            ),
+            (
+                "provider = \"github\"\nrepository_owner_id = \"500001\"",
+                false,
+                "6:1",
+                "rule \"r\" pins repository_owner_id but sets require_oidc = false: runner-attested claims could carry any id",
+            ),
+        ] {
+            let e = scoped_err(keys, oidc);
+            assert!(e.starts_with(&format!("p.toml:{at}: ")), "{keys}: wrong place: {e}");
+            assert!(e.contains(needle), "{keys}: {e:?} lacks {needle:?}");
+        }
+        // Generic issuers have no ids airlock knows.
+        let generic = [TrustedIssuer {
+            issuer: "https://ci.example".into(),
+            provider: Provider::Generic,
+        }];
+        let text = "[[rule]]\nname = \"r\"\n[rule.match]\nprovider = \"generic\"\nproject_id = \"1\"\n";
+        let e = load_str_with(Path::new("p.toml"), &format!("{text}{GRANT}"), &generic)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("match one of their claims under [rule.match.claims]"), "{e}");
+    }
+
+    #[test]
+    fn the_configured_issuers_give_their_providers_as_the_verifier_does() {
+        let cfg = crate::config::Config::parse(
+            Path::new("a.toml"),
+            "[[issuer]]\nissuer = \"https://token.actions.githubusercontent.com\"\naudiences = [\"a\"]\n\
+             [[issuer]]\nissuer = \"https://gitlab.example.com\"\naudiences = [\"a\"]\n\
+             [[issuer]]\nissuer = \"https://ci.example.com\"\naudiences = [\"a\"]\nprovider = \"buildkite\"\n",
+        )
+        .unwrap();
+        let got: Vec<String> = TrustedIssuer::from_config(&cfg.issuers)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "https://token.actions.githubusercontent.com (github)",
+                "https://gitlab.example.com (gitlab)",
+                "https://ci.example.com (buildkite)"
+            ]
+        );
+    }
 }
