@@ -618,13 +618,13 @@ async fn explain(
     for v in &ex.rules {
         let mark = if v.matched { "MATCH" } else { "no   " };
         println!("  {mark} {} ({})", v.rule, v.origin);
-        let attested = if v.require_oidc {
+        let attested = if v.require_oidc || v.scope.issuer.is_none() {
             String::new()
         } else {
-            format!(", and runner-attested {} identities", v.scope.provider)
+            format!("; and runner-attested {} claims", v.scope.provider)
         };
         println!(
-            "        trusts: {}{attested} ({})",
+            "        trusts: {}, by {}{attested}",
             v.scope, v.scope.written
         );
         if !v.id_pins.is_empty() {
