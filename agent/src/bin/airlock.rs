@@ -477,16 +477,12 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
             let cfg = policy_config(&cli.config)?;
             let dir = dir.unwrap_or(cfg.policy.dir.clone());
             let p = load_policies(&cfg, &dir)?;
-            for w in p.warnings() {
-                println!("warning: {w}");
-            }
-            println!("{}: {} rule(s), valid", dir.display(), p.len());
             let issuers: Vec<String> = airlock::policy::TrustedIssuer::from_config(&cfg.issuers)
                 .iter()
                 .map(ToString::to_string)
                 .collect();
             println!(
-                "checked against the issuers of {}: {}",
+                "issuers of {}: {}",
                 cli.config.display(),
                 if issuers.is_empty() {
                     "none".to_string()
@@ -494,6 +490,10 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
                     issuers.join(", ")
                 }
             );
+            for w in p.warnings() {
+                println!("warning: {w}");
+            }
+            println!("{}: {} rule(s), valid", dir.display(), p.len());
             Ok(exit::OK)
         }
         Cmd::Policy(PolicyCmd::Explain { id, dir, json }) => {
