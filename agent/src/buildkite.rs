@@ -731,11 +731,13 @@ mod tests {
         let d = p.decide(&id, time::OffsetDateTime::now_utc());
         assert!(d.refused.is_none() && d.grants.len() == 1, "{d:?}");
 
-        let p = policies(&rule("provider = \"github\"\nrepository = \"*/web\"").replacen(
-            "[rule.match]",
-            "require_oidc = false\n[rule.match]",
-            1,
-        ));
+        let p = policies(
+            &rule("provider = \"github\"\nrepository = \"*/web\"").replacen(
+                "[rule.match]",
+                "require_oidc = false\n[rule.match]",
+                1,
+            ),
+        );
         let mut c = serde_json::Map::new();
         c.insert("provider".into(), "github".into());
         c.insert("repository".into(), "acme/web".into());

@@ -47,10 +47,7 @@ fn issuers(list: &[(&str, &str)]) -> String {
 /// An unsandboxed agent that also trusts Buildkite and GitLab, with `policies`.
 fn stack(policies: Policies) -> Stack {
     Stack::start_with(|mut o| {
-        o.extra_config = issuers(&[
-            (BUILDKITE_ISSUER, "buildkite"),
-            (GITLAB_ISSUER, "gitlab"),
-        ]);
+        o.extra_config = issuers(&[(BUILDKITE_ISSUER, "buildkite"), (GITLAB_ISSUER, "gitlab")]);
         o.policies(policies)
     })
 }
@@ -149,12 +146,21 @@ fn a_buildkite_org_and_a_gitlab_group_called_acme_get_nothing_from_githubs_acme_
             .into_iter()
             .find(|r| r["event"] == "job_started" && r["job"] == job.job_id.as_str())
             .expect("a job_started record");
-        assert_eq!(started["refused"].as_str(), Some(refused.as_str()), "{started}");
+        assert_eq!(
+            started["refused"].as_str(),
+            Some(refused.as_str()),
+            "{started}"
+        );
         assert!(stack.agent.end_job(&job.job_id).status.success());
     }
     // The same names from GitHub's issuer get what the rule says.
     let job = stack.job(&github_acme_tools());
-    assert_eq!(job.rule.as_deref(), Some("acme-ci-readonly"), "{:?}", job.raw);
+    assert_eq!(
+        job.rule.as_deref(),
+        Some("acme-ci-readonly"),
+        "{:?}",
+        job.raw
+    );
     let (status, body) = job.credentials().expect("the job's endpoint answers");
     assert_eq!(status, 200, "{body}");
 }
@@ -256,7 +262,10 @@ const PINNED: &str = "[[rule]]\nname = \"acme-pinned\"\n[rule.match]\nprovider =
 
 #[test]
 fn an_id_pin_refuses_a_re_registered_organisation_and_accepts_the_right_one() {
-    let stack = stack(Policies::Files(vec![("10-pinned.toml".into(), PINNED.into())]));
+    let stack = stack(Policies::Files(vec![(
+        "10-pinned.toml".into(),
+        PINNED.into(),
+    )]));
     let ours = GithubJob::staging();
     let job = stack.job(&ours);
     assert_eq!(job.rule.as_deref(), Some("acme-pinned"), "{:?}", job.raw);
@@ -265,8 +274,16 @@ fn an_id_pin_refuses_a_re_registered_organisation_and_accepts_the_right_one() {
     let mut claims = ours.with_run_id(9_100_060).claims();
     claims["repository_owner_id"] = json!("987654321");
     let squatter = oidc::mint(TestKey::Rsa, &claims);
-    let job = stack.agent.start_job(&squatter).expect("the token verifies");
-    assert_eq!((job.rule.as_deref(), job.grants.len()), (None, 0), "{:?}", job.raw);
+    let job = stack
+        .agent
+        .start_job(&squatter)
+        .expect("the token verifies");
+    assert_eq!(
+        (job.rule.as_deref(), job.grants.len()),
+        (None, 0),
+        "{:?}",
+        job.raw
+    );
     assert!(
         job.refused
             .as_deref()
@@ -289,7 +306,10 @@ fn an_id_pin_refuses_a_re_registered_organisation_and_accepts_the_right_one() {
     ]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    assert!(t.contains("id pins: repository_owner_id = \"500001\""), "{t}");
+    assert!(
+        t.contains("id pins: repository_owner_id = \"500001\""),
+        "{t}"
+    );
     assert!(
         t.contains("repository_owner_id \"987654321\" is not the pinned id \"500001\""),
         "{t}"
@@ -344,14 +364,23 @@ fn policy_explain_shows_each_rules_issuer_its_id_pins_and_why_another_issuer_doe
 
     // A Buildkite token of acme: every rule says first that its issuer is not theirs.
     let t = explain(&buildkite_acme(), false);
-    assert!(t.lines().next().unwrap_or("").ends_with(&format!("(token of {BUILDKITE_ISSUER})")), "{t}");
+    assert!(
+        t.lines()
+            .next()
+            .unwrap_or("")
+            .ends_with(&format!("(token of {BUILDKITE_ISSUER})")),
+        "{t}"
+    );
     let why = format!(
         "issuer \"{BUILDKITE_ISSUER}\" is not the rule's issuer \"{GITHUB_ISSUER}\": tokens of another \
          issuer never match, whatever their names (the rule's other keys are not compared)"
     );
     assert_eq!(t.matches(&why).count(), 3, "{t}");
     assert!(!t.contains("MATCH"), "{t}");
-    assert!(t.contains("decision: refused: no policy rule matches buildkite acme/web"), "{t}");
+    assert!(
+        t.contains("decision: refused: no policy rule matches buildkite acme/web"),
+        "{t}"
+    );
 
     // JSON: the scope and the pins of every rule, the issuer as the first reason.
     let ex: Value = serde_json::from_str(&explain(&gitlab_acme(), true)).expect("JSON");
@@ -363,17 +392,19 @@ fn policy_explain_shows_each_rules_issuer_its_id_pins_and_why_another_issuer_doe
     );
     assert_eq!(
         prod["id_pins"],
-        json!(["repository_id = \"700001\"", "repository_owner_id = \"500001\""])
+        json!([
+            "repository_id = \"700001\"",
+            "repository_owner_id = \"500001\""
+        ])
     );
     assert_eq!(prod["require_oidc"], true);
     assert_eq!(ex["rules"][2]["require_oidc"], false);
     for r in ex["rules"].as_array().expect("rules") {
         assert_eq!(r["matched"], false, "{r}");
         assert!(
-            r["reasons"][0]
-                .as_str()
-                .unwrap_or("")
-                .starts_with(&format!("issuer \"{GITLAB_ISSUER}\" is not the rule's issuer")),
+            r["reasons"][0].as_str().unwrap_or("").starts_with(&format!(
+                "issuer \"{GITLAB_ISSUER}\" is not the rule's issuer"
+            )),
             "{r}"
         );
     }
@@ -391,7 +422,10 @@ fn policy_commands_without_the_agents_configuration_say_so() {
         .expect("run airlock");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(78), "{t}");
-    assert!(t.contains("cannot read config /nonexistent/airlock.toml"), "{t}");
+    assert!(
+        t.contains("cannot read config /nonexistent/airlock.toml"),
+        "{t}"
+    );
     assert!(
         t.contains("policies are checked against the issuers the agent trusts"),
         "{t}"

@@ -204,8 +204,8 @@ fn a_suggestion_pasted_into_the_rule_allows_what_the_jobs_did() {
     let issuers = airlock::config::Config::load(&f.config())
         .map(|c| airlock::policy::TrustedIssuer::from_config(&c.issuers))
         .unwrap_or_else(|e| panic!("{e}"));
-    let set = airlock::policy::load_dir_with(&f.policies(), &issuers)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let set =
+        airlock::policy::load_dir_with(&f.policies(), &issuers).unwrap_or_else(|e| panic!("{e}"));
     let egress = set
         .egress_for("web-ci")
         .expect("the rule has [rule.egress]");

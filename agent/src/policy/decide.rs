@@ -265,7 +265,12 @@ fn mismatches(rule: &Rule, id: &JobIdentity, all: bool) -> Vec<String> {
         return vec![why];
     }
     let mut out = Vec::new();
-    for m in &rule.matchers {
+    // Id pins hold for verified tokens only. A rule with one requires OIDC (checked at
+    // load), so it refuses an attested identity it matches; skipping the pins keeps that
+    // refusal final rather than letting production-shaped attested claims without ids
+    // fall through to a later rule.
+    let attested = id.source == IdentitySource::Attested;
+    for m in rule.matchers.iter().filter(|m| !(attested && m.id_pin)) {
         if let Some(reason) = mismatch(m, id) {
             out.push(reason);
             if !all {
@@ -319,7 +324,11 @@ mod tests {
     const SATURDAY: time::OffsetDateTime = datetime!(2025-06-14 23:00 UTC);
 
     fn shipped() -> PolicySet {
-        load_dir_with(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies"), &TrustedIssuer::well_known()).unwrap()
+        load_dir_with(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies"),
+            &TrustedIssuer::well_known(),
+        )
+        .unwrap()
     }
 
     fn github(repo: &str, git_ref: &str, env: Option<&str>, event: &str) -> JobIdentity {
@@ -500,6 +509,26 @@ mod tests {
             aliases(&shipped().decide(&id, WEEKDAY)),
             [("readonly", "ci-readonly")]
         );
+    }
+
+    #[test]
+    fn attested_claims_without_ids_are_refused_by_an_id_pinned_rule_not_passed_on() {
+        // Runner-attested claims carry no ids the policy can trust: the production rule
+        // (which pins ids and requires OIDC) still decides them, and refuses.
+        let mut id = github("acme/web", "refs/heads/main", Some("production"), "push");
+        id.source = IdentitySource::Attested;
+        id.claims.clear();
+        let d = shipped().decide(&id, WEEKDAY);
+        assert_eq!(d.rule.as_deref(), Some("web-production"));
+        assert!(d.grants.is_empty());
+        assert!(d
+            .refused
+            .unwrap()
+            .contains("requires a verified OIDC identity"));
+        // A token without the ids does not match it: the next rule decides.
+        id.source = IdentitySource::Oidc;
+        let d = shipped().decide(&id, WEEKDAY);
+        assert_eq!(d.rule.as_deref(), Some("acme-ci-readonly"));
     }
 
     #[test]
@@ -819,7 +848,10 @@ mod tests {
             let d = set.decide(&id, WEEKDAY);
             assert_eq!((d.rule.as_deref(), d.grants.len()), (None, 0), "{d:?}");
             assert!(
-                d.refused.as_deref().unwrap().starts_with("no policy rule matches"),
+                d.refused
+                    .as_deref()
+                    .unwrap()
+                    .starts_with("no policy rule matches"),
                 "{d:?}"
             );
             let ex = set.explain(&id, WEEKDAY);
@@ -880,7 +912,10 @@ mod tests {
             "github",
             serde_json::json!({"repository_owner": "acme", "repository": "acme/web"}),
         );
-        assert_eq!(set.decide(&gh, WEEKDAY).rule.as_deref(), Some("acme-ci-readonly"));
+        assert_eq!(
+            set.decide(&gh, WEEKDAY).rule.as_deref(),
+            Some("acme-ci-readonly")
+        );
     }
 
     /// Issuers are compared exactly, as the verifier looks them up: one that differs by a

@@ -530,7 +530,12 @@ impl Loader {
                     .issuers
                     .iter()
                     .find(|t| t.issuer.trim_end_matches('/') == iss.trim_end_matches('/'))
-                    .map(|t| format!(" (did you mean {:?}? issuers are compared exactly)", t.issuer))
+                    .map(|t| {
+                        format!(
+                            " (did you mean {:?}? issuers are compared exactly)",
+                            t.issuer
+                        )
+                    })
                     .unwrap_or_default();
                 return cx.err(
                     &p.value,
@@ -1649,7 +1654,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.toml"), rule(GRANT)).unwrap();
         std::fs::write(dir.path().join("b.toml"), format!("\n\n{}", rule(GRANT))).unwrap();
-        let e = load_dir_with(dir.path(), &TrustedIssuer::well_known()).unwrap_err().to_string();
+        let e = load_dir_with(dir.path(), &TrustedIssuer::well_known())
+            .unwrap_err()
+            .to_string();
         let b = dir.path().join("b.toml");
         assert!(
             e.starts_with(&format!(
@@ -1829,13 +1836,18 @@ mod tests {
         assert!(!bk(
             "provider = \"buildkite\"\norganization_id = \"0184990a-477b-4fa8-9968-496074483c77\""
         ));
-        assert!(!bk("provider = \"buildkite\"\npipeline_id = \"0184990a-4782\""));
+        assert!(!bk(
+            "provider = \"buildkite\"\npipeline_id = \"0184990a-4782\""
+        ));
         assert!(!bk("provider = \"github\""));
         assert!(!bk(
             "issuer = \"https://token.actions.githubusercontent.com\""
         ));
 
-        let set = load(&rule(&format!("owner = \"acme\"\n{GRANT}duration = \"20m\"\n"))).unwrap();
+        let set = load(&rule(&format!(
+            "owner = \"acme\"\n{GRANT}duration = \"20m\"\n"
+        )))
+        .unwrap();
         assert_eq!(set.warnings().len(), 1);
         assert!(
             set.warnings()[0].starts_with("p.toml:1:1: rule \"r\" grant \"a\": duration 1200 s"),
@@ -1848,7 +1860,9 @@ mod tests {
     fn directory_order_and_missing_or_empty_directory() {
         let dir = tempfile::tempdir().unwrap();
         assert!(
-            load_dir_with(dir.path(), &TrustedIssuer::well_known()).unwrap().is_empty(),
+            load_dir_with(dir.path(), &TrustedIssuer::well_known())
+                .unwrap()
+                .is_empty(),
             "an empty directory denies everything"
         );
         let two = |a: &str, b: &str| {
@@ -1864,7 +1878,9 @@ mod tests {
         std::fs::write(dir.path().join(".#10-a.toml"), "garbage = ").unwrap();
         std::fs::create_dir(dir.path().join("sub.toml")).unwrap();
         assert_eq!(
-            load_dir_with(dir.path(), &TrustedIssuer::well_known()).unwrap().rule_names(),
+            load_dir_with(dir.path(), &TrustedIssuer::well_known())
+                .unwrap()
+                .rule_names(),
             ["a1", "a2", "b1", "b2"]
         );
 
@@ -2362,7 +2378,8 @@ mod tests {
     #[test]
     fn shipped_policies_load_without_errors_or_warnings() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-        let set = load_dir_with(&dir, &TrustedIssuer::well_known()).unwrap_or_else(|e| panic!("{e}"));
+        let set =
+            load_dir_with(&dir, &TrustedIssuer::well_known()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             set.rule_names(),
             ["web-production", "web-staging", "acme-ci-readonly"]
@@ -2412,7 +2429,11 @@ mod tests {
     /// A rule whose [rule.match] (line 4 on) is `keys`, loaded against [`four_issuers`].
     fn scoped(keys: &str, require_oidc: bool) -> Result<PolicySet, PolicyError> {
         // Line 3 holds require_oidc either way, so the keys start on line 4.
-        let oidc = if require_oidc { "# oidc only" } else { "require_oidc = false" };
+        let oidc = if require_oidc {
+            "# oidc only"
+        } else {
+            "require_oidc = false"
+        };
         let text = format!("[[rule]]\nname = \"r\"\n{oidc}\n[rule.match]\n{keys}\n{GRANT}");
         load_str_with(Path::new("p.toml"), &text, &four_issuers())
     }
@@ -2433,12 +2454,22 @@ mod tests {
             (Some(GH), Provider::Github, "provider = \"github\"")
         );
         let s = scope(&format!("issuer = \"{GL_B}\"\nowner = \"acme\""));
-        assert_eq!((s.issuer.as_deref(), s.provider), (Some(GL_B), Provider::Gitlab));
+        assert_eq!(
+            (s.issuer.as_deref(), s.provider),
+            (Some(GL_B), Provider::Gitlab)
+        );
         // The scope replaces the issuer and provider keys; a consistent provider may stay.
-        let set = scoped(&format!("issuer = [\"{GL_A}\"]\nprovider = \"gitlab\"\nowner = \"acme\""), true)
-            .unwrap();
+        let set = scoped(
+            &format!("issuer = [\"{GL_A}\"]\nprovider = \"gitlab\"\nowner = \"acme\""),
+            true,
+        )
+        .unwrap();
         assert_eq!(set.rules()[0].scope.issuer.as_deref(), Some(GL_A));
-        let keys: Vec<&str> = set.rules()[0].matchers.iter().map(|m| m.field.as_str()).collect();
+        let keys: Vec<&str> = set.rules()[0]
+            .matchers
+            .iter()
+            .map(|m| m.field.as_str())
+            .collect();
         assert_eq!(keys, ["owner"]);
 
         for (keys, at, needles) in [
@@ -2518,16 +2549,17 @@ mod tests {
         let set = scoped("provider = \"generic\"\nsubject = \"x\"", false).unwrap();
         assert_eq!(set.rules()[0].scope.issuer, None);
         assert!(
-            set.warnings()
-                .iter()
-                .any(|w| w.starts_with("p.toml:1:1: rule \"r\" matches only runner-attested generic identities")),
+            set.warnings().iter().any(|w| w.starts_with(
+                "p.toml:1:1: rule \"r\" matches only runner-attested generic identities"
+            )),
             "{:?}",
             set.warnings()
         );
         // An agent without issuers loads no OIDC rule, and says why.
         let e = load_str_with(Path::new("p.toml"), &rule(GRANT), &[]).unwrap_err();
         assert!(
-            e.to_string().contains("configured: none: the agent's configuration has no [[issuer]]"),
+            e.to_string()
+                .contains("configured: none: the agent's configuration has no [[issuer]]"),
             "{e}"
         );
     }
@@ -2547,10 +2579,21 @@ mod tests {
             .collect();
         assert_eq!(
             pins,
-            ["repository_id = \"700001\"", "repository_owner_id = [\"500001\", \"500002\"]"]
+            [
+                "repository_id = \"700001\"",
+                "repository_owner_id = [\"500001\", \"500002\"]"
+            ]
         );
-        assert!(scoped(&format!("issuer = \"{GL_A}\"\nproject_id = \"22\"\nnamespace_id = \"7\""), true).is_ok());
-        assert!(scoped("provider = \"buildkite\"\norganization_id = \"0184990a-477b\"", true).is_ok());
+        assert!(scoped(
+            &format!("issuer = \"{GL_A}\"\nproject_id = \"22\"\nnamespace_id = \"7\""),
+            true
+        )
+        .is_ok());
+        assert!(scoped(
+            "provider = \"buildkite\"\norganization_id = \"0184990a-477b\"",
+            true
+        )
+        .is_ok());
 
         for (keys, oidc, at, needle) in [
             (
@@ -2594,11 +2637,15 @@ mod tests {
             issuer: "https://ci.example".into(),
             provider: Provider::Generic,
         }];
-        let text = "[[rule]]\nname = \"r\"\n[rule.match]\nprovider = \"generic\"\nproject_id = \"1\"\n";
+        let text =
+            "[[rule]]\nname = \"r\"\n[rule.match]\nprovider = \"generic\"\nproject_id = \"1\"\n";
         let e = load_str_with(Path::new("p.toml"), &format!("{text}{GRANT}"), &generic)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("match one of their claims under [rule.match.claims]"), "{e}");
+        assert!(
+            e.contains("match one of their claims under [rule.match.claims]"),
+            "{e}"
+        );
     }
 
     #[test]

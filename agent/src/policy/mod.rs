@@ -49,7 +49,10 @@ impl TrustedIssuer {
     /// of their configuration instead ([`TrustedIssuer::from_config`]).
     pub fn well_known() -> Vec<TrustedIssuer> {
         [
-            ("https://token.actions.githubusercontent.com", Provider::Github),
+            (
+                "https://token.actions.githubusercontent.com",
+                Provider::Github,
+            ),
             ("https://gitlab.com", Provider::Gitlab),
             ("https://agent.buildkite.com", Provider::Buildkite),
         ]
