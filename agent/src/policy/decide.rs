@@ -902,7 +902,8 @@ mod tests {
             let why = &set.explain(&id, WEEKDAY).rules[2].reasons[0];
             assert!(
                 why.starts_with(&format!(
-                    "runner-attested {} identity: the rule trusts only https://token.actions.githubusercontent.com (github)",
+                    "runner-attested {} identity: the rule trusts only github identities, of \
+                     https://token.actions.githubusercontent.com; its other keys are not compared",
                     id.provider
                 )),
                 "{why}"

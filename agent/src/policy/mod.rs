@@ -109,8 +109,11 @@ impl IssuerScope {
                 id.provider
             )),
             (IdentitySource::Attested, _) => Err(format!(
-                "runner-attested {} identity: the rule trusts only {} (the rule's other keys are not compared)",
-                id.provider, self
+                "runner-attested {} identity: the rule trusts only {} identities, of {}; its other keys \
+                 are not compared",
+                id.provider,
+                self.provider,
+                self.issuer.as_deref().unwrap_or("no issuer")
             )),
         }
     }
