@@ -133,7 +133,8 @@ enum PolicyCmd {
     /// issuers of the agent's configuration (--config), and report errors and warnings.
     /// Exit 0 when valid, 65 otherwise, 78 when the configuration cannot be read.
     Check { dir: Option<PathBuf> },
-    /// Show which rule matches a job's token or claims, which rules did not and why, and
+    /// Show which rule matches a job's token or claims, which rules did not and why (first:
+    /// whether the job is of the rule's one issuer), each rule's issuer and id pins, and
     /// what would be granted.
     Explain {
         #[command(flatten)]
