@@ -97,7 +97,7 @@ mint() { # mint CLAIMS_JSON > token
 
 step "Job 1: acme/web, push to main, environment production"
 mint '{"sub":"repo:acme/web:environment:production","repository":"acme/web","repository_owner":"acme",
-  "ref":"refs/heads/main","ref_type":"branch","environment":"production","event_name":"push",
+  "repository_id":"700001","repository_owner_id":"500001","ref":"refs/heads/main","ref_type":"branch","environment":"production","event_name":"push",
   "workflow_ref":"acme/web/.github/workflows/deploy.yml@refs/heads/main","actor":"octocat",
   "run_id":"4242","run_attempt":"1","runner_environment":"self-hosted"}' >prod.jwt
 note "\$ airlock run --oidc-token-file prod.jwt -- aws sts get-caller-identity"

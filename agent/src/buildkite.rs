@@ -751,7 +751,10 @@ mod tests {
                 "issuer = \"https://agent.buildkite.com\"\nsubject = \"organization:acme:*\"",
                 false,
             ),
-            ("repository = \"acme/deploy\"", true),
+            (
+                "provider = \"buildkite\"\norganization_id = \"0184990a-477b\"",
+                true,
+            ),
         ] {
             let p = policies(&rule(m));
             let warned = p.warnings().iter().any(|w| w.contains("Buildkite"));
@@ -825,11 +828,13 @@ mod tests {
         let d = p.decide(&id, time::OffsetDateTime::now_utc());
         assert!(d.refused.is_none() && d.grants.len() == 1, "{d:?}");
 
-        let p = policies(&rule("repository = \"*/web\"").replacen(
-            "[rule.match]",
-            "require_oidc = false\n[rule.match]",
-            1,
-        ));
+        let p = policies(
+            &rule("provider = \"github\"\nrepository = \"*/web\"").replacen(
+                "[rule.match]",
+                "require_oidc = false\n[rule.match]",
+                1,
+            ),
+        );
         let mut c = serde_json::Map::new();
         c.insert("provider".into(), "github".into());
         c.insert("repository".into(), "acme/web".into());

@@ -288,9 +288,11 @@ impl Daemon {
         lock(&self.jobs).len()
     }
 
-    /// Load the policy directory again; a bad policy keeps the old one.
+    /// Load the policy directory again, against the issuers the agent started with; a bad
+    /// policy keeps the old one.
     pub fn reload_policies(&self) -> Result<usize, String> {
-        match crate::policy::load_dir(&self.cfg.policy.dir) {
+        let issuers = crate::policy::TrustedIssuer::from_config(&self.cfg.issuers);
+        match crate::policy::load_dir_with(&self.cfg.policy.dir, &issuers) {
             Ok(p) => {
                 let n = p.len();
                 for w in p.warnings() {

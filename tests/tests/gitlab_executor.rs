@@ -31,14 +31,35 @@ fn prereqs() {
     );
 }
 
-/// An agent with `[sandbox]`, the repository's policies and a GitLab issuer trusting the
-/// fixture keys. GitLab jobs of `acme/*` get the `acme-ci-readonly` rule.
+/// The GitLab group acme's read-only rule, appended to `20-staging.toml`: the repository's
+/// `acme-ci-readonly` is GitHub's acme's, and a GitLab group of the same name is another
+/// owner, so it needs a rule of its own (scoped to the GitLab issuer).
+const GITLAB_RULE: &str = r#"
+[[rule]]
+name = "gitlab-acme-ci-readonly"
+[rule.match]
+provider = "gitlab"
+owner = "acme"
+repository = "acme/*"
+namespace_id = "7"
+[[rule.grant]]
+alias = "readonly"
+role_arn = "arn:aws:iam::123456789012:role/ci-readonly"
+duration = "30m"
+policy_arns = ["arn:aws:iam::aws:policy/ReadOnlyAccess"]
+"#;
+
+/// An agent with `[sandbox]`, the repository's policies plus [`GITLAB_RULE`] and a GitLab
+/// issuer trusting the fixture keys. GitLab jobs of `acme/*` get `gitlab-acme-ci-readonly`.
 fn stack() -> Stack {
     let jwks = paths::oidc_fixtures().join("jwks.json");
-    Stack::sandboxed(&format!(
-        "\n[[issuer]]\nissuer = \"{GITLAB_ISSUER}\"\naudiences = [\"{TEST_AUDIENCE}\"]\nprovider = \"gitlab\"\njwks_file = \"{}\"\n",
-        jwks.display()
-    ))
+    Stack::sandboxed_rule_tables(
+        &format!(
+            "\n[[issuer]]\nissuer = \"{GITLAB_ISSUER}\"\naudiences = [\"{TEST_AUDIENCE}\"]\nprovider = \"gitlab\"\njwks_file = \"{}\"\n",
+            jwks.display()
+        ),
+        &[("20-staging.toml", GITLAB_RULE)],
+    )
 }
 
 /// A GitLab `id_tokens:` JWT for job `job_id` of `project`.
@@ -300,7 +321,7 @@ fn a_multi_stage_job_shares_its_sandbox_gets_job_scoped_credentials_and_is_wiped
 
     let prepared = job.stage("prepare", &[]);
     let out = ok(&prepared, &stack);
-    assert!(out.contains("rule acme-ci-readonly"), "{out}");
+    assert!(out.contains("rule gitlab-acme-ci-readonly"), "{out}");
     let id = airlock_job_of(&out);
     let started = records(&stack, "job_started", &id);
     assert_eq!(started[0]["repository"], "acme/web", "{}", started[0]);

@@ -15,24 +15,29 @@ const BASELINE: &str = "# What every runner needs.\n[egress]\n\
                         baseline = [\"github.com:443\", \"*.actions.githubusercontent.com:443\"]\n";
 
 const RULE: &str = "[[rule]]\nname = \"web-ci\"\nrequire_oidc = false\n[rule.match]\n\
-                    repository = \"acme/web\"\n\
+                    provider = \"github\"\nrepository = \"acme/web\"\n\
                     [[rule.grant]]\nalias = \"ci\"\nrole_arn = \"arn:aws:iam::123456789012:role/ci\"\n\
                     duration = \"1h\"\n";
+
+const CONFIG: &str = "[[issuer]]\nissuer = \"https://token.actions.githubusercontent.com\"\n\
+                      audiences = [\"sts.amazonaws.com\"]\n";
 
 struct Fixture {
     dir: tempfile::TempDir,
 }
 
 impl Fixture {
-    /// A policy directory (`policies/`), an empty agent configuration and an audit log of
-    /// two acme/web jobs in audit mode and one job of another repository.
+    /// A policy directory (`policies/`), an agent configuration trusting GitHub's issuer
+    /// and an audit log of two acme/web jobs in audit mode and one job of another
+    /// repository.
     fn new() -> Fixture {
         let dir = tempfile::tempdir().expect("temporary directory");
         let f = Fixture { dir };
         std::fs::create_dir(f.policies()).expect("policy directory");
         std::fs::write(f.policies().join("00-baseline.toml"), BASELINE).expect("baseline");
         std::fs::write(f.rule_file(), RULE).expect("rule");
-        std::fs::write(f.config(), "").expect("config");
+        // The agent's configuration: its issuers are what every rule must name one of.
+        std::fs::write(f.config(), CONFIG).expect("config");
         let log = AuditLog::open(&f.audit()).expect("audit log");
         let started = |job: &str, repo: &str, workflow: &str| {
             log.append(
@@ -196,7 +201,11 @@ fn a_suggestion_pasted_into_the_rule_allows_what_the_jobs_did() {
         "{}",
         stdout(&check)
     );
-    let set = airlock::policy::load_dir(&f.policies()).unwrap_or_else(|e| panic!("{e}"));
+    let issuers = airlock::config::Config::load(&f.config())
+        .map(|c| airlock::policy::TrustedIssuer::from_config(&c.issuers))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let set =
+        airlock::policy::load_dir_with(&f.policies(), &issuers).unwrap_or_else(|e| panic!("{e}"));
     let egress = set
         .egress_for("web-ci")
         .expect("the rule has [rule.egress]");

@@ -136,10 +136,12 @@ enum JobCmd {
 
 #[derive(Debug, Subcommand)]
 enum PolicyCmd {
-    /// Load every policy in DIR (default: the configured directory) and report errors and
-    /// warnings. Exit 0 when valid, 65 otherwise.
+    /// Load every policy in DIR (default: the configured directory), checked against the
+    /// issuers of the agent's configuration (--config), and report errors and warnings.
+    /// Exit 0 when valid, 65 otherwise, 78 when the configuration cannot be read.
     Check { dir: Option<PathBuf> },
-    /// Show which rule matches a job's token or claims, which rules did not and why, and
+    /// Show which rule matches a job's token or claims, which rules did not and why (first:
+    /// whether the job is of the rule's one issuer), each rule's issuer and id pins, and
     /// what would be granted.
     Explain {
         #[command(flatten)]
@@ -259,6 +261,26 @@ fn config(path: &Path) -> Result<Config, Fail> {
         return Config::parse(path, "").map_err(|e| Fail(exit::CONFIG, e.to_string()));
     }
     Config::load(path).map_err(|e| Fail(exit::CONFIG, e.to_string()))
+}
+
+/// The agent's configuration, for the `policy` commands: every rule must name one of its
+/// `[[issuer]]`s, so policies cannot be checked without it (no empty default here).
+fn policy_config(path: &Path) -> Result<Config, Fail> {
+    Config::load(path).map_err(|e| {
+        Fail(
+            exit::CONFIG,
+            format!(
+                "{e}; policies are checked against the issuers the agent trusts ([[issuer]] in its \
+                 configuration), so give the agent's airlock.toml with --config"
+            ),
+        )
+    })
+}
+
+/// The policies of `dir`, checked against the issuers of `cfg`.
+fn load_policies(cfg: &Config, dir: &Path) -> Result<airlock::policy::PolicySet, Fail> {
+    let issuers = airlock::policy::TrustedIssuer::from_config(&cfg.issuers);
+    airlock::policy::load_dir_with(dir, &issuers).map_err(|e| Fail(exit::DATAERR, e.to_string()))
 }
 
 fn read_input(path: &Path, what: &str) -> Result<String, Fail> {
@@ -472,20 +494,27 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
             Ok(exit::OK)
         }
         Cmd::Policy(PolicyCmd::Check { dir }) => {
-            let dir = match dir {
-                Some(d) => d,
-                None => config(&cli.config)?.policy.dir,
-            };
-            match airlock::policy::load_dir(&dir) {
-                Ok(p) => {
-                    for w in p.warnings() {
-                        println!("warning: {w}");
-                    }
-                    println!("{}: {} rule(s), valid", dir.display(), p.len());
-                    Ok(exit::OK)
+            let cfg = policy_config(&cli.config)?;
+            let dir = dir.unwrap_or(cfg.policy.dir.clone());
+            let p = load_policies(&cfg, &dir)?;
+            let issuers: Vec<String> = airlock::policy::TrustedIssuer::from_config(&cfg.issuers)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            println!(
+                "issuers of {}: {}",
+                cli.config.display(),
+                if issuers.is_empty() {
+                    "none".to_string()
+                } else {
+                    issuers.join(", ")
                 }
-                Err(e) => Err(Fail(exit::DATAERR, e.to_string())),
+            );
+            for w in p.warnings() {
+                println!("warning: {w}");
             }
+            println!("{}: {} rule(s), valid", dir.display(), p.len());
+            Ok(exit::OK)
         }
         Cmd::Policy(PolicyCmd::Explain { id, dir, json }) => {
             explain(&cli.config, id, dir, json).await
@@ -574,10 +603,9 @@ async fn explain(
     dir: Option<PathBuf>,
     json: bool,
 ) -> Result<i32, Fail> {
-    let cfg = config(cfg_path)?;
+    let cfg = policy_config(cfg_path)?;
     let dir = dir.unwrap_or(cfg.policy.dir.clone());
-    let policies =
-        airlock::policy::load_dir(&dir).map_err(|e| Fail(exit::DATAERR, e.to_string()))?;
+    let policies = load_policies(&cfg, &dir)?;
     let identity = match identity_input(&id)? {
         (Some(token), None) => {
             let http = airlock::http_client::HttpClient::new().map_err(|e| (exit::SOFTWARE, e))?;
@@ -600,10 +628,28 @@ async fn explain(
     if json {
         return print_json(&ex);
     }
-    println!("identity: {}", identity.summary());
+    let from = match identity.source {
+        airlock::identity::IdentitySource::Oidc => format!("token of {}", identity.issuer),
+        airlock::identity::IdentitySource::Attested => {
+            format!("runner-attested {} claims", identity.provider)
+        }
+    };
+    println!("identity: {} ({from})", identity.summary());
     for v in &ex.rules {
         let mark = if v.matched { "MATCH" } else { "no   " };
         println!("  {mark} {} ({})", v.rule, v.origin);
+        let attested = if v.require_oidc || v.scope.issuer.is_none() {
+            String::new()
+        } else {
+            format!("; and runner-attested {} claims", v.scope.provider)
+        };
+        println!(
+            "        trusts: {}, by {}{attested}",
+            v.scope, v.scope.written
+        );
+        if !v.id_pins.is_empty() {
+            println!("        id pins: {}", v.id_pins.join(", "));
+        }
         for r in &v.reasons {
             println!("        {r}");
         }
@@ -666,16 +712,10 @@ fn suggest(
             "choose the jobs to learn from with --repository, --workflow and/or --job".into(),
         ));
     }
-    let audit = match audit {
-        Some(a) => a,
-        None => config(cfg_path)?.audit.path,
-    };
-    let dir = match dir {
-        Some(d) => d,
-        None => config(cfg_path)?.policy.dir,
-    };
-    let policies =
-        airlock::policy::load_dir(&dir).map_err(|e| Fail(exit::DATAERR, e.to_string()))?;
+    let cfg = policy_config(cfg_path)?;
+    let audit = audit.unwrap_or(cfg.audit.path.clone());
+    let dir = dir.unwrap_or(cfg.policy.dir.clone());
+    let policies = load_policies(&cfg, &dir)?;
     let file = std::fs::File::open(&audit).map_err(|e| {
         Fail(
             exit::NOINPUT,

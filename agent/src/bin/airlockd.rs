@@ -50,7 +50,9 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(exit::CONFIG, e),
     };
-    let policies = match airlock::policy::load_dir(&cfg.policy.dir) {
+    // Rules are checked against the issuers this agent trusts: each must name exactly one.
+    let issuers = airlock::policy::TrustedIssuer::from_config(&cfg.issuers);
+    let policies = match airlock::policy::load_dir_with(&cfg.policy.dir, &issuers) {
         Ok(p) => p,
         Err(e) => return fail(exit::DATAERR, format!("policy error, not starting: {e}")),
     };

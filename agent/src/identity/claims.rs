@@ -97,6 +97,14 @@ pub fn normalise(
     id
 }
 
+/// The provider of a configured issuer: the one it names, or else the one its URL suggests.
+/// The verifier reads the issuer's tokens in this provider's claim shape, and the policy
+/// loader maps a rule's `provider` onto the issuers it gives.
+pub fn configured_provider(cfg: &crate::config::IssuerConfig) -> Provider {
+    cfg.provider
+        .unwrap_or_else(|| provider_for_issuer(&cfg.issuer))
+}
+
 /// The provider whose claim shape an issuer uses, for issuers configured without one.
 pub fn provider_for_issuer(iss: &str) -> Provider {
     let is = |base: &str| {

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::fmt;
 
-pub use claims::{from_attested, from_attested_value, normalise, provider_for_issuer};
+pub use claims::{
+    configured_provider, from_attested, from_attested_value, normalise, provider_for_issuer,
+};
 pub use oidc::{IdentityError, Verifier};
 
 /// How the identity was established.
@@ -43,6 +45,39 @@ impl Provider {
             Provider::Buildkite => "buildkite",
             Provider::Generic => "generic",
         }
+    }
+}
+
+/// The immutable ids each provider's tokens carry, by claim name: what a policy pins so that
+/// a renamed and re-registered organisation or project does not inherit its grants. Names
+/// can be taken over; these ids cannot.
+///
+/// - GitHub Actions: `repository_id`, `repository_owner_id` (in every token).
+/// - GitLab: `project_id`, `namespace_id` (in every `id_tokens:` token).
+/// - Buildkite: `organization_id`, `pipeline_id` (UUIDs, only in tokens requested with
+///   `buildkite-agent oidc request-token --claim organization_id,pipeline_id`; Buildkite's
+///   docs, "Optional claims").
+pub fn id_claims(provider: Provider) -> &'static [&'static str] {
+    match provider {
+        Provider::Github => &["repository_id", "repository_owner_id"],
+        Provider::Gitlab => &["project_id", "namespace_id"],
+        Provider::Buildkite => &["organization_id", "pipeline_id"],
+        Provider::Generic => &[],
+    }
+}
+
+/// Every provider, for messages that list them.
+pub const PROVIDERS: [Provider; 4] = [
+    Provider::Github,
+    Provider::Gitlab,
+    Provider::Buildkite,
+    Provider::Generic,
+];
+
+impl Provider {
+    /// `github` → [`Provider::Github`], and so on.
+    pub fn from_name(name: &str) -> Option<Provider> {
+        PROVIDERS.into_iter().find(|p| p.as_str() == name)
     }
 }
 

@@ -5,7 +5,7 @@
 //! It owns the per-issuer key cache and its rate-limited refetch. It must never log a
 //! token or put one into an error, and never verify a token with another issuer's keys.
 
-use super::claims::{normalise, provider_for_issuer};
+use super::claims::{configured_provider, normalise};
 use super::{IdentitySource, JobIdentity, Provider};
 use crate::config::IssuerConfig;
 use crate::http_client::{redact_url, HttpClient, HttpError};
@@ -311,9 +311,7 @@ impl Verifier {
         let issuer = Issuer {
             name: cfg.issuer.clone(),
             audiences: cfg.audiences.clone(),
-            provider: cfg
-                .provider
-                .unwrap_or_else(|| provider_for_issuer(&cfg.issuer)),
+            provider: configured_provider(cfg),
             allow_http: cfg.allow_http,
             source,
             keys: RwLock::new(Arc::new(KeySet::new())),

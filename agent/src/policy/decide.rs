@@ -1,14 +1,16 @@
 //! Deciding: a job's identity and the time in, a [`Decision`] (or an [`Explanation`]) out.
 //!
-//! This module owns the matching semantics: the first rule whose `match` matches decides,
-//! with no fall-through to later rules. It must never do I/O, read the clock or log: the
-//! caller passes `now` and records the decision.
+//! This module owns the matching semantics: the first rule whose scope and `match` match
+//! decides, with no fall-through to later rules. A rule's issuer scope is checked before
+//! any of its keys, so a token of another issuer never matches it, whatever its names. It
+//! must never do I/O, read the clock or log: the caller passes `now` and records the
+//! decision.
 
 use super::{
-    EgressPolicy, Matcher, Method, Origin, OutsideWindow, PolicySet, Rule, RuleSandbox,
-    FLAG_OUTSIDE_WINDOW,
+    EgressPolicy, IssuerScope, Matcher, Method, Origin, OutsideWindow, PolicySet, Rule,
+    RuleSandbox, FLAG_OUTSIDE_WINDOW,
 };
-use crate::identity::{IdentitySource, JobIdentity};
+use crate::identity::{IdentitySource, JobIdentity, Provider};
 use serde::Serialize;
 
 /// What a job gets. `refused.is_some()` implies `grants.is_empty()`; otherwise the default
@@ -58,9 +60,18 @@ pub struct Explanation {
 pub struct RuleVerdict {
     pub rule: String,
     pub origin: Origin,
-    /// Whether the rule's `match` table matches the job (whether or not it decided).
+    /// The one issuer whose identities the rule may match.
+    pub scope: IssuerScope,
+    /// Whether attested identities are refused (`require_oidc`, the default); `false`: the
+    /// rule also matches runner-attested identities of its scope's provider.
+    pub require_oidc: bool,
+    /// The rule's immutable-id pins, as written (`repository_owner_id = "500001"`).
+    pub id_pins: Vec<String>,
+    /// Whether the rule's scope and `match` table match the job (whether or not it
+    /// decided).
     pub matched: bool,
-    /// Why it does not match (every failing key), or what it decided.
+    /// First whether the job is of the rule's issuer; then why it does not match (every
+    /// failing key), or what it decided.
     pub reasons: Vec<String>,
 }
 
@@ -72,7 +83,7 @@ impl PolicySet {
             .find(|r| mismatches(r, id, false).is_empty())
         {
             Some(rule)
-                if super::load::is_buildkite(id)
+                if rule.scope.provider == Provider::Buildkite
                     && !super::load::pins_buildkite_org(&rule.matchers) =>
             {
                 org_not_pinned(rule, id)
@@ -89,9 +100,10 @@ impl PolicySet {
             .rules
             .iter()
             .map(|rule| {
+                let scope = rule.scope.check(id);
                 let reasons = mismatches(rule, id, true);
                 let matched = reasons.is_empty();
-                let reasons = if !matched {
+                let mut reasons = if !matched {
                     reasons
                 } else if decided {
                     vec![format!(
@@ -116,9 +128,21 @@ impl PolicySet {
                     };
                     vec![what, outcome]
                 };
+                // Out of scope, the scope's refusal is already the one reason.
+                if let Ok(why) = scope {
+                    reasons.insert(0, why);
+                }
                 RuleVerdict {
                     rule: rule.name.clone(),
                     origin: rule.origin.clone(),
+                    scope: rule.scope.clone(),
+                    require_oidc: rule.require_oidc,
+                    id_pins: rule
+                        .matchers
+                        .iter()
+                        .filter(|m| m.id_pin)
+                        .map(Matcher::written)
+                        .collect(),
                     matched,
                     reasons,
                 }
@@ -166,7 +190,7 @@ fn org_not_pinned(rule: &Rule, id: &JobIdentity) -> Decision {
         format!(
             "rule {:?} ({}) matches Buildkite jobs of any organisation: every Buildkite \
              organisation shares one issuer, so a rule must pin yours; add owner = {org:?} \
-             (or repository = \"{org}/<pipeline>\") to its [rule.match] (this job's \
+             (or repository = \"{org}/<pipeline>\", or organization_id = \"<its id>\") to its [rule.match] (this job's \
              organisation is {org:?})",
             rule.name, rule.origin
         ),
@@ -233,11 +257,20 @@ fn utc_minute(now: time::OffsetDateTime) -> String {
     format!("{} {:02}:{:02} UTC", t.weekday(), t.hour(), t.minute())
 }
 
-/// Why `rule` does not match `id`: empty when it matches. With `all` false, stops at the
-/// first reason (deciding needs only yes/no).
+/// Why `rule` does not match `id`: empty when it matches. The issuer scope comes first, and
+/// an identity outside it gets that one reason: no other key is compared. With `all`
+/// false, stops at the first reason (deciding needs only yes/no).
 fn mismatches(rule: &Rule, id: &JobIdentity, all: bool) -> Vec<String> {
+    if let Err(why) = rule.scope.check(id) {
+        return vec![why];
+    }
     let mut out = Vec::new();
-    for m in &rule.matchers {
+    // Id pins hold for verified tokens only. A rule with one requires OIDC (checked at
+    // load), so it refuses an attested identity it matches; skipping the pins keeps that
+    // refusal final rather than letting production-shaped attested claims without ids
+    // fall through to a later rule.
+    let attested = id.source == IdentitySource::Attested;
+    for m in rule.matchers.iter().filter(|m| !(attested && m.id_pin)) {
         if let Some(reason) = mismatch(m, id) {
             out.push(reason);
             if !all {
@@ -249,7 +282,7 @@ fn mismatches(rule: &Rule, id: &JobIdentity, all: bool) -> Vec<String> {
 }
 
 fn mismatch(m: &Matcher, id: &JobIdentity) -> Option<String> {
-    let Some(value) = id.field(&m.field) else {
+    let Some(value) = m.value(id) else {
         return Some(format!("{}: the job has none", m.field));
     };
     if m.matches(&value) {
@@ -260,6 +293,13 @@ fn mismatch(m: &Matcher, id: &JobIdentity) -> Option<String> {
         .iter()
         .map(|p| format!("{:?}", p.as_str()))
         .collect();
+    if m.id_pin {
+        return Some(format!(
+            "{} {value:?} is not the pinned id {}: an id stays with its owner when a name is renamed or re-registered",
+            m.field,
+            patterns.join(" or ")
+        ));
+    }
     Some(if patterns.len() == 1 {
         format!("{} {value:?} does not match {}", m.field, patterns[0])
     } else {
@@ -275,7 +315,7 @@ fn mismatch(m: &Matcher, id: &JobIdentity) -> Option<String> {
 mod tests {
     use super::*;
     use crate::identity::Provider;
-    use crate::policy::{load_dir, load_str};
+    use crate::policy::{load_dir_with, load_str, TrustedIssuer};
     use std::path::Path;
     use time::macros::datetime;
 
@@ -284,7 +324,11 @@ mod tests {
     const SATURDAY: time::OffsetDateTime = datetime!(2025-06-14 23:00 UTC);
 
     fn shipped() -> PolicySet {
-        load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")).unwrap()
+        load_dir_with(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies"),
+            &TrustedIssuer::well_known(),
+        )
+        .unwrap()
     }
 
     fn github(repo: &str, git_ref: &str, env: Option<&str>, event: &str) -> JobIdentity {
@@ -293,6 +337,9 @@ mod tests {
             "job_workflow_ref".into(),
             format!("{repo}/.github/workflows/ci.yml@{git_ref}").into(),
         );
+        // The ids the shipped policies pin for acme/web.
+        claims.insert("repository_id".into(), "700001".into());
+        claims.insert("repository_owner_id".into(), "500001".into());
         JobIdentity {
             source: IdentitySource::Oidc,
             provider: Provider::Github,
@@ -389,7 +436,7 @@ mod tests {
 
     #[test]
     fn window_utc_offset_shifts_the_day_and_hour() {
-        let text = "[[rule]]\nname = \"r\"\noutside_window = \"refuse\"\n[rule.match]\n\
+        let text = "[[rule]]\nname = \"r\"\noutside_window = \"refuse\"\n[rule.match]\nprovider = \"github\"\n\
                     [[rule.window]]\ndays = [\"mon\"]\nstart = \"00:00\"\nend = \"02:00\"\nutc_offset = \"+02:00\"\n\
                     [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n";
         let set = load_str(Path::new("p.toml"), text).unwrap();
@@ -465,8 +512,28 @@ mod tests {
     }
 
     #[test]
+    fn attested_claims_without_ids_are_refused_by_an_id_pinned_rule_not_passed_on() {
+        // Runner-attested claims carry no ids the policy can trust: the production rule
+        // (which pins ids and requires OIDC) still decides them, and refuses.
+        let mut id = github("acme/web", "refs/heads/main", Some("production"), "push");
+        id.source = IdentitySource::Attested;
+        id.claims.clear();
+        let d = shipped().decide(&id, WEEKDAY);
+        assert_eq!(d.rule.as_deref(), Some("web-production"));
+        assert!(d.grants.is_empty());
+        assert!(d
+            .refused
+            .unwrap()
+            .contains("requires a verified OIDC identity"));
+        // A token without the ids does not match it: the next rule decides.
+        id.source = IdentitySource::Oidc;
+        let d = shipped().decide(&id, WEEKDAY);
+        assert_eq!(d.rule.as_deref(), Some("acme-ci-readonly"));
+    }
+
+    #[test]
     fn web_identity_grant_with_attested_identity_is_refused() {
-        let text = "[[rule]]\nname = \"r\"\nrequire_oidc = false\n[rule.match]\nowner = \"acme\"\n\
+        let text = "[[rule]]\nname = \"r\"\nrequire_oidc = false\n[rule.match]\nprovider = \"github\"\nowner = \"acme\"\n\
                     [[rule.grant]]\nalias = \"a\"\ndefault = true\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n\
                     [[rule.grant]]\nalias = \"w\"\nvia = \"web-identity\"\nrole_arn = \"arn:aws:iam::123456789012:role/w\"\n";
         let set = load_str(Path::new("p.toml"), text).unwrap();
@@ -526,7 +593,7 @@ mod tests {
 
     #[test]
     fn claims_match_and_missing_values_do_not() {
-        let text = "[[rule]]\nname = \"r\"\n[rule.match]\nenvironment = \"prod*\"\n[rule.match.claims]\n\
+        let text = "[[rule]]\nname = \"r\"\n[rule.match]\nprovider = \"github\"\nenvironment = \"prod*\"\n[rule.match.claims]\n\
                     job_workflow_ref = \"acme/web/.github/workflows/*.yml@refs/heads/main\"\n\
                     [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n";
         let set = load_str(Path::new("p.toml"), text).unwrap();
@@ -552,10 +619,10 @@ mod tests {
 
     #[test]
     fn explain_shows_the_granting_rules_sandbox_only() {
-        let text = "[[rule]]\nname = \"first\"\n[rule.match]\nowner = \"acme\"\n\
+        let text = "[[rule]]\nname = \"first\"\n[rule.match]\nprovider = \"github\"\nowner = \"acme\"\n\
                     [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n\
                     [rule.sandbox]\nnetwork = \"outbound\"\nmemory = \"2G\"\npids = 512\ncpus = 1.5\n\
-                    [[rule]]\nname = \"second\"\n[rule.match]\n\
+                    [[rule]]\nname = \"second\"\n[rule.match]\nprovider = \"github\"\n\
                     [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n\
                     [rule.sandbox]\ntmpfs = \"1G\"\n";
         let set = load_str(Path::new("p.toml"), text).unwrap();
@@ -595,10 +662,10 @@ mod tests {
     #[test]
     fn explain_shows_the_granting_rules_egress_with_the_baseline_marked() {
         let text = "[egress]\nbaseline = [\"github.com:443\", \"*.actions.githubusercontent.com:443\"]\n\
-                    [[rule]]\nname = \"first\"\n[rule.match]\nowner = \"acme\"\n\
+                    [[rule]]\nname = \"first\"\n[rule.match]\nprovider = \"github\"\nowner = \"acme\"\n\
                     [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n\
                     [rule.egress]\nallow = [\"registry.npmjs.org:443\", \"github.com:443\", \"203.0.113.0/24:8443\"]\n\
-                    [[rule]]\nname = \"second\"\n[rule.match]\n\
+                    [[rule]]\nname = \"second\"\n[rule.match]\nprovider = \"github\"\n\
                     [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n";
         let set = load_str(Path::new("p.toml"), text).unwrap();
         let ex = set.explain(
@@ -633,7 +700,7 @@ mod tests {
             json["egress"]["allow"][3],
             serde_json::json!({"entry": "*.actions.githubusercontent.com:443", "baseline": true, "origin": "p.toml:2:31"})
         );
-        assert_eq!(json["egress"]["allow"][0]["origin"], "p.toml:11:10");
+        assert_eq!(json["egress"]["allow"][0]["origin"], "p.toml:12:10");
         // A rule without [rule.egress] shows none, even with a baseline loaded.
         let ex = set.explain(
             &github("other/web", "refs/heads/main", None, "push"),
@@ -663,20 +730,43 @@ mod tests {
             (prod.rule.as_str(), prod.matched),
             ("web-production", false)
         );
+        // The issuer first, then every failing key.
+        let issuer = "issuer \"https://token.actions.githubusercontent.com\" is the rule's issuer";
         assert_eq!(
             prod.reasons,
             [
+                issuer,
                 "ref \"refs/heads/feature\" does not match \"refs/heads/main\"",
                 "environment: the job has none",
                 "event \"pull_request\" does not match any of \"push\", \"workflow_dispatch\"",
             ]
         );
-        assert_eq!(ex.rules[1].reasons, ["environment: the job has none"]);
+        assert_eq!(
+            prod.id_pins,
+            [
+                "repository_id = \"700001\"",
+                "repository_owner_id = \"500001\""
+            ]
+        );
+        assert_eq!(
+            prod.scope.to_string(),
+            "https://token.actions.githubusercontent.com (github)"
+        );
+        assert_eq!(prod.scope.written, "provider = \"github\"");
+        assert_eq!(
+            ex.rules[1].reasons,
+            [issuer, "environment: the job has none"]
+        );
         assert!(ex.rules[2].matched);
         assert_eq!(
             ex.rules[2].reasons,
-            ["matches on owner, repository", "decides: grants readonly"]
+            [
+                issuer,
+                "matches on owner, repository",
+                "decides: grants readonly"
+            ]
         );
+        assert!(ex.rules[2].id_pins.is_empty());
         // The deciding rule's [rule.sandbox], as the shipped read-only rule writes it.
         assert_eq!(
             ex.sandbox.as_ref().map(ToString::to_string).as_deref(),
@@ -694,7 +784,10 @@ mod tests {
         assert!(ex.rules[2].matched);
         assert_eq!(
             ex.rules[2].reasons,
-            ["matches, but rule \"web-staging\" came first and decided"]
+            [
+                issuer,
+                "matches, but rule \"web-staging\" came first and decided"
+            ]
         );
         // Staging's rule has no [rule.sandbox]: the agent's defaults, nothing to show.
         assert_eq!(ex.sandbox, None);
@@ -702,5 +795,207 @@ mod tests {
         let json = serde_json::to_value(&ex).unwrap();
         assert_eq!(json["decision"]["grants"][0]["method"], "assume-role");
         assert_eq!(json["rules"][1]["matched"], true);
+    }
+
+    /// A verified token of `issuer`, read as `provider` reads its claims.
+    fn token_of(provider: Provider, issuer: &str, claims: serde_json::Value) -> JobIdentity {
+        let serde_json::Value::Object(claims) = claims else {
+            panic!("claims must be an object")
+        };
+        crate::identity::normalise(provider, issuer, IdentitySource::Oidc, claims)
+    }
+
+    /// Buildkite's organisation `acme`, pipeline `web`: the names of GitHub's acme/web.
+    fn buildkite_acme() -> JobIdentity {
+        token_of(
+            Provider::Buildkite,
+            "https://agent.buildkite.com",
+            serde_json::json!({
+                "sub": "organization:acme:pipeline:web:ref:refs/heads/main:commit:abc:step:deploy",
+                "organization_slug": "acme", "pipeline_slug": "web", "build_number": 7,
+                "build_branch": "main", "job_id": "0190-aa",
+                // Ids as a GitHub token of acme/web would carry them: names of one
+                // issuer's claims mean nothing in another's tokens.
+                "repository_id": "700001", "repository_owner_id": "500001",
+            }),
+        )
+    }
+
+    /// GitLab.com's group `acme`, project `web`, on main with environment production.
+    fn gitlab_acme() -> JobIdentity {
+        token_of(
+            Provider::Gitlab,
+            "https://gitlab.com",
+            serde_json::json!({
+                "sub": "project_path:acme/web:ref_type:branch:ref:main",
+                "namespace_path": "acme", "namespace_id": "7", "project_path": "acme/web",
+                "project_id": "22", "ref": "main", "ref_type": "branch",
+                "environment": "production", "pipeline_source": "push", "pipeline_id": "4100",
+                "repository_id": "700001", "repository_owner_id": "500001",
+            }),
+        )
+    }
+
+    /// The reproduced attack: a Buildkite organisation and a GitLab group called `acme`
+    /// present tokens whose names are GitHub's acme/web's. No rule written for GitHub's
+    /// acme grants them anything, and explain says why first.
+    #[test]
+    fn other_issuers_called_acme_never_match_rules_for_githubs_acme() {
+        let set = shipped();
+        for id in [buildkite_acme(), gitlab_acme()] {
+            assert_eq!(id.owner.as_deref(), Some("acme"));
+            assert_eq!(id.repository.as_deref(), Some("acme/web"));
+            let d = set.decide(&id, WEEKDAY);
+            assert_eq!((d.rule.as_deref(), d.grants.len()), (None, 0), "{d:?}");
+            assert!(
+                d.refused
+                    .as_deref()
+                    .unwrap()
+                    .starts_with("no policy rule matches"),
+                "{d:?}"
+            );
+            let ex = set.explain(&id, WEEKDAY);
+            for v in &ex.rules {
+                assert!(!v.matched, "{}: {v:?}", id.issuer);
+                assert_eq!(v.reasons.len(), 1, "{v:?}");
+                assert_eq!(
+                    v.reasons[0],
+                    format!(
+                        "issuer {:?} is not the rule's issuer \"https://token.actions.githubusercontent.com\": \
+                         tokens of another issuer never match, whatever their names (the rule's other keys \
+                         are not compared)",
+                        id.issuer
+                    )
+                );
+            }
+        }
+        // The same names from GitHub's issuer still get what the rules say.
+        let d = set.decide(
+            &github("acme/web", "refs/heads/feature", None, "push"),
+            WEEKDAY,
+        );
+        assert_eq!(d.rule.as_deref(), Some("acme-ci-readonly"));
+        assert_eq!(d.grants.len(), 1);
+
+        // Runner-attested claims have no issuer: the read-only rule (require_oidc = false)
+        // takes attested claims of its provider only.
+        let attested = |provider: &str, extra: serde_json::Value| {
+            let mut c = serde_json::json!({"provider": provider});
+            c.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            crate::identity::from_attested_value(c).unwrap()
+        };
+        for id in [
+            attested(
+                "buildkite",
+                serde_json::json!({"organization_slug": "acme", "pipeline_slug": "web",
+                    "issuer": "https://token.actions.githubusercontent.com"}),
+            ),
+            attested(
+                "gitlab",
+                serde_json::json!({"namespace_path": "acme", "project_path": "acme/web"}),
+            ),
+        ] {
+            let d = set.decide(&id, WEEKDAY);
+            assert_eq!((d.rule, d.grants.len()), (None, 0), "{}", id.provider);
+            let why = &set.explain(&id, WEEKDAY).rules[2].reasons[0];
+            assert!(
+                why.starts_with(&format!(
+                    "runner-attested {} identity: the rule trusts only github identities, of \
+                     https://token.actions.githubusercontent.com; its other keys are not compared",
+                    id.provider
+                )),
+                "{why}"
+            );
+        }
+        let gh = attested(
+            "github",
+            serde_json::json!({"repository_owner": "acme", "repository": "acme/web"}),
+        );
+        assert_eq!(
+            set.decide(&gh, WEEKDAY).rule.as_deref(),
+            Some("acme-ci-readonly")
+        );
+    }
+
+    /// Issuers are compared exactly, as the verifier looks them up: one that differs by a
+    /// trailing slash is another issuer.
+    #[test]
+    fn the_rules_issuer_is_compared_exactly() {
+        let mut id = github("acme/tools", "refs/heads/main", None, "push");
+        id.issuer.push('/');
+        let d = shipped().decide(&id, WEEKDAY);
+        assert_eq!((d.rule, d.grants.len()), (None, 0));
+    }
+
+    /// A rule that pins `repository_owner_id`: the organisation's name can be renamed and
+    /// re-registered by someone else, its id cannot.
+    #[test]
+    fn an_id_pin_refuses_a_re_registered_organisation() {
+        let text = "[[rule]]\nname = \"pinned\"\n[rule.match]\nprovider = \"github\"\nowner = \"acme\"\n\
+                    repository_owner_id = \"500001\"\n\
+                    [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n";
+        let set = load_str(Path::new("p.toml"), text).unwrap();
+        let ours = github("acme/web", "refs/heads/main", None, "push");
+        assert_eq!(set.decide(&ours, WEEKDAY).grants.len(), 1);
+
+        let mut squatter = ours.clone();
+        squatter
+            .claims
+            .insert("repository_owner_id".into(), "987654".into());
+        let d = set.decide(&squatter, WEEKDAY);
+        assert_eq!((d.rule.as_deref(), d.grants.len()), (None, 0), "{d:?}");
+        let ex = set.explain(&squatter, WEEKDAY);
+        assert_eq!(ex.rules[0].id_pins, ["repository_owner_id = \"500001\""]);
+        assert_eq!(
+            ex.rules[0].reasons[1],
+            "repository_owner_id \"987654\" is not the pinned id \"500001\": an id stays with its owner \
+             when a name is renamed or re-registered"
+        );
+        // Exact, not a prefix or a glob; a number in the token is compared as its text.
+        squatter
+            .claims
+            .insert("repository_owner_id".into(), "5000010".into());
+        assert!(set.decide(&squatter, WEEKDAY).is_refused());
+        squatter
+            .claims
+            .insert("repository_owner_id".into(), serde_json::json!(500001));
+        assert!(!set.decide(&squatter, WEEKDAY).is_refused());
+        // A token without the claim does not match.
+        squatter.claims.remove("repository_owner_id");
+        let ex = set.explain(&squatter, WEEKDAY);
+        assert_eq!(
+            ex.rules[0].reasons[1],
+            "repository_owner_id: the job has none"
+        );
+    }
+
+    /// A rule whose provider has no configured issuer and that accepts attested claims
+    /// matches attested identities of that provider and no token.
+    #[test]
+    fn an_attested_only_rule_matches_no_token() {
+        let github_only = [crate::policy::TrustedIssuer {
+            issuer: "https://token.actions.githubusercontent.com".into(),
+            provider: Provider::Github,
+        }];
+        let text = "[[rule]]\nname = \"gl\"\nrequire_oidc = false\n[rule.match]\nprovider = \"gitlab\"\n\
+                    owner = \"acme\"\n\
+                    [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n";
+        let set = crate::policy::load_str_with(Path::new("p.toml"), text, &github_only).unwrap();
+        assert_eq!(set.rules()[0].scope.issuer, None);
+        assert!(set.warnings()[0].contains("matches only runner-attested gitlab identities"));
+        let attested = crate::identity::from_attested_value(
+            serde_json::json!({"provider": "gitlab", "namespace_path": "acme", "project_path": "acme/web"}),
+        )
+        .unwrap();
+        assert_eq!(set.decide(&attested, WEEKDAY).grants.len(), 1);
+        let token = gitlab_acme();
+        assert!(set.decide(&token, WEEKDAY).rule.is_none());
+        assert_eq!(
+            set.explain(&token, WEEKDAY).rules[0].reasons,
+            ["issuer \"https://gitlab.com\": the rule matches only runner-attested gitlab identities \
+              (no gitlab issuer is configured)"]
+        );
     }
 }

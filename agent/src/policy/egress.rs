@@ -838,7 +838,7 @@ mod dns_and_ipv6_tests {
 
     #[test]
     fn an_ipv6_entry_loads_with_a_warning_that_it_needs_the_ipv6_pool() {
-        let text = "[[rule]]\nname = \"web\"\n[rule.match]\nrepository = \"acme/web\"\n\
+        let text = "[[rule]]\nname = \"web\"\n[rule.match]\nprovider = \"github\"\nrepository = \"acme/web\"\n\
                     [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n\
                     [rule.egress]\nallow = [\"[2001:db8::/32]:443\", \"github.com:443\"]\n";
         let set = load_str(Path::new("p.toml"), text).unwrap();

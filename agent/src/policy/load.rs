@@ -4,14 +4,18 @@
 //! file, line and column. It reads files only here, at load time (including
 //! `session_policy_file`), so that deciding never does I/O. It must never return a partly
 //! checked set: one error refuses the whole directory (the caller keeps its old set).
+//!
+//! Rules are checked against the issuers the agent trusts ([`TrustedIssuer`]): every rule
+//! must resolve to exactly one of them (its `issuer`, or a `provider` that only one of them
+//! has), and may pin only the immutable ids that issuer's tokens carry.
 
 use super::egress::{self, EgressAllow, EgressMode, RuleEgress};
 use super::{
-    Grant, Matcher, Method, Origin, OutsideWindow, PolicySet, Rule, RuleNetwork, RuleSandbox,
-    Window, DAY_NAMES,
+    Grant, IssuerScope, Matcher, Method, Origin, OutsideWindow, PolicySet, Rule, RuleNetwork,
+    RuleSandbox, TrustedIssuer, Window, DAY_NAMES,
 };
 use crate::config::line_col;
-use crate::identity::{Provider, FIELDS};
+use crate::identity::{id_claims, Provider, FIELDS, PROVIDERS};
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_spanned::Spanned;
@@ -31,7 +35,6 @@ const MAX_TAGS: usize = 50;
 /// botocore refreshes 15 min before expiry (mandatory at 10): shorter sessions make it
 /// refetch on almost every call.
 const SHORT_GRANT_WARNING: u32 = 1800;
-const BUILDKITE_ISSUERS: [&str; 2] = ["https://agent.buildkite.com", "agent.buildkite.com"];
 /// `[rule.sandbox]` limits. The size minimums catch a missing suffix (`"16"` meant as
 /// 16 MiB) before it starts a job that cannot run; pids up to the kernel's `PID_MAX_LIMIT`;
 /// CPUs down to cgroup v2's least `cpu.max` quota (1 ms per 100 ms period, 0.01 CPU).
@@ -64,8 +67,9 @@ pub enum PolicyError {
 }
 
 /// Every `*.toml` file directly in `dir` (not recursive; names starting with `.` are
-/// skipped, as editors leave such files behind), in file-name order.
-pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
+/// skipped, as editors leave such files behind), in file-name order, checked against the
+/// issuers the agent trusts (`TrustedIssuer::from_config` of its `[[issuer]]`s).
+pub fn load_dir_with(dir: &Path, issuers: &[TrustedIssuer]) -> Result<PolicySet, PolicyError> {
     let read_dir_err = |source| PolicyError::ReadDir {
         dir: dir.to_owned(),
         source,
@@ -82,7 +86,7 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
         }
     }
     files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
-    let mut loader = Loader::default();
+    let mut loader = Loader::new(issuers);
     for path in files {
         let text = std::fs::read_to_string(&path).map_err(|source| PolicyError::ReadFile {
             path: path.clone(),
@@ -93,12 +97,22 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
     Ok(loader.set)
 }
 
-/// One policy file's text, as if it were the only file in its directory. `path` names the
-/// file in messages and anchors `session_policy_file`.
-pub fn load_str(path: &Path, text: &str) -> Result<PolicySet, PolicyError> {
-    let mut loader = Loader::default();
+/// One policy file's text, as if it were the only file in its directory, checked against
+/// `issuers`. `path` names the file in messages and anchors `session_policy_file`.
+pub fn load_str_with(
+    path: &Path,
+    text: &str,
+    issuers: &[TrustedIssuer],
+) -> Result<PolicySet, PolicyError> {
+    let mut loader = Loader::new(issuers);
     loader.file(path, text)?;
     Ok(loader.set)
+}
+
+/// [`load_str_with`] against [`TrustedIssuer::well_known`] (GitHub Actions, GitLab.com,
+/// Buildkite): for tests and examples, never for the agent.
+pub fn load_str(path: &Path, text: &str) -> Result<PolicySet, PolicyError> {
+    load_str_with(path, text, &TrustedIssuer::well_known())
 }
 
 // ---- the file format, as written --------------------------------------------------------
@@ -258,10 +272,10 @@ impl<'de> Deserialize<'de> for RawMatch {
 
 // ---- checking ----------------------------------------------------------------------------
 
-#[derive(Default)]
 struct Loader {
     set: PolicySet,
     names: HashMap<String, Origin>,
+    issuers: Vec<TrustedIssuer>,
 }
 
 /// One file being checked: turns spans into origins.
@@ -289,6 +303,14 @@ impl FileCtx<'_> {
 }
 
 impl Loader {
+    fn new(issuers: &[TrustedIssuer]) -> Loader {
+        Loader {
+            set: PolicySet::default(),
+            names: HashMap::new(),
+            issuers: issuers.to_vec(),
+        }
+    }
+
     fn file(&mut self, path: &Path, text: &str) -> Result<(), PolicyError> {
         let cx = FileCtx { path, text };
         let raw: RawFile = toml::from_str(text).map_err(|e| PolicyError::Invalid {
@@ -340,7 +362,10 @@ impl Loader {
             );
         };
         let match_span = raw_match.span();
-        let matchers = matchers(cx, raw_match.into_inner())?;
+        let mut parsed = matchers(cx, raw_match.into_inner())?;
+        let scope = self.scope(cx, &name, &span, raw.require_oidc, &mut parsed)?;
+        check_id_pins(cx, &name, &scope, raw.require_oidc, &parsed)?;
+        let matchers = parsed.into_iter().map(|p| p.matcher).collect();
         let windows = raw
             .window
             .into_iter()
@@ -375,6 +400,7 @@ impl Loader {
             origin,
             require_oidc: raw.require_oidc,
             outside_window,
+            scope,
             matchers,
             windows,
             grants,
@@ -390,14 +416,24 @@ impl Loader {
         let name = &rule.name;
         if rule.matchers.is_empty() {
             self.set.warnings.push(format!(
-                "{}: rule {name:?}: the [rule.match] table is empty, so this rule matches every job from every trusted issuer",
-                cx.origin(match_span)
+                "{}: rule {name:?}: the [rule.match] table names only the rule's issuer, so this rule matches every job of {}",
+                cx.origin(match_span),
+                rule.scope
             ));
         }
-        if could_match_any_buildkite_org(&rule.matchers) {
+        if rule.scope.provider == Provider::Buildkite && !pins_buildkite_org(&rule.matchers) {
             self.set.warnings.push(format!(
-                "{at}: rule {name:?} can match Buildkite jobs without pinning `owner` or `repository`; \
-                 every Buildkite organisation shares the issuer https://agent.buildkite.com, so pin the organisation"
+                "{at}: rule {name:?} can match Buildkite jobs without pinning `owner`, `repository` or \
+                 `organization_id`; every Buildkite organisation shares the issuer {}, so pin the organisation",
+                rule.scope.issuer.as_deref().unwrap_or("https://agent.buildkite.com")
+            ));
+        }
+        if rule.scope.issuer.is_none() {
+            let p = rule.scope.provider;
+            self.set.warnings.push(format!(
+                "{at}: rule {name:?} matches only runner-attested {p} identities: no {p} issuer is \
+                 configured, so no token can match it; add an [[issuer]] for {p} to airlock.toml \
+                 if its jobs have OIDC tokens"
             ));
         }
         if rule
@@ -438,6 +474,166 @@ impl Loader {
                      runner-attested jobs that match it will be refused (they have no OIDC token)",
                     g.alias
                 ));
+            }
+        }
+    }
+
+    /// The one issuer a rule trusts, from its `issuer` or `provider` key (both taken out of
+    /// `parsed`: the scope replaces them). Every way a rule could match tokens of two
+    /// issuers, or of none, is an error at the key (or at the rule, when it has neither).
+    fn scope(
+        &mut self,
+        cx: &FileCtx,
+        name: &str,
+        rule_span: &Range<usize>,
+        require_oidc: bool,
+        parsed: &mut Vec<Parsed>,
+    ) -> Result<IssuerScope, PolicyError> {
+        let mut take = |key: &str| {
+            let i = parsed.iter().position(|p| p.matcher.field == key)?;
+            Some(parsed.remove(i))
+        };
+        let issuer = take("issuer");
+        let provider = take("provider");
+        let configured = configured_list(&self.issuers);
+        let values = |p: &Parsed| -> Vec<String> {
+            p.matcher
+                .patterns
+                .iter()
+                .map(|g| g.as_str().to_string())
+                .collect()
+        };
+        if let Some(p) = issuer {
+            let v = values(&p);
+            let [iss] = v.as_slice() else {
+                return cx.err(
+                    &p.value,
+                    format!(
+                        "rule {name:?}: issuer lists {} issuers, and a rule trusts exactly one: names alike \
+                         from different issuers (a Buildkite organisation or GitLab group called like a GitHub \
+                         organisation) are not the same owner; write one rule per issuer (configured: {configured})",
+                        v.len()
+                    ),
+                );
+            };
+            if !literal(iss) {
+                return cx.err(
+                    &p.value,
+                    format!(
+                        "rule {name:?}: issuer {iss:?} is a glob, and a rule trusts exactly one issuer, written \
+                         out; write one rule per issuer (configured: {configured})"
+                    ),
+                );
+            }
+            let Some(trusted) = self.issuers.iter().find(|t| t.issuer == *iss) else {
+                let hint = self
+                    .issuers
+                    .iter()
+                    .find(|t| t.issuer.trim_end_matches('/') == iss.trim_end_matches('/'))
+                    .map(|t| {
+                        format!(
+                            " (did you mean {:?}? issuers are compared exactly)",
+                            t.issuer
+                        )
+                    })
+                    .unwrap_or_default();
+                return cx.err(
+                    &p.value,
+                    format!(
+                        "rule {name:?}: issuer {iss:?} is not configured, so this rule could never match{hint}; \
+                         configured: {configured}; add an [[issuer]] for it to airlock.toml or name one of those"
+                    ),
+                );
+            };
+            if let Some(pm) = &provider {
+                if !pm.matcher.matches(trusted.provider.as_str()) {
+                    return cx.err(
+                        &pm.value,
+                        format!(
+                            "rule {name:?}: {} contradicts issuer {iss:?}, a {} issuer, so this rule could \
+                             never match; remove the provider key (the issuer decides it)",
+                            pm.matcher.written(),
+                            trusted.provider
+                        ),
+                    );
+                }
+            }
+            return Ok(IssuerScope {
+                issuer: Some(trusted.issuer.clone()),
+                provider: trusted.provider,
+                written: format!("issuer = {iss:?}"),
+            });
+        }
+        let Some(p) = provider else {
+            return cx.err(
+                rule_span,
+                format!(
+                    "rule {name:?} does not say which issuer it trusts; add issuer = \"<issuer>\" or \
+                     provider = \"<provider>\" to its [rule.match] (configured: {configured}): otherwise names \
+                     alike from different issuers (a Buildkite organisation or GitLab group called like a GitHub \
+                     organisation) would match it as one"
+                ),
+            );
+        };
+        let v = values(&p);
+        let [wanted] = v.as_slice() else {
+            return cx.err(
+                &p.value,
+                format!(
+                    "rule {name:?}: provider lists {} providers, so it could match tokens of several issuers, \
+                     and a rule trusts exactly one; write one rule per provider (configured: {configured})",
+                    v.len()
+                ),
+            );
+        };
+        let Some(prov) = Provider::from_name(wanted) else {
+            let what = if literal(wanted) {
+                "is not a provider"
+            } else {
+                "is a glob, which could match tokens of several issuers"
+            };
+            let names: Vec<&str> = PROVIDERS.iter().map(|p| p.as_str()).collect();
+            return cx.err(
+                &p.value,
+                format!(
+                    "rule {name:?}: provider {wanted:?} {what}; write one of {} (a rule trusts exactly one issuer)",
+                    names.join(", ")
+                ),
+            );
+        };
+        let of: Vec<&TrustedIssuer> = self.issuers.iter().filter(|t| t.provider == prov).collect();
+        match of.as_slice() {
+            [one] => Ok(IssuerScope {
+                issuer: Some(one.issuer.clone()),
+                provider: prov,
+                written: format!("provider = {wanted:?}"),
+            }),
+            [] if !require_oidc => Ok(IssuerScope {
+                issuer: None,
+                provider: prov,
+                written: format!("provider = {wanted:?}"),
+            }),
+            [] => cx.err(
+                &p.value,
+                format!(
+                    "rule {name:?}: provider = {wanted:?} names no configured issuer, so this rule could never \
+                     match (configured: {configured}); add an [[issuer]] with provider = {wanted:?} to \
+                     airlock.toml, or write issuer = \"<one of the configured>\""
+                ),
+            ),
+            many => {
+                let list: Vec<&str> = many.iter().map(|t| t.issuer.as_str()).collect();
+                cx.err(
+                    &p.value,
+                    format!(
+                        "rule {name:?}: provider = {wanted:?} could match tokens of {} configured issuers ({}), \
+                         and a rule trusts exactly one; write issuer = {:?} (or another of them) instead, one \
+                         rule per issuer",
+                        many.len(),
+                        list.join(", "),
+                        list[0]
+                    ),
+                )
             }
         }
     }
@@ -519,7 +715,15 @@ fn entries(
         .collect()
 }
 
-fn matchers(cx: &FileCtx, table: Ordered<RawMatch>) -> Result<Vec<Matcher>, PolicyError> {
+/// One `[rule.match]` key as parsed, with its places for the checks that need the rule's
+/// scope first.
+struct Parsed {
+    matcher: Matcher,
+    key: Range<usize>,
+    value: Range<usize>,
+}
+
+fn matchers(cx: &FileCtx, table: Ordered<RawMatch>) -> Result<Vec<Parsed>, PolicyError> {
     let mut out = Vec::new();
     for (key, value) in table.0 {
         let field = key.get_ref().as_str();
@@ -533,16 +737,23 @@ fn matchers(cx: &FileCtx, table: Ordered<RawMatch>) -> Result<Vec<Matcher>, Poli
             };
             for (claim, v) in claims.0 {
                 let field = format!("claims.{}", claim.get_ref());
-                out.push(matcher(cx, field, v)?);
+                out.push(matcher(cx, claim.span(), field, v, false)?);
             }
         } else if FIELDS.contains(&field) {
-            out.push(matcher(cx, field.to_string(), value)?);
+            out.push(matcher(cx, key.span(), field.to_string(), value, false)?);
+        } else if is_id_claim(field) {
+            out.push(matcher(cx, key.span(), field.to_string(), value, true)?);
         } else {
+            let ids: Vec<&str> = PROVIDERS
+                .iter()
+                .flat_map(|p| id_claims(*p).iter().copied())
+                .collect();
             return cx.err(
                 &key.span(),
                 format!(
-                    "unknown match field {field:?}; use one of {} or a raw claim under [rule.match.claims]",
-                    FIELDS.join(", ")
+                    "unknown match field {field:?}; use one of {}, an id pin ({}) or a raw claim under [rule.match.claims]",
+                    FIELDS.join(", "),
+                    ids.join(", ")
                 ),
             );
         }
@@ -550,7 +761,77 @@ fn matchers(cx: &FileCtx, table: Ordered<RawMatch>) -> Result<Vec<Matcher>, Poli
     Ok(out)
 }
 
-fn matcher(cx: &FileCtx, field: String, value: Spanned<RawMatch>) -> Result<Matcher, PolicyError> {
+/// Whether `name` is an immutable-id claim of some provider.
+fn is_id_claim(name: &str) -> bool {
+    PROVIDERS.iter().any(|p| id_claims(*p).contains(&name))
+}
+
+/// Neither empty nor a glob: a value that matches only itself.
+fn literal(s: &str) -> bool {
+    !s.is_empty() && !s.contains(['*', '?', '[', ']'])
+}
+
+/// `https://a (github), https://b (buildkite)`, or what to do when there are none.
+fn configured_list(issuers: &[TrustedIssuer]) -> String {
+    if issuers.is_empty() {
+        return "none: the agent's configuration has no [[issuer]]".to_string();
+    }
+    let all: Vec<String> = issuers.iter().map(ToString::to_string).collect();
+    all.join(", ")
+}
+
+/// Id pins (`repository_owner_id`, …): only ids the rule's issuer puts in its tokens, and
+/// only in rules that refuse attested identities, whose claims could carry any id.
+fn check_id_pins(
+    cx: &FileCtx,
+    name: &str,
+    scope: &IssuerScope,
+    require_oidc: bool,
+    parsed: &[Parsed],
+) -> Result<(), PolicyError> {
+    for p in parsed.iter().filter(|p| p.matcher.id_pin) {
+        let field = p.matcher.field.as_str();
+        let ours = id_claims(scope.provider);
+        if !ours.contains(&field) {
+            let owner = PROVIDERS
+                .iter()
+                .find(|q| id_claims(**q).contains(&field))
+                .map_or("another", |q| q.as_str());
+            let instead = if ours.is_empty() {
+                "tokens of that provider carry no id airlock knows; match one of their claims under [rule.match.claims]".to_string()
+            } else {
+                format!("its tokens' ids are {}", ours.join(", "))
+            };
+            return cx.err(
+                &p.key,
+                format!(
+                    "rule {name:?}: {field} is an id of {owner} tokens, and the rule trusts {} ({}), so it \
+                     could never match; {instead}",
+                    scope, scope.written
+                ),
+            );
+        }
+        if !require_oidc {
+            return cx.err(
+                &p.key,
+                format!(
+                    "rule {name:?} pins {field} but sets require_oidc = false: runner-attested claims could \
+                     carry any id, so a pin holds only for verified tokens; remove require_oidc = false, or \
+                     the pin"
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn matcher(
+    cx: &FileCtx,
+    key: Range<usize>,
+    field: String,
+    value: Spanned<RawMatch>,
+    id_pin: bool,
+) -> Result<Parsed, PolicyError> {
     let span = value.span();
     let texts: Vec<(String, Range<usize>)> = match value.into_inner() {
         RawMatch::One(s) => vec![(s, span.clone())],
@@ -572,6 +853,12 @@ fn matcher(cx: &FileCtx, field: String, value: Spanned<RawMatch>) -> Result<Matc
     }
     let mut patterns = Vec::new();
     for (text, span) in texts {
+        if id_pin && !literal(&text) {
+            return cx.err(
+                &span,
+                format!("match field {field:?}: an id pin is compared exactly, so {text:?} would match no token; write the id itself (e.g. \"500001\")"),
+            );
+        }
         match glob::Pattern::new(&text) {
             Ok(p) => patterns.push(p),
             Err(e) => {
@@ -582,24 +869,23 @@ fn matcher(cx: &FileCtx, field: String, value: Spanned<RawMatch>) -> Result<Matc
             }
         }
     }
-    Ok(Matcher { field, patterns })
+    Ok(Parsed {
+        matcher: Matcher {
+            field,
+            patterns,
+            id_pin,
+        },
+        key,
+        value: span,
+    })
 }
 
-/// True when a rule may match a job from any Buildkite organisation: it does not exclude
-/// the Buildkite provider/issuer and does not pin the organisation.
-fn could_match_any_buildkite_org(matchers: &[Matcher]) -> bool {
-    let field = |name: &str| matchers.iter().find(|m| m.field == name);
-    let provider_ok = field("provider").is_none_or(|m| m.matches(Provider::Buildkite.as_str()));
-    let issuer_ok = field("issuer").is_none_or(|m| BUILDKITE_ISSUERS.iter().any(|i| m.matches(i)));
-    provider_ok && issuer_ok && !pins_buildkite_org(matchers)
-}
-
-/// Whether a rule pins the Buildkite organisation: `owner` given only as literal names, or
+/// Whether a rule pins the Buildkite organisation: `owner` given only as literal names,
 /// `repository` only as patterns whose organisation (before the first `/`) is a literal
-/// name. All Buildkite organisations share one issuer, so only this tells them apart.
+/// name, or an `organization_id` / `pipeline_id` pin. All Buildkite organisations share one
+/// issuer, so only this tells them apart.
 pub(crate) fn pins_buildkite_org(matchers: &[Matcher]) -> bool {
     let field = |name: &str| matchers.iter().find(|m| m.field == name);
-    let literal = |s: &str| !s.is_empty() && !s.contains(['*', '?', '[', ']']);
     let owner = field("owner").is_some_and(|m| m.patterns.iter().all(|p| literal(p.as_str())));
     let repository = field("repository").is_some_and(|m| {
         m.patterns.iter().all(|p| {
@@ -608,14 +894,10 @@ pub(crate) fn pins_buildkite_org(matchers: &[Matcher]) -> bool {
                 .is_some_and(|(org, _)| literal(org))
         })
     });
-    owner || repository
-}
-
-/// Whether an identity comes from Buildkite (its provider, or the issuer all Buildkite
-/// organisations share).
-pub(crate) fn is_buildkite(id: &crate::identity::JobIdentity) -> bool {
-    id.provider == Provider::Buildkite
-        || BUILDKITE_ISSUERS.contains(&id.issuer.trim_end_matches('/'))
+    let id = matchers
+        .iter()
+        .any(|m| m.id_pin && (m.field == "organization_id" || m.field == "pipeline_id"));
+    owner || repository || id
 }
 
 fn window(cx: &FileCtx, raw: Spanned<RawWindow>) -> Result<Window, PolicyError> {
@@ -1178,7 +1460,7 @@ mod tests {
 
     #[test]
     fn a_valid_rule_loads_with_defaults() {
-        let set = load(&rule(GRANT)).unwrap();
+        let set = load(&rule(&format!("owner = \"acme\"\n{GRANT}"))).unwrap();
         assert_eq!(set.rule_names(), ["r"]);
         let r = &set.rules()[0];
         assert!(r.require_oidc, "require_oidc defaults to true");
@@ -1351,7 +1633,7 @@ mod tests {
         let both = two.replace("\"\n[[", "\"\ndefault = true\n[[") + "default = true\n";
         assert_err(&rule(&both), "1:1", "has 2 default grants");
         assert_err(
-            "[[rule]]\nname = \"r\"\n[rule.match]\n",
+            "[[rule]]\nname = \"r\"\n[rule.match]\nprovider = \"github\"\n",
             "1:1",
             "has no [[rule.grant]]",
         );
@@ -1372,7 +1654,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.toml"), rule(GRANT)).unwrap();
         std::fs::write(dir.path().join("b.toml"), format!("\n\n{}", rule(GRANT))).unwrap();
-        let e = load_dir(dir.path()).unwrap_err().to_string();
+        let e = load_dir_with(dir.path(), &TrustedIssuer::well_known())
+            .unwrap_err()
+            .to_string();
         let b = dir.path().join("b.toml");
         assert!(
             e.starts_with(&format!(
@@ -1512,19 +1796,22 @@ mod tests {
     }
 
     #[test]
-    fn missing_match_table_is_an_error_and_empty_one_a_warning() {
+    fn missing_match_table_is_an_error_and_an_issuer_only_one_a_warning() {
         assert_err(
             &format!("[[rule]]\nname = \"r\"\n{GRANT}"),
             "2:8",
             "no [rule.match] table",
         );
-        let set = load(&format!("[[rule]]\nname = \"r\"\n[rule.match]\n{GRANT}")).unwrap();
-        assert_eq!(set.warnings().len(), 2, "{:?}", set.warnings());
-        assert!(
-            set.warnings()[0]
-                .starts_with("p.toml:3:1: rule \"r\": the [rule.match] table is empty"),
-            "{:?}",
-            set.warnings()
+        // An empty table names no issuer: an error (see the scope tests). One that names
+        // only the issuer matches every job of it: allowed, with a warning at the table.
+        let set = load(&format!(
+            "[[rule]]\nname = \"r\"\n[rule.match]\nprovider = \"github\"\n{GRANT}"
+        ))
+        .unwrap();
+        assert_eq!(
+            set.warnings(),
+            ["p.toml:3:1: rule \"r\": the [rule.match] table names only the rule's issuer, so this rule \
+              matches every job of https://token.actions.githubusercontent.com (github)"]
         );
     }
 
@@ -1545,12 +1832,22 @@ mod tests {
         assert!(bk("provider = \"buildkite\"\nowner = \"acme-*\""));
         assert!(!bk("provider = \"buildkite\"\nowner = \"acme\""));
         assert!(!bk("provider = \"buildkite\"\nrepository = \"acme/*\""));
+        // An organisation (or pipeline) id pins the organisation, whatever its slug.
+        assert!(!bk(
+            "provider = \"buildkite\"\norganization_id = \"0184990a-477b-4fa8-9968-496074483c77\""
+        ));
+        assert!(!bk(
+            "provider = \"buildkite\"\npipeline_id = \"0184990a-4782\""
+        ));
         assert!(!bk("provider = \"github\""));
         assert!(!bk(
             "issuer = \"https://token.actions.githubusercontent.com\""
         ));
 
-        let set = load(&rule(&format!("{GRANT}duration = \"20m\"\n"))).unwrap();
+        let set = load(&rule(&format!(
+            "owner = \"acme\"\n{GRANT}duration = \"20m\"\n"
+        )))
+        .unwrap();
         assert_eq!(set.warnings().len(), 1);
         assert!(
             set.warnings()[0].starts_with("p.toml:1:1: rule \"r\" grant \"a\": duration 1200 s"),
@@ -1563,7 +1860,9 @@ mod tests {
     fn directory_order_and_missing_or_empty_directory() {
         let dir = tempfile::tempdir().unwrap();
         assert!(
-            load_dir(dir.path()).unwrap().is_empty(),
+            load_dir_with(dir.path(), &TrustedIssuer::well_known())
+                .unwrap()
+                .is_empty(),
             "an empty directory denies everything"
         );
         let two = |a: &str, b: &str| {
@@ -1579,12 +1878,14 @@ mod tests {
         std::fs::write(dir.path().join(".#10-a.toml"), "garbage = ").unwrap();
         std::fs::create_dir(dir.path().join("sub.toml")).unwrap();
         assert_eq!(
-            load_dir(dir.path()).unwrap().rule_names(),
+            load_dir_with(dir.path(), &TrustedIssuer::well_known())
+                .unwrap()
+                .rule_names(),
             ["a1", "a2", "b1", "b2"]
         );
 
         let missing = dir.path().join("nope");
-        let e = load_dir(&missing).unwrap_err();
+        let e = load_dir_with(&missing, &TrustedIssuer::well_known()).unwrap_err();
         assert!(matches!(e, PolicyError::ReadDir { .. }), "{e}");
         assert!(
             e.to_string().contains("cannot read the policy directory"),
@@ -1669,9 +1970,10 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(set.rules()[0].egress.as_ref().unwrap().allow.len(), 2);
-        assert_eq!(set.warnings().len(), 2, "{:?}", set.warnings());
+        // The third: the rule's [rule.match] names only its issuer.
+        assert_eq!(set.warnings().len(), 3, "{:?}", set.warnings());
         assert!(
-            set.warnings()[1].starts_with(
+            set.warnings()[2].starts_with(
                 "p.toml:1:1: rule \"r\": [rule.egress] mode = \"audit\" lets its jobs reach"
             ),
             "{:?}",
@@ -1810,7 +2112,7 @@ mod tests {
             ),
         )
         .unwrap();
-        let set = load_dir(dir.path()).unwrap();
+        let set = load_dir_with(dir.path(), &TrustedIssuer::well_known()).unwrap();
         let base: Vec<(String, bool, String)> = set
             .baseline()
             .iter()
@@ -2076,7 +2378,8 @@ mod tests {
     #[test]
     fn shipped_policies_load_without_errors_or_warnings() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-        let set = load_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let set =
+            load_dir_with(&dir, &TrustedIssuer::well_known()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             set.rule_names(),
             ["web-production", "web-staging", "acme-ci-readonly"]
@@ -2100,5 +2403,271 @@ mod tests {
         assert_eq!(prod.grants[1].method, Method::WebIdentity);
         let ro = &set.rule("acme-ci-readonly").unwrap().grants[0];
         assert_eq!((ro.duration_secs, ro.policy_arns.len()), (1800, 1));
+    }
+
+    const GH: &str = "https://token.actions.githubusercontent.com";
+    const BK: &str = "https://agent.buildkite.com";
+    const GL_A: &str = "https://gitlab.a.example";
+    const GL_B: &str = "https://gitlab.b.example";
+
+    /// An agent that trusts GitHub, Buildkite and two GitLab instances.
+    fn four_issuers() -> Vec<TrustedIssuer> {
+        [
+            (GH, Provider::Github),
+            (BK, Provider::Buildkite),
+            (GL_A, Provider::Gitlab),
+            (GL_B, Provider::Gitlab),
+        ]
+        .into_iter()
+        .map(|(issuer, provider)| TrustedIssuer {
+            issuer: issuer.into(),
+            provider,
+        })
+        .collect()
+    }
+
+    /// A rule whose [rule.match] (line 4 on) is `keys`, loaded against [`four_issuers`].
+    fn scoped(keys: &str, require_oidc: bool) -> Result<PolicySet, PolicyError> {
+        // Line 3 holds require_oidc either way, so the keys start on line 4.
+        let oidc = if require_oidc {
+            "# oidc only"
+        } else {
+            "require_oidc = false"
+        };
+        let text = format!("[[rule]]\nname = \"r\"\n{oidc}\n[rule.match]\n{keys}\n{GRANT}");
+        load_str_with(Path::new("p.toml"), &text, &four_issuers())
+    }
+
+    fn scoped_err(keys: &str, require_oidc: bool) -> String {
+        match scoped(keys, require_oidc) {
+            Ok(_) => panic!("expected a load error for:\n{keys}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_rule_trusts_exactly_one_configured_issuer() {
+        let scope = |keys: &str| scoped(keys, true).unwrap().rules()[0].scope.clone();
+        let s = scope("provider = \"github\"\nowner = \"acme\"");
+        assert_eq!(
+            (s.issuer.as_deref(), s.provider, s.written.as_str()),
+            (Some(GH), Provider::Github, "provider = \"github\"")
+        );
+        let s = scope(&format!("issuer = \"{GL_B}\"\nowner = \"acme\""));
+        assert_eq!(
+            (s.issuer.as_deref(), s.provider),
+            (Some(GL_B), Provider::Gitlab)
+        );
+        // The scope replaces the issuer and provider keys; a consistent provider may stay.
+        let set = scoped(
+            &format!("issuer = [\"{GL_A}\"]\nprovider = \"gitlab\"\nowner = \"acme\""),
+            true,
+        )
+        .unwrap();
+        assert_eq!(set.rules()[0].scope.issuer.as_deref(), Some(GL_A));
+        let keys: Vec<&str> = set.rules()[0]
+            .matchers
+            .iter()
+            .map(|m| m.field.as_str())
+            .collect();
+        assert_eq!(keys, ["owner"]);
+
+        for (keys, at, needles) in [
+            // Neither: at the rule, naming every configured issuer.
+            (
+                "owner = \"acme\"".to_string(),
+                "1:1",
+                vec![
+                    "rule \"r\" does not say which issuer it trusts; add issuer = ",
+                    "configured: https://token.actions.githubusercontent.com (github), https://agent.buildkite.com (buildkite), https://gitlab.a.example (gitlab), https://gitlab.b.example (gitlab)",
+                    "a Buildkite organisation or GitLab group called like a GitHub organisation",
+                ],
+            ),
+            // A provider two configured issuers have.
+            (
+                "provider = \"gitlab\"\nowner = \"acme\"".to_string(),
+                "5:12",
+                vec![
+                    "provider = \"gitlab\" could match tokens of 2 configured issuers (https://gitlab.a.example, https://gitlab.b.example)",
+                    "write issuer = \"https://gitlab.a.example\"",
+                ],
+            ),
+            (
+                "provider = [\"github\", \"buildkite\"]".to_string(),
+                "5:12",
+                vec!["provider lists 2 providers, so it could match tokens of several issuers"],
+            ),
+            (
+                "provider = \"git*\"".to_string(),
+                "5:12",
+                vec!["provider \"git*\" is a glob, which could match tokens of several issuers"],
+            ),
+            (
+                "provider = \"githb\"".to_string(),
+                "5:12",
+                vec!["provider \"githb\" is not a provider; write one of github, gitlab, buildkite, generic"],
+            ),
+            (
+                format!("issuer = [\"{GH}\", \"{BK}\"]\nowner = \"acme\""),
+                "5:10",
+                vec!["issuer lists 2 issuers, and a rule trusts exactly one"],
+            ),
+            (
+                "issuer = \"https://*.example\"".to_string(),
+                "5:10",
+                vec!["issuer \"https://*.example\" is a glob"],
+            ),
+            (
+                "issuer = \"https://evil.example\"".to_string(),
+                "5:10",
+                vec!["issuer \"https://evil.example\" is not configured, so this rule could never match; configured: "],
+            ),
+            (
+                format!("issuer = \"{GH}/\""),
+                "5:10",
+                vec!["(did you mean \"https://token.actions.githubusercontent.com\"? issuers are compared exactly)"],
+            ),
+            (
+                format!("issuer = \"{GH}\"\nprovider = \"buildkite\""),
+                "6:12",
+                vec!["provider = \"buildkite\" contradicts issuer \"https://token.actions.githubusercontent.com\", a github issuer"],
+            ),
+            (
+                "provider = \"generic\"".to_string(),
+                "5:12",
+                vec!["provider = \"generic\" names no configured issuer, so this rule could never match"],
+            ),
+        ] {
+            let e = scoped_err(&keys, true);
+            assert!(e.starts_with(&format!("p.toml:{at}: ")), "{keys}: wrong place: {e}");
+            for n in needles {
+                assert!(e.contains(n), "{keys}: {e:?} lacks {n:?}");
+            }
+        }
+        // No configured issuer of the provider: with require_oidc = false the rule is
+        // scoped to attested identities of that provider (and warned about).
+        let set = scoped("provider = \"generic\"\nsubject = \"x\"", false).unwrap();
+        assert_eq!(set.rules()[0].scope.issuer, None);
+        assert!(
+            set.warnings().iter().any(|w| w.starts_with(
+                "p.toml:1:1: rule \"r\" matches only runner-attested generic identities"
+            )),
+            "{:?}",
+            set.warnings()
+        );
+        // An agent without issuers loads no OIDC rule, and says why.
+        let e = load_str_with(Path::new("p.toml"), &rule(GRANT), &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("configured: none: the agent's configuration has no [[issuer]]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn id_pins_are_exact_ids_of_the_rules_issuer_in_oidc_rules() {
+        let set = scoped(
+            "provider = \"github\"\nrepository_id = 700001\nrepository_owner_id = [\"500001\", \"500002\"]",
+            true,
+        )
+        .unwrap();
+        let pins: Vec<String> = set.rules()[0]
+            .matchers
+            .iter()
+            .filter(|m| m.id_pin)
+            .map(Matcher::written)
+            .collect();
+        assert_eq!(
+            pins,
+            [
+                "repository_id = \"700001\"",
+                "repository_owner_id = [\"500001\", \"500002\"]"
+            ]
+        );
+        assert!(scoped(
+            &format!("issuer = \"{GL_A}\"\nproject_id = \"22\"\nnamespace_id = \"7\""),
+            true
+        )
+        .is_ok());
+        assert!(scoped(
+            "provider = \"buildkite\"\norganization_id = \"0184990a-477b\"",
+            true
+        )
+        .is_ok());
+
+        for (keys, oidc, at, needle) in [
+            (
+                "provider = \"github\"\nrepository_owner_id = \"5*\"",
+                true,
+                "6:23",
+                "match field \"repository_owner_id\": an id pin is compared exactly, so \"5*\" would match no token",
+            ),
+            (
+                "provider = \"github\"\nrepository_id = [\"1\", \"\"]",
+                true,
+                "6:23",
+                "an id pin is compared exactly",
+            ),
+            (
+                "issuer = \"https://gitlab.a.example\"\nrepository_id = \"700001\"",
+                true,
+                "6:1",
+                "repository_id is an id of github tokens, and the rule trusts https://gitlab.a.example (gitlab) \
+                 (issuer = \"https://gitlab.a.example\"), so it could never match; its tokens' ids are project_id, namespace_id",
+            ),
+            (
+                "provider = \"buildkite\"\nproject_id = \"22\"",
+                true,
+                "6:1",
+                "its tokens' ids are organization_id, pipeline_id",
+            ),
+            (
+                "provider = \"github\"\nrepository_owner_id = \"500001\"",
+                false,
+                "6:1",
+                "rule \"r\" pins repository_owner_id but sets require_oidc = false: runner-attested claims could carry any id",
+            ),
+        ] {
+            let e = scoped_err(keys, oidc);
+            assert!(e.starts_with(&format!("p.toml:{at}: ")), "{keys}: wrong place: {e}");
+            assert!(e.contains(needle), "{keys}: {e:?} lacks {needle:?}");
+        }
+        // Generic issuers have no ids airlock knows.
+        let generic = [TrustedIssuer {
+            issuer: "https://ci.example".into(),
+            provider: Provider::Generic,
+        }];
+        let text =
+            "[[rule]]\nname = \"r\"\n[rule.match]\nprovider = \"generic\"\nproject_id = \"1\"\n";
+        let e = load_str_with(Path::new("p.toml"), &format!("{text}{GRANT}"), &generic)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("match one of their claims under [rule.match.claims]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_configured_issuers_give_their_providers_as_the_verifier_does() {
+        let cfg = crate::config::Config::parse(
+            Path::new("a.toml"),
+            "[[issuer]]\nissuer = \"https://token.actions.githubusercontent.com\"\naudiences = [\"a\"]\n\
+             [[issuer]]\nissuer = \"https://gitlab.example.com\"\naudiences = [\"a\"]\n\
+             [[issuer]]\nissuer = \"https://ci.example.com\"\naudiences = [\"a\"]\nprovider = \"buildkite\"\n",
+        )
+        .unwrap();
+        let got: Vec<String> = TrustedIssuer::from_config(&cfg.issuers)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "https://token.actions.githubusercontent.com (github)",
+                "https://gitlab.example.com (gitlab)",
+                "https://ci.example.com (buildkite)"
+            ]
+        );
     }
 }

@@ -5,18 +5,134 @@
 //! loaded [`PolicySet`] cannot fail at decision time. Deciding (`decide`) does no I/O and
 //! never looks at the clock itself: the caller passes `now`. Default deny: no matching rule,
 //! no grants.
+//!
+//! Every rule trusts exactly one issuer (its [`IssuerScope`], resolved at load against the
+//! agent's configured issuers): names alike from two issuers — a Buildkite organisation or a
+//! GitLab group called like a GitHub organisation — never match one rule.
 
 pub mod decide;
 pub mod egress;
 pub mod load;
 pub mod suggest;
 
+use crate::identity::{JobIdentity, Provider};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 pub use decide::{Decision, Explanation, RuleVerdict};
 pub use egress::{EgressAllow, EgressMode, EgressPolicy, EgressTarget, RuleEgress};
-pub use load::{load_dir, load_str, PolicyError};
+pub use load::{load_dir_with, load_str, load_str_with, PolicyError};
+
+/// An OIDC issuer the agent trusts, as the policy loader sees it: its exact `iss` and the
+/// provider whose claim shape its tokens are read in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TrustedIssuer {
+    pub issuer: String,
+    pub provider: Provider,
+}
+
+impl TrustedIssuer {
+    /// The `[[issuer]]`s of the agent's configuration, each with the provider the verifier
+    /// gives its tokens (written, or guessed from the URL).
+    pub fn from_config(issuers: &[crate::config::IssuerConfig]) -> Vec<TrustedIssuer> {
+        issuers
+            .iter()
+            .map(|cfg| TrustedIssuer {
+                issuer: cfg.issuer.clone(),
+                provider: crate::identity::configured_provider(cfg),
+            })
+            .collect()
+    }
+
+    /// The public issuers of GitHub Actions, GitLab.com and Buildkite: what [`load_str`]
+    /// loads against, for tests and examples. The agent and the CLI load with the issuers
+    /// of their configuration instead ([`TrustedIssuer::from_config`]).
+    pub fn well_known() -> Vec<TrustedIssuer> {
+        [
+            (
+                "https://token.actions.githubusercontent.com",
+                Provider::Github,
+            ),
+            ("https://gitlab.com", Provider::Gitlab),
+            ("https://agent.buildkite.com", Provider::Buildkite),
+        ]
+        .into_iter()
+        .map(|(issuer, provider)| TrustedIssuer {
+            issuer: issuer.to_string(),
+            provider,
+        })
+        .collect()
+    }
+}
+
+impl std::fmt::Display for TrustedIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.issuer, self.provider)
+    }
+}
+
+/// Whose identities a rule may match: verified tokens of exactly one configured issuer and,
+/// when the rule has `require_oidc = false`, runner-attested identities of that issuer's
+/// provider (attested claims have no issuer). Resolved at load from the rule's `issuer` or
+/// `provider` key; checked before any other key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IssuerScope {
+    /// The exact `iss` of the rule's one issuer. `None` only for a rule with
+    /// `require_oidc = false` whose provider has no configured issuer: it matches
+    /// runner-attested identities of that provider and no token.
+    pub issuer: Option<String>,
+    pub provider: Provider,
+    /// How the rule named it, e.g. `provider = "github"`.
+    pub written: String,
+}
+
+impl IssuerScope {
+    /// Why `id` is or is not of this scope: `Ok` and `Err` both say it in words, for
+    /// `airlock policy explain` (the first reason of every rule).
+    pub fn check(&self, id: &JobIdentity) -> Result<String, String> {
+        use crate::identity::IdentitySource;
+        match (id.source, &self.issuer) {
+            (IdentitySource::Oidc, Some(iss)) if *iss == id.issuer => {
+                Ok(format!("issuer {iss:?} is the rule's issuer"))
+            }
+            (IdentitySource::Oidc, Some(iss)) => Err(format!(
+                "issuer {:?} is not the rule's issuer {iss:?}: tokens of another issuer never match, \
+                 whatever their names (the rule's other keys are not compared)",
+                id.issuer
+            )),
+            (IdentitySource::Oidc, None) => Err(format!(
+                "issuer {:?}: the rule matches only runner-attested {} identities (no {} issuer is configured)",
+                id.issuer, self.provider, self.provider
+            )),
+            (IdentitySource::Attested, _) if id.provider == self.provider => Ok(format!(
+                "runner-attested {} identity: in the scope of the rule's provider (attested claims have no issuer)",
+                id.provider
+            )),
+            (IdentitySource::Attested, _) => Err(format!(
+                "runner-attested {} identity: the rule trusts only {} identities, of {}; its other keys \
+                 are not compared",
+                id.provider,
+                self.provider,
+                self.issuer.as_deref().unwrap_or("no issuer")
+            )),
+        }
+    }
+}
+
+/// `https://token.actions.githubusercontent.com (github)`, or for an attested-only rule
+/// `runner-attested gitlab identities only (no gitlab issuer is configured)`.
+impl std::fmt::Display for IssuerScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.issuer {
+            Some(iss) => write!(f, "{iss} ({})", self.provider),
+            None => write!(
+                f,
+                "runner-attested {} identities only (no {} issuer is configured)",
+                self.provider, self.provider
+            ),
+        }
+    }
+}
 
 /// The flag a decision carries when a rule with `outside_window = "flag"` granted outside
 /// all of its windows.
@@ -24,7 +140,8 @@ pub const FLAG_OUTSIDE_WINDOW: &str = "outside-window";
 
 /// Every rule of every policy file, checked, in decision order (file name, then rule order).
 ///
-/// Built only by [`load_dir`] / [`load_str`]; holds no handles, so deciding is pure.
+/// Built only by [`load_dir_with`] / [`load_str_with`]; holds no handles, so deciding is
+/// pure.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
     pub(crate) rules: Vec<Rule>,
@@ -100,7 +217,10 @@ pub struct Rule {
     pub origin: Origin,
     pub require_oidc: bool,
     pub outside_window: OutsideWindow,
-    /// Every matcher must match; in file order.
+    /// The one issuer whose identities the rule may match; checked before `matchers`.
+    pub scope: IssuerScope,
+    /// Every matcher must match; in file order. The `issuer` and `provider` keys are not
+    /// among them: they make the `scope`.
     pub matchers: Vec<Matcher>,
     /// Empty: always open. Otherwise any open window = inside.
     pub windows: Vec<Window>,
@@ -197,6 +317,9 @@ impl std::fmt::Display for RuleNetwork {
 pub struct Matcher {
     pub field: String,
     pub patterns: Vec<glob::Pattern>,
+    /// An immutable-id pin (`repository_owner_id`, …; see `identity::id_claims`): the
+    /// token's claim of that name must equal one of the values exactly (they hold no glob).
+    pub id_pin: bool,
 }
 
 impl Matcher {
@@ -209,9 +332,34 @@ impl Matcher {
     };
 
     pub fn matches(&self, value: &str) -> bool {
+        if self.id_pin {
+            return self.patterns.iter().any(|p| p.as_str() == value);
+        }
         self.patterns
             .iter()
             .any(|p| p.matches_with(value, Self::OPTIONS))
+    }
+
+    /// The job's value for this key: an id pin reads the raw claim of its name.
+    pub fn value(&self, id: &JobIdentity) -> Option<String> {
+        if self.id_pin {
+            id.field(&format!("claims.{}", self.field))
+        } else {
+            id.field(&self.field)
+        }
+    }
+
+    /// `repository_owner_id = "500001"` (or `= ["1", "2"]`): how `policy explain` shows a pin.
+    pub fn written(&self) -> String {
+        let values: Vec<String> = self
+            .patterns
+            .iter()
+            .map(|p| format!("{:?}", p.as_str()))
+            .collect();
+        match values.as_slice() {
+            [one] => format!("{} = {one}", self.field),
+            _ => format!("{} = [{}]", self.field, values.join(", ")),
+        }
     }
 }
 

@@ -597,7 +597,7 @@ mod tests {
     use serde_json::json;
     use std::path::Path;
 
-    const RULE: &str = "[[rule]]\nname = \"web\"\n[rule.match]\nrepository = \"acme/web\"\n\
+    const RULE: &str = "[[rule]]\nname = \"web\"\n[rule.match]\nprovider = \"github\"\nrepository = \"acme/web\"\n\
                         [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n";
     const BASELINE: &str =
         "[egress]\nbaseline = [\"github.com:443\", \"*.actions.githubusercontent.com:443\"]\n";

@@ -290,7 +290,7 @@ fn admitter(ns: PathBuf, admission: Arc<Admission>) -> AdmitFn {
     // The agent's own hook, for a policy that allows NAME on NAME_PORT: it adds a pair the
     // set does not hold yet, refreshes one about to expire, and leaves the rest alone.
     let text = format!(
-        "[[rule]]\nname = \"bench\"\n[rule.match]\nrepository = \"acme/bench\"\n\
+        "[[rule]]\nname = \"bench\"\n[rule.match]\nprovider = \"github\"\nrepository = \"acme/bench\"\n\
          [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n\
          [rule.egress]\nallow = [\"{NAME}:{NAME_PORT}\"]\n"
     );
