@@ -541,11 +541,16 @@ impl Daemon {
         }
         // A log that cannot be written refuses the start before anything is built for it.
         if let Some(why) = self.audit.failing() {
-            return Err(ApiError::new(
-                503,
-                "AuditUnavailable",
-                format!("{why}; no job starts until it can be written again"),
-            ));
+            let why = format!("{why}; no job starts until it can be written again");
+            // Counted in the log's `audit_recovered` record (as not written).
+            audit_best_effort(
+                &self.audit,
+                &self.metrics,
+                "job_refused",
+                None,
+                crate::fields! {"runner" => req.runner, "reason" => why},
+            );
+            return Err(ApiError::new(503, "AuditUnavailable", why));
         }
         if (req.endpoint_bind || req.runner_network.is_some()) && !req.bind_later {
             return Err(ApiError::new(

@@ -80,6 +80,10 @@ pub struct AgentOptions {
     pub extra_config: String,
     /// `AIRLOCK_LOG` for the daemon, when the test wants more (e.g. debug) output.
     pub log_filter: Option<String>,
+    /// The audit log's path (default: `audit.jsonl` in the agent's tree).
+    pub audit_path: Option<PathBuf>,
+    /// TOML keys added to the `[audit]` table (anchors, job limits).
+    pub audit_config: String,
 }
 
 impl AgentOptions {
@@ -92,7 +96,21 @@ impl AgentOptions {
             jwks_file: crate::paths::oidc_fixtures().join("jwks.json"),
             extra_config: String::new(),
             log_filter: None,
+            audit_path: None,
+            audit_config: String::new(),
         }
+    }
+
+    /// The audit log at `path` instead of the agent's tree (a small filesystem, say).
+    pub fn audit_path(mut self, path: &Path) -> Self {
+        self.audit_path = Some(path.to_owned());
+        self
+    }
+
+    /// `keys` (TOML lines) added to the `[audit]` table.
+    pub fn audit_config(mut self, keys: &str) -> Self {
+        self.audit_config = keys.to_owned();
+        self
     }
 
     pub fn policies(mut self, policies: Policies) -> Self {
@@ -352,7 +370,15 @@ impl Agent {
         self.dir.path().join("control.sock")
     }
     pub fn audit_path(&self) -> PathBuf {
-        self.dir.path().join("audit.jsonl")
+        self.opts
+            .audit_path
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("audit.jsonl"))
+    }
+
+    /// `GET path` on the admin listener: `(status, body)`.
+    pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.admin, path).ok()
     }
     pub fn policy_dir(&self) -> PathBuf {
         self.dir.path().join("policies")
@@ -561,6 +587,7 @@ control_socket = {socket}
 
 [audit]
 path = {audit}
+{audit_config}
 
 [policy]
 dir = {policies}
@@ -591,7 +618,11 @@ jwks_file = {jwks}
 {sandbox}{extra}"#,
         state = p("state"),
         socket = p("control.sock"),
-        audit = p("audit.jsonl"),
+        audit = match &opts.audit_path {
+            Some(a) => toml_str(&a.to_string_lossy()),
+            None => p("audit.jsonl"),
+        },
+        audit_config = opts.audit_config,
         policies = p("policies"),
         sts = toml_str(&opts.sts_endpoint),
         issuer = toml_str(crate::oidc::GITHUB_ISSUER),

@@ -91,7 +91,21 @@ impl Stack {
         Self::sandboxed_with(extra, crate::agent::Policies::Files(files))
     }
 
+    /// Like [`Stack::sandboxed`], with the agent's options then changed by `adjust` (e.g.
+    /// [`AgentOptions::audit_config`]).
+    pub fn sandboxed_then(extra: &str, adjust: impl FnOnce(AgentOptions) -> AgentOptions) -> Stack {
+        Self::sandboxed_adjusted(extra, crate::agent::Policies::Repo, adjust)
+    }
+
     fn sandboxed_with(extra: &str, policies: crate::agent::Policies) -> Stack {
+        Self::sandboxed_adjusted(extra, policies, |o| o)
+    }
+
+    fn sandboxed_adjusted(
+        extra: &str,
+        policies: crate::agent::Policies,
+        adjust: impl FnOnce(AgentOptions) -> AgentOptions,
+    ) -> Stack {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
@@ -104,7 +118,7 @@ impl Stack {
             o.policies = policies;
             // For debugging a test: `AIRLOCK_TEST_LOG=airlock=debug cargo nextest run ...`.
             o.log_filter = std::env::var("AIRLOCK_TEST_LOG").ok();
-            o
+            adjust(o)
         })
     }
 

@@ -599,18 +599,8 @@ fn verify_audit(
             (cfg.audit.path, Some(hf))
         }
     };
-    let report = match airlock::audit::verify(&file) {
-        Ok(r) => r,
-        Err(e @ airlock::audit::VerifyError::Read(..)) => {
-            return Err(Fail(exit::NOINPUT, e.to_string()))
-        }
-        Err(e) => {
-            return Err(Fail(
-                exit::DATAERR,
-                format!("{}: chain broken at {e}", file.display()),
-            ))
-        }
-    };
+    // Heads are read before the log: a running agent appends meanwhile, and a head read
+    // after the log could be ahead of what was verified.
     let mut checks: Vec<(String, Head)> = Vec::new();
     for h in heads {
         let h: Head = h
@@ -643,6 +633,18 @@ fn verify_audit(
             Err(e) => return Err(Fail(exit::UNAVAILABLE, e)),
         }
     }
+    let report = match airlock::audit::verify(&file) {
+        Ok(r) => r,
+        Err(e @ airlock::audit::VerifyError::Read(..)) => {
+            return Err(Fail(exit::NOINPUT, e.to_string()))
+        }
+        Err(e) => {
+            return Err(Fail(
+                exit::DATAERR,
+                format!("{}: chain broken at {e}", file.display()),
+            ))
+        }
+    };
     let log_head = Head {
         seq: report.records,
         hash: report.last_hash.clone(),
