@@ -734,6 +734,48 @@ mod tests {
     }
 
     #[test]
+    fn audit_anchors_and_job_limits_are_checked() {
+        let c = Config::parse(
+            Path::new("a.toml"),
+            "[audit]\nsyslog = [\"udp://10.0.0.5:514\", \"tcp://logs:6514\"]\nsyslog_facility = \"local3\"\njob_records_per_second = 0.5\njob_records_burst = 5\njob_summary_interval = \"10s\"\n",
+        )
+        .unwrap();
+        let o = crate::audit::AuditOptions::from_config(&c);
+        assert_eq!(o.anchors.syslog.len(), 2);
+        assert_eq!(o.anchors.facility, 19);
+        assert_eq!(
+            o.anchors.journal.as_deref(),
+            Some(Path::new("/run/systemd/journal/socket"))
+        );
+        assert_eq!(o.job_limit.burst, 5);
+        assert_eq!(
+            o.head_file,
+            Some(PathBuf::from("/var/lib/airlock/audit-head.json"))
+        );
+        for (bad, why) in [
+            ("syslog = [\"logs:514\"]", "udp://HOST:PORT"),
+            ("syslog_facility = \"kern\"", "syslog_facility"),
+            ("job_records_per_second = 0.0", "above 0"),
+            ("job_records_burst = 0", "at least 1"),
+            ("job_summary_interval = \"100ms\"", "at least 1s"),
+        ] {
+            let err = Config::parse(Path::new("a.toml"), &format!("[audit]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let shipped = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/airlock.toml"),
+        )
+        .unwrap();
+        let c = Config::parse(Path::new("airlock.toml"), &shipped).unwrap();
+        assert_eq!(
+            c.audit.job_records_burst,
+            crate::audit::JobLimit::default().burst
+        );
+    }
+
+    #[test]
     fn plain_http_sts_needs_opt_in() {
         let err = Config::parse(
             Path::new("a.toml"),

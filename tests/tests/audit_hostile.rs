@@ -149,6 +149,11 @@ fn a_jobs_bind_flood_is_bounded_and_counted_and_another_jobs_fetches_stay_fast()
         .iter()
         .map(|r| r["dropped"]["bind_refused"].as_u64().unwrap_or(0))
         .sum();
+    eprintln!(
+        "bind flood: {} bind_refused records, {} audit_dropped records counting {dropped}",
+        written.len(),
+        summaries.len()
+    );
     // Bounded: the burst plus the rate over the flood (and the job's start), not per request.
     assert!(
         written.len() <= 20 + 2 * 12,
