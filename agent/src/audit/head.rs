@@ -469,6 +469,54 @@ mod tests {
     }
 
     #[test]
+    fn accept_records_both_heads_and_takes_an_unreadable_head_too() {
+        let d = tempfile::tempdir().unwrap();
+        let path = log_with(d.path(), 4);
+        let hf = d.path().join("audit-head.json");
+        std::fs::write(&hf, "garbage").unwrap();
+        let opts = AuditOptions {
+            head_file: Some(hf.clone()),
+            check_head: true,
+            ..Default::default()
+        };
+        // Refused as it is...
+        let e = AuditLog::open_with(&path, opts.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("accept-head"), "{e}");
+        // ... accepted on purpose.
+        let a = accept(&path, opts.clone(), "head file lost", 0).unwrap();
+        assert_eq!((a.previous, a.log_head.seq, a.seq), (None, 4, 5));
+        let last: Value = serde_json::from_str(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .last()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(last["event"], "audit_head_accepted");
+        assert!(last["previous_head"]["unreadable"].is_string(), "{last}");
+        assert_eq!(last["log_head"]["seq"], 4);
+        assert_eq!(read_head_file(&hf).unwrap().map(|h| h.seq), Some(5));
+        // Now the log continues its head.
+        AuditLog::open_with(&path, opts).unwrap();
+    }
+
+    #[test]
+    fn accept_refuses_a_broken_log() {
+        let d = tempfile::tempdir().unwrap();
+        let path = log_with(d.path(), 3);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replacen("j-1", "j-X", 1)).unwrap();
+        let e = accept(&path, AuditOptions::default(), "x", 0).unwrap_err();
+        assert!(
+            matches!(e, AuditError::Head(HeadError::NotIntact { .. })),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn the_head_file_round_trips_and_garbage_is_an_error() {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("state/audit-head.json");

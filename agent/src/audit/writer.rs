@@ -264,9 +264,10 @@ pub(crate) fn start(
         seq,
         hash: prev.clone(),
     };
-    if let Some(hf) = &opts.head_file {
+    // `accept-head` (no check) reads the head itself, whatever state it is in.
+    if let (Some(hf), true) = (&opts.head_file, opts.check_head) {
         match head::read_head_file(hf)? {
-            Some(h) if opts.check_head => {
+            Some(h) => {
                 if let Err(mismatch) = head::check_log(path, &h, &log_head) {
                     let err = head::HeadError::Mismatch(Box::new(head::Mismatch {
                         log: path.to_owned(),
@@ -280,8 +281,7 @@ pub(crate) fn start(
                     return Err(err.into());
                 }
             }
-            Some(_) => {}
-            None if seq > 0 && opts.check_head => {
+            None if seq > 0 => {
                 tracing::warn!(head_file = %hf.display(), "no audit head was kept for this log (first start of this version, or the file was removed): it is taken as it is");
                 first.push((
                     "audit_head_created",
