@@ -4,7 +4,9 @@
 #     with moto[server] (the STS
 #     stand-in), boto3 and the AWS CLI, from tests/clients/requirements.txt;
 #   - the AWS SDK for JavaScript v3 in tests/node (npm ci from package-lock.json);
-#   - nftables (`nft`), as root on Debian, for the outbound sandbox tests.
+#   - nftables (`nft`), as root on Debian, for the outbound sandbox tests;
+#   - rsyslog (the audit anchor test's syslog receiver) and systemd's journald (its journal),
+#     as root on Debian.
 # Idempotent: a stamp holding the hash of the pins makes a second run a no-op.
 # Needs python3 (with venv), node >= 20 and npm. As root on Debian it installs python3-venv
 # when missing; it never uses sudo.
@@ -38,6 +40,32 @@ elif [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
     say "installed $(/usr/sbin/nft --version)"
 else
     say "warning: nft not found: outbound sandbox tests need it (Debian: apt-get install nftables, as root)"
+fi
+
+# --- rsyslog and systemd-journald ---------------------------------------------------------
+# The audit anchor test (tests/tests/audit_anchors.rs) runs a real rsyslogd and a real
+# systemd-journald (in a journal namespace of its own) on loopback with its own
+# configuration; neither is started as a service. rsyslog is pinned to bookworm's upstream
+# release 8.2302.0 (any Debian revision of it: security updates replace the older ones).
+rsyslog_version='8.2302.0-1+deb12u*'
+if [[ -x /usr/sbin/rsyslogd ]]; then
+    say "rsyslogd found: $(/usr/sbin/rsyslogd -v | head -1)"
+elif [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "installing rsyslog=$rsyslog_version with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "rsyslog=$rsyslog_version" >/dev/null
+    say "installed $(/usr/sbin/rsyslogd -v | head -1)"
+else
+    say "warning: rsyslogd not found: the audit anchor test needs it (Debian: apt-get install rsyslog, as root)"
+fi
+if [[ -x /lib/systemd/systemd-journald && -x /usr/bin/journalctl ]]; then
+    say "systemd-journald found"
+elif [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "installing systemd (journald, journalctl) with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null
+else
+    say "warning: systemd-journald not found: the audit anchor test needs it (Debian: apt-get install systemd)"
 fi
 
 # --- Python venv -------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-//! The admin listener: `/healthz` and Prometheus `/metrics`, on loopback by default.
+//! The admin listener: `/healthz` (503 while the audit log cannot be written) and
+//! Prometheus `/metrics`, on loopback by default.
 //! Read-only: it never changes the agent's state and never shows a secret.
 
 use bytes::Bytes;
@@ -24,16 +25,26 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
                 let daemon = daemon.clone();
                 async move {
                     let (status, ctype, body) = match (req.method().as_str(), req.uri().path()) {
-                        ("GET", "/healthz") => (
-                            StatusCode::OK,
-                            "application/json",
-                            serde_json::json!({
-                                "status": "ok",
-                                "jobs": daemon.job_count(),
-                                "policy_rules": daemon.policy_rules(),
-                            })
-                            .to_string(),
-                        ),
+                        ("GET", "/healthz") => {
+                            // A log that cannot be written means no job starts: unhealthy.
+                            let audit = daemon.audit().health();
+                            let (status, word) = if audit.ok() {
+                                (StatusCode::OK, "ok")
+                            } else {
+                                (StatusCode::SERVICE_UNAVAILABLE, "audit_failing")
+                            };
+                            (
+                                status,
+                                "application/json",
+                                serde_json::json!({
+                                    "status": word,
+                                    "jobs": daemon.job_count(),
+                                    "policy_rules": daemon.policy_rules(),
+                                    "audit": audit,
+                                })
+                                .to_string(),
+                            )
+                        }
                         ("GET", "/metrics") => (
                             StatusCode::OK,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",

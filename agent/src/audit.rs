@@ -2,70 +2,151 @@
 //!
 //! Every record carries `seq`, `time`, `event`, `prev` (the previous record's hash) and
 //! `hash` = SHA-256 over `prev` and the record's canonical JSON (sorted keys, without
-//! `hash`). Editing, removing or reordering a record breaks the chain, and
-//! [`verify`] says where. A record is written and fsynced before [`AuditLog::append`]
-//! returns, so callers append *before* they hand out what the record describes: if the
-//! audit cannot be written, nothing is issued.
+//! `hash`). Editing, removing or reordering a record breaks the chain, and [`verify`] says
+//! where; a cut tail or a rewritten file is caught against a head kept elsewhere (the
+//! agent's state directory, the journal, a remote syslog: [`head`], [`anchor`]).
 //!
-//! The audit is a sink: the agent never reads it back to make a decision. Records never
-//! carry secrets; callers pass summaries and access key ids only.
+//! One writer thread owns the file ([`writer`]): callers hand it records and
+//! [`AuditLog::append`] resolves once the record is durable (group commit: one fsync per
+//! batch), so callers append *before* they hand out what the record describes, and no tokio
+//! worker ever waits on a disk. If the log cannot be written (a full disk, an I/O error) the
+//! log is *failing*: every append is refused until a probe record is durable again, so
+//! nothing that needs a record is done meanwhile ([`AuditLog::health`] says why).
+//!
+//! Records a job's own actions can produce go through [`AuditLog::job_event`]: rate-limited
+//! per job ([`limit`]), the dropped ones counted in `audit_dropped` records.
+//!
+//! The audit is a sink: the agent never reads it back to make a decision (opening it reads
+//! its tail only to continue the chain and check it against the head). Records never carry
+//! secrets; callers pass summaries and access key ids only.
+
+pub mod anchor;
+pub mod head;
+pub mod limit;
+mod writer;
 
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::Arc;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+pub use anchor::{Anchors, SyslogTarget};
+pub use head::Head;
+pub use limit::JobLimit;
+pub use writer::{AuditHealth, AuditStats};
+
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The file beside the agent's state that keeps the log's last durable head.
+pub const HEAD_FILE: &str = "audit-head.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("cannot open audit log {0}: {1}")]
-    Open(PathBuf, std::io::Error),
-    #[error("cannot write audit log {0}: {1}")]
-    Write(PathBuf, std::io::Error),
+    Open(PathBuf, #[source] std::io::Error),
+    #[error("audit log {0} is in use by another process (is airlockd running? `airlock audit accept-head` needs it stopped)")]
+    Locked(PathBuf),
     #[error("audit log {0} ends in a damaged record (line {1}): {2}; run `airlock audit verify {0}` and move the file aside to start a new chain")]
     DamagedTail(PathBuf, usize, String),
+    #[error("audit log {path} cannot be written (since {since}): {reason}; nothing that needs an audit record is done until it can (the agent retries every {retry_secs} s: free space on its filesystem or fix the disk)")]
+    Unwritable {
+        path: PathBuf,
+        since: String,
+        reason: String,
+        retry_secs: u64,
+    },
+    #[error("audit log {path}: {queued} records are waiting for the writer; this one is refused")]
+    Overloaded { path: PathBuf, queued: usize },
+    #[error("audit log {0} is closed (the agent is stopping)")]
+    Closed(PathBuf),
+    #[error(transparent)]
+    Head(#[from] head::HeadError),
 }
 
-#[derive(Debug)]
-struct Head {
-    file: File,
-    seq: u64,
-    prev: String,
+/// How [`AuditLog::open_with`] opens a log.
+#[derive(Debug, Clone, Default)]
+pub struct AuditOptions {
+    /// Where the log's last durable head is kept (the agent's state directory), and so
+    /// checked at open: a log that does not continue it is refused. `None`: no head (tools,
+    /// tests).
+    pub head_file: Option<PathBuf>,
+    /// `false` only for `airlock audit accept-head`, which records that it accepted a log
+    /// that does not continue the head (and then writes the new head).
+    pub check_head: bool,
+    /// Off-host copies of every record's seq and hash.
+    pub anchors: Anchors,
+    /// The limit of records a job's own actions produce.
+    pub job_limit: JobLimit,
 }
 
-/// The writer side. One per agent; appends are serialised by a mutex.
+impl AuditOptions {
+    /// The agent's options from its configuration.
+    pub fn from_config(cfg: &crate::config::Config) -> AuditOptions {
+        let a = &cfg.audit;
+        AuditOptions {
+            head_file: Some(cfg.agent.state_dir.join(HEAD_FILE)),
+            check_head: true,
+            anchors: Anchors {
+                journal: a.journal.then(|| a.journal_socket.clone()),
+                syslog: a
+                    .syslog
+                    .iter()
+                    .filter_map(|s| s.parse::<SyslogTarget>().ok())
+                    .collect(),
+                facility: anchor::facility_code(&a.syslog_facility).unwrap_or(anchor::AUTHPRIV),
+            },
+            job_limit: JobLimit {
+                per_second: a.job_records_per_second,
+                burst: a.job_records_burst,
+                summary_every: a.job_summary_interval,
+            },
+        }
+    }
+}
+
+/// The writer side. One per agent (the file is locked while it is open).
 #[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
-    head: Mutex<Head>,
+    writer: writer::Handle,
+    shared: Arc<writer::Shared>,
 }
 
 impl AuditLog {
-    /// Open (or create, mode 0600) the log and continue its chain from the last record.
+    /// Open (or create, mode 0600) the log and continue its chain from the last record, with
+    /// no head, anchors off and the default job limit (tools and tests).
     pub fn open(path: &Path) -> Result<AuditLog, AuditError> {
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() && !dir.exists() {
-                std::fs::create_dir_all(dir).map_err(|e| AuditError::Open(path.into(), e))?;
-                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750));
-            }
-        }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| AuditError::Open(path.into(), e))?;
-        let (seq, prev) = last_record(&mut file, path)?;
+        Self::open_with(path, AuditOptions::default())
+    }
+
+    /// Open (or create, mode 0600) and lock the log, check it against the head
+    /// (`opts.head_file`), and start its writer.
+    pub fn open_with(path: &Path, opts: AuditOptions) -> Result<AuditLog, AuditError> {
+        let (writer, shared) = writer::start(path, opts, None, writer::RETRY)?;
         Ok(AuditLog {
             path: path.to_owned(),
-            head: Mutex::new(Head { file, seq, prev }),
+            writer,
+            shared,
+        })
+    }
+
+    /// [`AuditLog::open_with`] on a disk that tests make slow or failing.
+    #[cfg(test)]
+    pub(crate) fn open_on(
+        path: &Path,
+        opts: AuditOptions,
+        disk: writer::WrapDisk,
+        retry: std::time::Duration,
+    ) -> Result<AuditLog, AuditError> {
+        let (writer, shared) = writer::start(path, opts, Some(disk), retry)?;
+        Ok(AuditLog {
+            path: path.to_owned(),
+            writer,
+            shared,
         })
     }
 
@@ -73,39 +154,124 @@ impl AuditLog {
         &self.path
     }
 
-    /// Append one record and fsync it. `fields` must not contain secrets. Returns `seq`.
-    pub fn append(
+    /// Append one record and wait (without blocking a thread) until it is durable. `fields`
+    /// must not contain secrets. Returns `seq`. An error means the record is not in the log:
+    /// the caller must not do what it describes.
+    pub async fn append(
         &self,
         event: &str,
         job: Option<&str>,
         fields: Map<String, Value>,
     ) -> Result<u64, AuditError> {
-        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
-        let seq = head.seq + 1;
-        let mut rec = fields;
-        rec.insert("seq".into(), seq.into());
-        rec.insert("time".into(), now_rfc3339().into());
-        rec.insert("event".into(), event.into());
-        if let Some(j) = job {
-            rec.insert("job".into(), j.into());
+        let rx = self.writer.enqueue(event, job, fields, true)?;
+        match rx {
+            Some(rx) => rx.await.unwrap_or_else(|_| Err(self.closed())),
+            None => Err(self.closed()),
         }
-        rec.insert("prev".into(), head.prev.clone().into());
-        let hash = record_hash(&head.prev, &rec);
-        rec.insert("hash".into(), hash.clone().into());
-        let mut line = serde_json::to_string(&rec).expect("a JSON map always serialises");
-        line.push('\n');
-        let res = head
-            .file
-            .write_all(line.as_bytes())
-            .and_then(|()| head.file.sync_data());
-        res.map_err(|e| AuditError::Write(self.path.clone(), e))?;
-        head.seq = seq;
-        head.prev = hash;
-        Ok(seq)
+    }
+
+    /// [`AuditLog::append`] for threads outside the async runtime (the CLI's own records).
+    /// Never call it from async code.
+    pub fn append_blocking(
+        &self,
+        event: &str,
+        job: Option<&str>,
+        fields: Map<String, Value>,
+    ) -> Result<u64, AuditError> {
+        match self.writer.enqueue(event, job, fields, true)? {
+            Some(rx) => rx.blocking_recv().unwrap_or_else(|_| Err(self.closed())),
+            None => Err(self.closed()),
+        }
+    }
+
+    /// Hand a record to the writer without waiting for it: for records of what has already
+    /// happened (a job ended, a wipe's report). A record that cannot be written is logged and
+    /// counted (`airlock_audit_write_failures_total`, and in the next `audit_recovered`).
+    pub fn submit(&self, event: &str, job: Option<&str>, fields: Map<String, Value>) {
+        if let Err(e) = self.writer.enqueue(event, job, fields, false) {
+            self.shared.stats.write_failures.inc();
+            tracing::error!(event, job, error = %e, "audit record not written");
+        }
+    }
+
+    /// A record that `job`'s own actions produced (a refused endpoint request, a second
+    /// bind): submitted within the job's limit ([`JobLimit`]), otherwise only counted, and
+    /// the counts written in an `audit_dropped` record (at the latest every
+    /// `summary_every` while the job floods, and when it ends). True when submitted.
+    pub fn job_event(&self, event: &'static str, job: &str, fields: Map<String, Value>) -> bool {
+        if !self.shared.limiter.admit(job, event) {
+            self.shared.stats.dropped.inc();
+            return false;
+        }
+        self.submit(event, Some(job), fields);
+        true
+    }
+
+    /// The job has ended: its last `audit_dropped` record (if it had dropped records) is
+    /// submitted and its limit forgotten.
+    pub fn job_done(&self, job: &str) {
+        if let Some(fields) = self.shared.limiter.finish(job) {
+            self.submit(limit::SUMMARY_EVENT, Some(job), fields);
+        }
+    }
+
+    /// Wait until every record handed over before this call is durable (or refused).
+    pub async fn flush(&self) {
+        if let Some(rx) = self.writer.flush() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Whether the log can be written now, and why not.
+    pub fn health(&self) -> AuditHealth {
+        self.shared.health()
+    }
+
+    /// Why the log cannot be written, while it cannot.
+    pub fn failing(&self) -> Option<String> {
+        self.shared.failing_reason()
+    }
+
+    pub fn stats(&self) -> &AuditStats {
+        &self.shared.stats
+    }
+
+    /// Write what is queued, the head file and the anchors, and stop the writer; later
+    /// appends fail with [`AuditError::Closed`]. Blocks until done (call it from a
+    /// blocking thread).
+    pub fn close(&self) {
+        self.writer.close();
+    }
+
+    fn closed(&self) -> AuditError {
+        AuditError::Closed(self.path.clone())
     }
 }
 
-fn now_rfc3339() -> String {
+/// One record as its line (ending in a newline) and its hash.
+pub(crate) fn render_record(
+    seq: u64,
+    prev: &str,
+    event: &str,
+    job: Option<&str>,
+    fields: Map<String, Value>,
+) -> (String, String) {
+    let mut rec = fields;
+    rec.insert("seq".into(), seq.into());
+    rec.insert("time".into(), now_rfc3339().into());
+    rec.insert("event".into(), event.into());
+    if let Some(j) = job {
+        rec.insert("job".into(), j.into());
+    }
+    rec.insert("prev".into(), prev.into());
+    let hash = record_hash(prev, &rec);
+    rec.insert("hash".into(), hash.clone().into());
+    let mut line = serde_json::to_string(&rec).expect("a JSON map always serialises");
+    line.push('\n');
+    (line, hash)
+}
+
+pub(crate) fn now_rfc3339() -> String {
     let now = OffsetDateTime::now_utc();
     now.replace_nanosecond(now.nanosecond() / 1_000_000 * 1_000_000)
         .unwrap_or(now)
@@ -115,7 +281,7 @@ fn now_rfc3339() -> String {
 
 /// SHA-256 over the previous hash, a newline, and the record's canonical JSON (serde_json's
 /// default map keeps keys sorted) without its `hash` key.
-fn record_hash(prev: &str, rec: &Map<String, Value>) -> String {
+pub(crate) fn record_hash(prev: &str, rec: &Map<String, Value>) -> String {
     let mut h = Sha256::new();
     h.update(prev.as_bytes());
     h.update(b"\n");
@@ -127,51 +293,6 @@ fn record_hash(prev: &str, rec: &Map<String, Value>) -> String {
         h.update(serde_json::to_vec(rec).expect("a JSON map always serialises"));
     }
     hex::encode(h.finalize())
-}
-
-/// Sequence number and hash of the last record, reading only the file's tail.
-fn last_record(file: &mut File, path: &Path) -> Result<(u64, String), AuditError> {
-    let len = file
-        .seek(SeekFrom::End(0))
-        .map_err(|e| AuditError::Open(path.into(), e))?;
-    if len == 0 {
-        return Ok((0, GENESIS.to_string()));
-    }
-    let start = len.saturating_sub(256 * 1024);
-    file.seek(SeekFrom::Start(start))
-        .map_err(|e| AuditError::Open(path.into(), e))?;
-    let mut tail = Vec::new();
-    file.read_to_end(&mut tail)
-        .map_err(|e| AuditError::Open(path.into(), e))?;
-    let text = String::from_utf8_lossy(&tail);
-    let damaged = |why: String| AuditError::DamagedTail(path.into(), 0, why);
-    if !text.ends_with('\n') {
-        return Err(damaged("the last line is incomplete".into()));
-    }
-    let last = text
-        .trim_end_matches('\n')
-        .rsplit('\n')
-        .next()
-        .unwrap_or_default();
-    let rec: Map<String, Value> =
-        serde_json::from_str(last).map_err(|e| damaged(format!("not JSON: {e}")))?;
-    let seq = rec
-        .get("seq")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| damaged("no seq".into()))?;
-    let hash = rec
-        .get("hash")
-        .and_then(Value::as_str)
-        .ok_or_else(|| damaged("no hash".into()))?;
-    let prev = rec.get("prev").and_then(Value::as_str).unwrap_or_default();
-    if record_hash(prev, &rec) != hash {
-        return Err(AuditError::DamagedTail(
-            path.into(),
-            seq as usize,
-            "its hash does not match its content".into(),
-        ));
-    }
-    Ok((seq, hash.to_string()))
 }
 
 /// What `verify` found in a good log.
@@ -309,13 +430,14 @@ macro_rules! fields {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn log_with(n: usize) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open(&path).unwrap();
         for i in 0..n {
-            log.append(
+            log.append_blocking(
                 "job_started",
                 Some(&format!("j-{i}")),
                 fields! {"repository" => "acme/web"},
@@ -341,7 +463,11 @@ mod tests {
     fn a_good_chain_verifies_and_continues_after_reopen() {
         let (_d, path) = log_with(3);
         let log = AuditLog::open(&path).unwrap();
-        assert_eq!(log.append("job_ended", Some("j-0"), Map::new()).unwrap(), 4);
+        assert_eq!(
+            log.append_blocking("job_ended", Some("j-0"), Map::new())
+                .unwrap(),
+            4
+        );
         let rep = verify(&path).unwrap();
         assert_eq!(rep.records, 4);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
@@ -403,6 +529,34 @@ mod tests {
     }
 
     #[test]
+    fn an_incomplete_last_line_is_cut_off_and_recorded() {
+        let (_d, path) = log_with(2);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        let partial = "{\"seq\":3,\"event\":\"job_sta";
+        text.push_str(partial);
+        std::fs::write(&path, &text).unwrap();
+        let log = AuditLog::open(&path).unwrap();
+        log.append_blocking("job_ended", Some("j-0"), Map::new())
+            .unwrap();
+        log.close();
+        let rep = verify(&path).unwrap();
+        assert_eq!(rep.records, 4);
+        let recs = query(&path, &Filter::default()).unwrap();
+        assert_eq!(recs[2]["event"], "audit_tail_repaired");
+        assert_eq!(recs[2]["bytes"], partial.len());
+    }
+
+    #[test]
+    fn a_second_writer_is_refused_while_the_log_is_open() {
+        let (_d, path) = log_with(1);
+        let log = AuditLog::open(&path).unwrap();
+        let err = AuditLog::open(&path).unwrap_err();
+        assert!(matches!(err, AuditError::Locked(_)), "{err}");
+        drop(log);
+        assert!(AuditLog::open(&path).is_ok());
+    }
+
+    #[test]
     fn opening_a_log_with_a_damaged_tail_fails_closed() {
         let (_d, path) = log_with(2);
         let mut l = lines(&path);
@@ -417,13 +571,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
         let log = AuditLog::open(&path).unwrap();
-        log.append(
+        log.append_blocking(
             "credentials_issued",
             Some("j-1"),
             fields! {"repository" => "acme/web", "role_arn" => "arn:aws:iam::1:role/deploy"},
         )
         .unwrap();
-        log.append(
+        log.append_blocking(
             "credentials_issued",
             Some("j-2"),
             fields! {"repository" => "acme/api", "role_arn" => "arn:aws:iam::1:role/read"},

@@ -83,13 +83,89 @@ impl Default for AgentSection {
 pub struct AuditSection {
     #[serde(default = "default_audit_path")]
     pub path: PathBuf,
+    /// Send every record's seq and hash to the journal (docs/operations.md, "Anchors").
+    #[serde(default = "default_true")]
+    pub journal: bool,
+    /// journald's native socket.
+    #[serde(default = "default_journal_socket")]
+    pub journal_socket: PathBuf,
+    /// Remote syslog receivers of the same anchors: `udp://HOST:PORT`, `tcp://HOST:PORT`.
+    #[serde(default)]
+    pub syslog: Vec<String>,
+    /// Their facility: auth, authpriv, daemon, user, local0..local7.
+    #[serde(default = "default_syslog_facility")]
+    pub syslog_facility: String,
+    /// Records a job's own actions produce (refused endpoint requests, binds, STS errors):
+    /// this many per second on average per job...
+    #[serde(default = "default_job_records_per_second")]
+    pub job_records_per_second: f64,
+    /// ... and this many at once; beyond, they are counted in `audit_dropped` records.
+    #[serde(default = "default_job_records_burst")]
+    pub job_records_burst: u32,
+    /// How often a job that keeps exceeding its limit gets an `audit_dropped` record.
+    #[serde(
+        default = "default_job_summary_interval",
+        with = "humantime_serde_compat"
+    )]
+    pub job_summary_interval: Duration,
 }
 
 impl Default for AuditSection {
     fn default() -> Self {
         AuditSection {
             path: default_audit_path(),
+            journal: true,
+            journal_socket: default_journal_socket(),
+            syslog: Vec::new(),
+            syslog_facility: default_syslog_facility(),
+            job_records_per_second: default_job_records_per_second(),
+            job_records_burst: default_job_records_burst(),
+            job_summary_interval: default_job_summary_interval(),
         }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_journal_socket() -> PathBuf {
+    crate::audit::anchor::JOURNAL_SOCKET.into()
+}
+fn default_syslog_facility() -> String {
+    "authpriv".into()
+}
+fn default_job_records_per_second() -> f64 {
+    crate::audit::JobLimit::default().per_second
+}
+fn default_job_records_burst() -> u32 {
+    crate::audit::JobLimit::default().burst
+}
+fn default_job_summary_interval() -> Duration {
+    crate::audit::JobLimit::default().summary_every
+}
+
+impl AuditSection {
+    fn check(&self) -> Result<(), String> {
+        for t in &self.syslog {
+            t.parse::<crate::audit::SyslogTarget>()
+                .map_err(|e| format!("[audit] syslog: {e}"))?;
+        }
+        if crate::audit::anchor::facility_code(&self.syslog_facility).is_none() {
+            return Err(format!(
+                "[audit] syslog_facility {:?}: use auth, authpriv, daemon, user or local0..local7",
+                self.syslog_facility
+            ));
+        }
+        if !(self.job_records_per_second.is_finite() && self.job_records_per_second > 0.0) {
+            return Err("[audit] job_records_per_second must be a number above 0".into());
+        }
+        if self.job_records_burst == 0 {
+            return Err("[audit] job_records_burst must be at least 1".into());
+        }
+        if self.job_summary_interval < Duration::from_secs(1) {
+            return Err("[audit] job_summary_interval must be at least 1s".into());
+        }
+        Ok(())
     }
 }
 
@@ -533,6 +609,7 @@ impl Config {
         fix(&mut self.agent.state_dir);
         fix(&mut self.agent.control_socket);
         fix(&mut self.audit.path);
+        fix(&mut self.audit.journal_socket);
         fix(&mut self.policy.dir);
         fix(&mut self.sandbox.runtime_dir);
         fix(&mut self.sandbox.netns_dir);
@@ -566,6 +643,9 @@ impl Config {
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(path.to_owned(), m));
+        if let Err(m) = self.audit.check() {
+            return bad(m);
+        }
         let sts = self.sts.endpoint_url();
         if sts.starts_with("http://") && !self.sts.allow_http {
             return bad(format!(
@@ -671,6 +751,48 @@ mod tests {
         .to_string();
         assert!(err.starts_with("config a.toml:3:1:"), "{err}");
         assert!(err.contains("endpont"), "{err}");
+    }
+
+    #[test]
+    fn audit_anchors_and_job_limits_are_checked() {
+        let c = Config::parse(
+            Path::new("a.toml"),
+            "[audit]\nsyslog = [\"udp://10.0.0.5:514\", \"tcp://logs:6514\"]\nsyslog_facility = \"local3\"\njob_records_per_second = 0.5\njob_records_burst = 5\njob_summary_interval = \"10s\"\n",
+        )
+        .unwrap();
+        let o = crate::audit::AuditOptions::from_config(&c);
+        assert_eq!(o.anchors.syslog.len(), 2);
+        assert_eq!(o.anchors.facility, 19);
+        assert_eq!(
+            o.anchors.journal.as_deref(),
+            Some(Path::new("/run/systemd/journal/socket"))
+        );
+        assert_eq!(o.job_limit.burst, 5);
+        assert_eq!(
+            o.head_file,
+            Some(PathBuf::from("/var/lib/airlock/audit-head.json"))
+        );
+        for (bad, why) in [
+            ("syslog = [\"logs:514\"]", "udp://HOST:PORT"),
+            ("syslog_facility = \"kern\"", "syslog_facility"),
+            ("job_records_per_second = 0.0", "above 0"),
+            ("job_records_burst = 0", "at least 1"),
+            ("job_summary_interval = \"100ms\"", "at least 1s"),
+        ] {
+            let err = Config::parse(Path::new("a.toml"), &format!("[audit]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let shipped = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/airlock.toml"),
+        )
+        .unwrap();
+        let c = Config::parse(Path::new("airlock.toml"), &shipped).unwrap();
+        assert_eq!(
+            c.audit.job_records_burst,
+            crate::audit::JobLimit::default().burst
+        );
     }
 
     #[test]

@@ -128,6 +128,8 @@ pub struct Daemon {
     procs: crate::procs::Procs,
     /// This daemon, for the tasks it spawns (a job's owner watch).
     me: std::sync::OnceLock<std::sync::Weak<Daemon>>,
+    /// Serialises binds while their record becomes durable (see `bind_job`).
+    binding: tokio::sync::Mutex<()>,
 }
 
 /// A poisoned lock only means another task panicked mid-update of plain data; keep serving.
@@ -135,18 +137,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Audit, or log loudly and count: used where the action has already happened.
+/// Audit without waiting: used where the action has already happened. A record that cannot
+/// be written is logged and counted by the audit writer.
 fn audit_best_effort(
     audit: &AuditLog,
-    metrics: &Metrics,
+    _metrics: &Metrics,
     event: &str,
     job: Option<&str>,
     f: serde_json::Map<String, Value>,
 ) {
-    if let Err(e) = audit.append(event, job, f) {
-        metrics.audit_failures.inc();
-        tracing::error!(error = %e, event, "audit write failed");
-    }
+    audit.submit(event, job, f);
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -206,6 +206,7 @@ impl Daemon {
             jobs: Mutex::new(HashMap::new()),
             procs: crate::procs::Procs::default(),
             me: std::sync::OnceLock::new(),
+            binding: tokio::sync::Mutex::new(()),
         });
         let _ = daemon.source.binder.set(Arc::downgrade(&daemon));
         let _ = daemon.me.set(Arc::downgrade(&daemon));
@@ -555,6 +556,19 @@ impl Daemon {
                 ));
             }
         }
+        // A log that cannot be written refuses the start before anything is built for it.
+        if let Some(why) = self.audit.failing() {
+            let why = format!("{why}; no job starts until it can be written again");
+            // Counted in the log's `audit_recovered` record (as not written).
+            audit_best_effort(
+                &self.audit,
+                &self.metrics,
+                "job_refused",
+                None,
+                crate::fields! {"runner" => req.runner, "reason" => why},
+            );
+            return Err(ApiError::new(503, "AuditUnavailable", why));
+        }
         let owner = self.owner_of_new_job(req.owner_pid, &peer)?;
         let extra_hide = owner::checked_hide(&req.hide)?;
         if (req.endpoint_bind || req.runner_network.is_some()) && !req.bind_later {
@@ -667,13 +681,15 @@ impl Daemon {
             rec.refused = d.refused.clone();
             rec.flags = d.flags.clone();
         }
-        let started = self.begin(
-            &rec,
-            identity.as_ref(),
-            prepared.as_ref(),
-            &token,
-            &req.command,
-        );
+        let started = self
+            .begin(
+                &rec,
+                identity.as_ref(),
+                prepared.as_ref(),
+                &token,
+                &req.command,
+            )
+            .await;
         let (token_file, sandbox) = match started {
             Ok(v) => v,
             Err(e) => {
@@ -736,7 +752,7 @@ impl Daemon {
 
     /// Persist and audit a new job, then write its token where the job will read it: a
     /// host file for an unsandboxed job, the shim's spec for a sandboxed one.
-    fn begin(
+    async fn begin(
         &self,
         rec: &JobRecord,
         identity: Option<&JobIdentity>,
@@ -766,8 +782,11 @@ impl Daemon {
             );
         }
         // The record of the start comes before anything is served for the job.
-        if let Err(e) = self.audit.append("job_started", Some(&rec.id), fields) {
-            self.metrics.audit_failures.inc();
+        if let Err(e) = self
+            .audit
+            .append("job_started", Some(&rec.id), fields)
+            .await
+        {
             return Err(ApiError::new(
                 503,
                 "AuditUnavailable",
@@ -851,18 +870,23 @@ impl Daemon {
         };
         let now = OffsetDateTime::now_utc();
         let decision = self.decide(&identity, now);
-        let mut jobs = lock(&self.jobs);
-        let live = jobs
-            .get_mut(job)
-            .ok_or_else(|| ApiError::new(404, "NoSuchJob", format!("no job {job}")))?;
-        if live.record.identity.is_some() {
-            return Err(ApiError::new(
-                409,
-                "AlreadyBound",
-                "this job's identity is already bound; a job binds once",
-            ));
-        }
-        let mut rec = live.record.clone();
+        // One bind at a time from here to the record's update: the jobs lock cannot be held
+        // while the audit record becomes durable.
+        let _binding = self.binding.lock().await;
+        let mut rec = {
+            let jobs = lock(&self.jobs);
+            let live = jobs
+                .get(job)
+                .ok_or_else(|| ApiError::new(404, "NoSuchJob", format!("no job {job}")))?;
+            if live.record.identity.is_some() {
+                return Err(ApiError::new(
+                    409,
+                    "AlreadyBound",
+                    "this job's identity is already bound; a job binds once",
+                ));
+            }
+            live.record.clone()
+        };
         rec.identity = Some(identity.clone());
         rec.rule = decision.rule.clone();
         rec.aliases = decision.grants.iter().map(|g| g.alias.clone()).collect();
@@ -875,6 +899,7 @@ impl Daemon {
                 Some(job),
                 Self::decision_fields(&rec, Some(&identity)),
             )
+            .await
             .map_err(|e| {
                 ApiError::new(
                     503,
@@ -882,6 +907,14 @@ impl Daemon {
                     format!("the audit log cannot be written: {e}"),
                 )
             })?;
+        let mut jobs = lock(&self.jobs);
+        let live = jobs.get_mut(job).ok_or_else(|| {
+            ApiError::new(
+                404,
+                "NoSuchJob",
+                format!("job {job} ended while it was bound"),
+            )
+        })?;
         self.apply(&mut rec, &identity, req.oidc_token, &decision);
         live.record = rec.clone();
         // The token is not kept in memory; the caller already has it from start.
@@ -915,6 +948,7 @@ impl Daemon {
             self.wipe(sb, job, Some(slot)).await;
         }
         let store = self.store.remove(job);
+        self.audit.job_done(job);
         audit_best_effort(
             &self.audit,
             &self.metrics,

@@ -58,6 +58,12 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
+        Self::with_audit(&crate::audit::AuditStats::default())
+    }
+
+    /// The metrics, with the audit log's own counters (`airlock_audit_*`); its write
+    /// failures are `airlock_audit_write_failures_total`.
+    pub fn with_audit(audit: &crate::audit::AuditStats) -> Metrics {
         let mut registry = Registry::with_prefix("airlock");
         let requests = Family::<OutcomeLabels, Counter>::default();
         let sts_calls = Family::<StsLabels, Counter>::default();
@@ -65,7 +71,7 @@ impl Metrics {
         let cache_hits = Counter::default();
         let cache_misses = Counter::default();
         let active_jobs = Gauge::default();
-        let audit_failures = Counter::default();
+        let audit_failures = audit.write_failures.clone();
         let sandbox_reclaims_pending = Gauge::default();
         registry.register(
             "endpoint_requests",
@@ -99,8 +105,38 @@ impl Metrics {
         );
         registry.register(
             "audit_write_failures",
-            "Audit records that could not be written (nothing was issued for them)",
+            "Audit records that could not be written (nothing that needed them was done)",
             audit_failures.clone(),
+        );
+        registry.register(
+            "audit_records",
+            "Audit records made durable",
+            audit.records.clone(),
+        );
+        registry.register(
+            "audit_batches",
+            "Audit batches written, one fsync each (group commit)",
+            audit.batches.clone(),
+        );
+        registry.register(
+            "audit_dropped",
+            "Records of jobs' own actions over their job's limit (counted in audit_dropped records)",
+            audit.dropped.clone(),
+        );
+        registry.register(
+            "audit_anchor_failures",
+            "Audit anchors (journal, syslog, head file) not sent or written",
+            audit.anchor_failures.clone(),
+        );
+        registry.register(
+            "audit_failing",
+            "1 while the audit log cannot be written (no job starts, nothing is issued)",
+            audit.failing.clone(),
+        );
+        registry.register(
+            "audit_seq",
+            "The last durable audit record's seq",
+            audit.seq.clone(),
         );
         registry.register(
             "sandbox_reclaims_pending",

@@ -101,7 +101,7 @@ async fn broker_with_audit(
     audit_path: PathBuf,
 ) -> Setup {
     let audit = Arc::new(AuditLog::open(&audit_path).unwrap());
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_audit(audit.stats()));
     let opts = BrokerOptions {
         own_source: Some(OwnSource::Static(own)),
         ..opts

@@ -88,6 +88,10 @@ pub struct AgentOptions {
     /// reaches the admin listener there; STS stays unreachable, which job starts do not
     /// need).
     pub netns: Option<PathBuf>,
+    /// The audit log's path (default: `audit.jsonl` in the agent's tree).
+    pub audit_path: Option<PathBuf>,
+    /// TOML keys added to the `[audit]` table (anchors, job limits).
+    pub audit_config: String,
 }
 
 impl AgentOptions {
@@ -102,7 +106,21 @@ impl AgentOptions {
             log_filter: None,
             imds: None,
             netns: None,
+            audit_path: None,
+            audit_config: String::new(),
         }
+    }
+
+    /// The audit log at `path` instead of the agent's tree (a small filesystem, say).
+    pub fn audit_path(mut self, path: &Path) -> Self {
+        self.audit_path = Some(path.to_owned());
+        self
+    }
+
+    /// `keys` (TOML lines) added to the `[audit]` table.
+    pub fn audit_config(mut self, keys: &str) -> Self {
+        self.audit_config = keys.to_owned();
+        self
     }
 
     /// Runs the daemon in the network namespace at `path` (see [`AgentOptions::netns`]).
@@ -363,8 +381,9 @@ impl Agent {
         }
     }
 
-    /// `GET path` on the admin listener, from the daemon's network namespace.
-    fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+    /// `GET path` on the admin listener (from the daemon's network namespace): `(status,
+    /// body)`.
+    pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
         let admin = self.admin;
         match &self.opts.netns {
             None => http_get(admin, path).ok(),
@@ -398,8 +417,12 @@ impl Agent {
         self.dir.path().join("control.sock")
     }
     pub fn audit_path(&self) -> PathBuf {
-        self.dir.path().join("audit.jsonl")
+        self.opts
+            .audit_path
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("audit.jsonl"))
     }
+
     pub fn policy_dir(&self) -> PathBuf {
         self.dir.path().join("policies")
     }
@@ -664,6 +687,7 @@ control_socket = {socket}
 
 [audit]
 path = {audit}
+{audit_config}
 
 [policy]
 dir = {policies}
@@ -694,7 +718,11 @@ jwks_file = {jwks}
 {sandbox}{extra}"#,
         state = p("state"),
         socket = p("control.sock"),
-        audit = p("audit.jsonl"),
+        audit = match &opts.audit_path {
+            Some(a) => toml_str(&a.to_string_lossy()),
+            None => p("audit.jsonl"),
+        },
+        audit_config = opts.audit_config,
         policies = p("policies"),
         sts = toml_str(&opts.sts_endpoint),
         issuer = toml_str(crate::oidc::GITHUB_ISSUER),

@@ -106,6 +106,12 @@ impl Stack {
         Self::sandboxed_with_adjusted(extra, policies, |o| o)
     }
 
+    /// Like [`Stack::sandboxed`], with the agent's options then changed by `adjust` (e.g.
+    /// [`AgentOptions::audit_config`]).
+    pub fn sandboxed_then(extra: &str, adjust: impl FnOnce(AgentOptions) -> AgentOptions) -> Stack {
+        Self::sandboxed_with_adjusted(extra, crate::agent::Policies::Repo, adjust)
+    }
+
     fn sandboxed_with_adjusted(
         extra: &str,
         policies: crate::agent::Policies,

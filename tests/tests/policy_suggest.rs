@@ -40,7 +40,7 @@ impl Fixture {
         std::fs::write(f.config(), CONFIG).expect("config");
         let log = AuditLog::open(&f.audit()).expect("audit log");
         let started = |job: &str, repo: &str, workflow: &str| {
-            log.append(
+            log.append_blocking(
                 "job_started",
                 Some(job),
                 fields! {
@@ -53,7 +53,7 @@ impl Fixture {
             .expect("append");
         };
         let dns = |job: &str, name: &str, answers: &[&str]| {
-            log.append(
+            log.append_blocking(
                 "egress_dns",
                 Some(job),
                 fields! {"name" => name, "qtype" => "A", "verdict" => "audit", "answers" => answers, "ttl" => 60},
@@ -61,7 +61,7 @@ impl Fixture {
             .expect("append");
         };
         let conn = |event: &str, job: &str, dst: &str, port: u16, name: Option<&str>| {
-            log.append(
+            log.append_blocking(
                 event,
                 Some(job),
                 fields! {"dst" => dst, "port" => port, "proto" => "tcp", "name" => name},

@@ -180,9 +180,32 @@ enum PolicyCmd {
 
 #[derive(Debug, Subcommand)]
 enum AuditCmd {
-    /// Verify the hash chain of an audit log (default: the configured one). Exit 0 when
-    /// intact, 65 when a record was edited, removed or reordered.
-    Verify { file: Option<PathBuf> },
+    /// Verify the hash chain of an audit log (default: the configured one, checked against
+    /// the agent's head in its state directory too). Exit 0 when intact, 65 when a record
+    /// was edited, removed or reordered, or the log does not reach a head it must reach (its
+    /// end was cut, or it was rewritten).
+    Verify {
+        file: Option<PathBuf>,
+        /// A head the log must reach, kept off the host (a remote syslog's
+        /// AIRLOCK_AUDIT_SEQ and AIRLOCK_AUDIT_HASH): SEQ:HASH. Repeatable.
+        #[arg(long, value_name = "SEQ:HASH")]
+        head: Vec<String>,
+        /// Also check against the newest anchor of this log in the journal (journalctl).
+        #[arg(long)]
+        journal: bool,
+        /// The journald namespace the anchors went to (with --journal).
+        #[arg(long, value_name = "NAMESPACE", requires = "journal")]
+        journal_namespace: Option<String>,
+    },
+    /// Accept the audit log as it is although it does not continue the agent's last head
+    /// (after finding out why it was cut or replaced). The log must verify; the acceptance,
+    /// with both heads, your reason and uid, is appended and becomes the new head. The agent
+    /// must be stopped.
+    AcceptHead {
+        /// Why (recorded in the log).
+        #[arg(long)]
+        reason: String,
+    },
     /// Print matching audit records as JSON lines.
     Query {
         #[arg(long)]
@@ -533,29 +556,38 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
             };
             suggest(&cli.config, audit, dir, &selector)
         }
-        Cmd::Audit(AuditCmd::Verify { file }) => {
-            let file = match file {
-                Some(f) => f,
-                None => config(&cli.config)?.audit.path,
-            };
-            match airlock::audit::verify(&file) {
-                Ok(r) => {
-                    println!(
-                        "{}: {} record(s), chain intact, last hash {}",
-                        file.display(),
-                        r.records,
-                        r.last_hash
-                    );
-                    Ok(exit::OK)
-                }
-                Err(e @ airlock::audit::VerifyError::Read(..)) => {
-                    Err(Fail(exit::NOINPUT, e.to_string()))
-                }
-                Err(e) => Err(Fail(
-                    exit::DATAERR,
-                    format!("{}: chain broken at {e}", file.display()),
-                )),
-            }
+        Cmd::Audit(AuditCmd::Verify {
+            file,
+            head,
+            journal,
+            journal_namespace,
+        }) => verify_audit(&cli.config, file, head, journal, journal_namespace),
+        Cmd::Audit(AuditCmd::AcceptHead { reason }) => {
+            let cfg = config(&cli.config)?;
+            let opts = airlock::audit::AuditOptions::from_config(&cfg);
+            let path = cfg.audit.path.clone();
+            let uid = nix::unistd::getuid().as_raw();
+            let done = tokio::task::spawn_blocking(move || {
+                airlock::audit::head::accept(&path, opts, &reason, uid)
+            })
+            .await
+            .map_err(|e| Fail(exit::SOFTWARE, e.to_string()))?;
+            use airlock::audit::{head::HeadError, AuditError};
+            let a = done.map_err(|e| match &e {
+                AuditError::Locked(_) => Fail(exit::TEMPFAIL, e.to_string()),
+                AuditError::Head(HeadError::NotIntact { .. }) => Fail(exit::DATAERR, e.to_string()),
+                _ => Fail(exit::CANTCREAT, e.to_string()),
+            })?;
+            let prev = a
+                .previous
+                .map_or_else(|| "none".to_string(), |h| h.to_string());
+            println!(
+                "{}: accepted as it is (its head: {}; the agent's head was: {prev}); recorded as audit_head_accepted, seq {}, the new head",
+                cfg.audit.path.display(),
+                a.log_head,
+                a.seq
+            );
+            Ok(exit::OK)
         }
         Cmd::Audit(AuditCmd::Query {
             file,
@@ -595,6 +627,98 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
             Ok(exit::OK)
         }
     }
+}
+
+/// `airlock audit verify`: the chain, then every head the log must reach.
+fn verify_audit(
+    cfg_path: &Path,
+    file: Option<PathBuf>,
+    heads: Vec<String>,
+    journal: bool,
+    namespace: Option<String>,
+) -> Result<i32, Fail> {
+    use airlock::audit::head::{self, Head};
+    // The configured log is checked against the agent's own head too.
+    let (file, head_file) = match file {
+        Some(f) => (f, None),
+        None => {
+            let cfg = config(cfg_path)?;
+            let hf = cfg.agent.state_dir.join(airlock::audit::HEAD_FILE);
+            (cfg.audit.path, Some(hf))
+        }
+    };
+    // Heads are read before the log: a running agent appends meanwhile, and a head read
+    // after the log could be ahead of what was verified.
+    let mut checks: Vec<(String, Head)> = Vec::new();
+    for h in heads {
+        let h: Head = h
+            .parse()
+            .map_err(|e| Fail(exit::USAGE, format!("--head: {e}")))?;
+        checks.push(("the given head".into(), h));
+    }
+    if let Some(hf) = head_file {
+        match head::read_head_file(&hf) {
+            Ok(Some(h)) => checks.push((format!("the agent's head ({})", hf.display()), h)),
+            Ok(None) => {}
+            Err(e) => return Err(Fail(exit::DATAERR, e.to_string())),
+        }
+    }
+    if journal {
+        let log = std::path::absolute(&file).unwrap_or_else(|_| file.clone());
+        match head::journal_head(&log, namespace.as_deref()) {
+            Ok(Some(h)) => checks.push(("the journal's newest anchor".into(), h)),
+            Ok(None) => {
+                return Err(Fail(
+                    exit::NOINPUT,
+                    format!(
+                        "the journal has no anchor of {} (AIRLOCK_AUDIT_LOG={}){}",
+                        file.display(),
+                        log.display(),
+                        namespace.map_or(String::new(), |n| format!(" in namespace {n}"))
+                    ),
+                ))
+            }
+            Err(e) => return Err(Fail(exit::UNAVAILABLE, e)),
+        }
+    }
+    let report = match airlock::audit::verify(&file) {
+        Ok(r) => r,
+        Err(e @ airlock::audit::VerifyError::Read(..)) => {
+            return Err(Fail(exit::NOINPUT, e.to_string()))
+        }
+        Err(e) => {
+            return Err(Fail(
+                exit::DATAERR,
+                format!("{}: chain broken at {e}", file.display()),
+            ))
+        }
+    };
+    let log_head = Head {
+        seq: report.records,
+        hash: report.last_hash.clone(),
+    };
+    let mut broken = Vec::new();
+    for (what, h) in &checks {
+        if let Err(detail) = head::check_against(&file, &report, h) {
+            broken.push(format!(
+                "{}: does not reach {what}, {h}: {detail} (the log's head: {log_head})",
+                file.display()
+            ));
+        }
+    }
+    if !broken.is_empty() {
+        return Err(Fail(exit::DATAERR, broken.join("\n")));
+    }
+    println!(
+        "{}: {} record(s), chain intact, last hash {}",
+        file.display(),
+        report.records,
+        report.last_hash
+    );
+    for (what, h) in &checks {
+        println!("reaches {what}: {h}");
+    }
+    Ok(exit::OK)
 }
 
 async fn explain(

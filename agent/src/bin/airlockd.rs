@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use airlock::audit::AuditLog;
+use airlock::audit::{AuditError, AuditLog, AuditOptions};
 use airlock::broker::Broker;
 use airlock::config::Config;
 use airlock::daemon::{Control, Daemon};
@@ -97,11 +97,25 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args, cfg: Config, policies: airlock::policy::PolicySet) -> ExitCode {
-    let audit = match AuditLog::open(&cfg.audit.path) {
+    let audit = match AuditLog::open_with(&cfg.audit.path, AuditOptions::from_config(&cfg)) {
         Ok(a) => Arc::new(a),
+        // A log that does not continue the agent's head: cut or rewritten.
+        Err(e @ AuditError::Head(_)) => return fail(exit::DATAERR, e),
         Err(e) => return fail(exit::CANTCREAT, e),
     };
-    let metrics = Arc::new(Metrics::new());
+    let code = serve(args, cfg, policies, audit.clone()).await;
+    // The writer answers what is queued and writes the head before the agent exits.
+    let _ = tokio::task::spawn_blocking(move || audit.close()).await;
+    code
+}
+
+async fn serve(
+    args: Args,
+    cfg: Config,
+    policies: airlock::policy::PolicySet,
+    audit: Arc<AuditLog>,
+) -> ExitCode {
+    let metrics = Arc::new(Metrics::with_audit(audit.stats()));
     let http = match HttpClient::new() {
         Ok(h) => h,
         Err(e) => return fail(exit::SOFTWARE, e),
@@ -201,15 +215,18 @@ async fn run(args: Args, cfg: Config, policies: airlock::policy::PolicySet) -> E
         Arc::new(Control(daemon.clone())),
         group,
     ));
-    if let Err(e) = audit.append(
-        "agent_started",
-        None,
-        airlock::fields! {
-            "version" => env!("CARGO_PKG_VERSION"),
-            "policy_rules" => daemon.policy_rules(),
-            "jobs_recovered" => recovered,
-        },
-    ) {
+    if let Err(e) = audit
+        .append(
+            "agent_started",
+            None,
+            airlock::fields! {
+                "version" => env!("CARGO_PKG_VERSION"),
+                "policy_rules" => daemon.policy_rules(),
+                "jobs_recovered" => recovered,
+            },
+        )
+        .await
+    {
         return fail(exit::CANTCREAT, e);
     }
     tracing::info!(
@@ -247,11 +264,16 @@ async fn run(args: Args, cfg: Config, policies: airlock::policy::PolicySet) -> E
         jobs = daemon.job_count(),
         "airlockd stopping; the records of unsandboxed jobs are kept for the next start"
     );
-    let _ = audit.append(
-        "agent_stopped",
-        None,
-        airlock::fields! {"jobs" => daemon.job_count()},
-    );
+    if let Err(e) = audit
+        .append(
+            "agent_stopped",
+            None,
+            airlock::fields! {"jobs" => daemon.job_count()},
+        )
+        .await
+    {
+        tracing::error!(error = %e, "agent_stopped not audited");
+    }
     let _ = std::fs::remove_file(&cfg.agent.control_socket);
     ExitCode::SUCCESS
 }

@@ -580,6 +580,13 @@ impl Inner {
                 deadline: rfc3339(g.deadline),
             });
         }
+        // Nothing is minted that could not be recorded.
+        if let Some(why) = self.audit.failing() {
+            return Err(BrokerError::AuditFailed {
+                role_arn: grant.role_arn.clone(),
+                reason: why,
+            });
+        }
         let session_name = naming::session_name(&g.identity, &g.job_id);
         let mut req = AssumeRoleRequest {
             role_arn: grant.role_arn.clone(),
@@ -637,13 +644,8 @@ impl Inner {
                     "code" => code,
                     "message" => err.to_string(),
                 };
-                if self
-                    .audit
-                    .append("sts_error", Some(&g.job_id), rec)
-                    .is_err()
-                {
-                    self.metrics.audit_failures.inc();
-                }
+                // A job's requests can set off STS calls: its limit applies.
+                self.audit.job_event("sts_error", &g.job_id, rec);
                 return Err(err);
             }
         };
@@ -679,8 +681,8 @@ impl Inner {
         if let Err(e) = self
             .audit
             .append("credentials_issued", Some(&g.job_id), rec)
+            .await
         {
-            self.metrics.audit_failures.inc();
             tracing::error!(job = %g.job_id, role_arn = %grant.role_arn, error = %e, "audit write failed: credentials withheld");
             return Err(BrokerError::AuditFailed {
                 role_arn: grant.role_arn.clone(),

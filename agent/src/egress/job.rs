@@ -151,7 +151,7 @@ impl JobEgress {
         }
         if lost > 0 {
             if let Some((audit, job)) = &self.lost_to {
-                let _ = audit.append(
+                audit.submit(
                     "egress_audit_dropped",
                     Some(job),
                     crate::fields! {"nflog_reports" => lost},
@@ -362,7 +362,7 @@ async fn audit_events(
                         if let Verdict::Error(why) = &ev.verdict {
                             fields.insert("reason".into(), why.clone().into());
                         }
-                        let _ = audit.append("egress_dns", Some(&job), fields);
+                        audit.submit("egress_dns", Some(&job), fields);
                     }
                 }
             },
@@ -393,14 +393,14 @@ async fn audit_events(
                         if known.len() > 1 {
                             fields.insert("names".into(), known.into());
                         }
-                        let _ = audit.append(event, Some(&job), fields);
+                        audit.submit(event, Some(&job), fields);
                     }
                 }
             },
         }
     }
     if bucket.dropped > 0 {
-        let _ = audit.append(
+        audit.submit(
             "egress_audit_dropped",
             Some(&job),
             crate::fields! {"records" => bucket.dropped, "rate_per_second" => AUDIT_RATE},
