@@ -22,6 +22,17 @@ pub enum Error {
     Setsid(#[source] nix::Error),
     #[error("prctl(PR_SET_PDEATHSIG, SIGKILL) failed: {0}")]
     Pdeathsig(#[source] nix::Error),
+    #[error("cannot reset the OOM score adjustment (/proc/self/oom_score_adj): {0}")]
+    OomScore(#[source] std::io::Error),
+}
+
+/// The job's OOM score adjustment: the kernel's default. The shim is the agent's child and
+/// inherits the agent's own protection (the packaged unit's `OOMScoreAdjust=-500`, so that
+/// under memory pressure the kernel picks a job before the agent every job depends on); a
+/// job must not keep it. Raising the value needs no privilege; everything forked later
+/// inherits it.
+pub fn reset_oom_score() -> Result<(), Error> {
+    std::fs::write("/proc/self/oom_score_adj", "0").map_err(Error::OomScore)
 }
 
 /// Which side of the fork we are on.

@@ -18,6 +18,7 @@ pub enum Step {
     BuildCommand,
     CompileSeccomp,
     JoinCgroup,
+    OomScore,
     JoinNetns,
     Unshare,
     Fork,
@@ -54,6 +55,7 @@ impl fmt::Display for Step {
             Step::BuildCommand => "build argv and environment",
             Step::CompileSeccomp => "compile the seccomp filter",
             Step::JoinCgroup => "join the job's cgroup",
+            Step::OomScore => "reset the OOM score adjustment",
             Step::JoinNetns => "join the job's network namespace",
             Step::Unshare => "unshare namespaces",
             Step::Fork => "fork the job's pid 1",
@@ -130,6 +132,7 @@ pub fn run<S: Syscalls>(sys: &mut S, spec: &SandboxSpec) -> Result<Outcome, Fail
     for dir in &spec.cgroups {
         sys.join_cgroup(dir).at(Step::JoinCgroup)?;
     }
+    sys.reset_oom_score().at(Step::OomScore)?;
     if let Some(netns) = &spec.netns {
         sys.join_netns(netns).at(Step::JoinNetns)?;
     }
@@ -260,6 +263,9 @@ mod tests {
     impl Syscalls for Fake {
         fn join_cgroup(&mut self, dir: &Path) -> Result<(), SetupError> {
             self.call("join_cgroup", dir.display().to_string())
+        }
+        fn reset_oom_score(&mut self) -> Result<(), SetupError> {
+            self.call("reset_oom_score", String::new())
         }
         fn join_netns(&mut self, path: &Path) -> Result<(), SetupError> {
             self.call("join_netns", path.display().to_string())
@@ -392,6 +398,7 @@ mod tests {
             fake.names(),
             vec![
                 "join_cgroup",
+                "reset_oom_score",
                 "unshare",
                 "fork",
                 "make_mounts_private",
@@ -513,6 +520,7 @@ mod tests {
         };
         before("join_cgroup", "unshare"); // cgroup namespace rooted at the job's cgroup
         before("join_cgroup", "fork"); // every job process in the cgroup
+        before("reset_oom_score", "fork"); // the job's pid 1 never has the agent's OOM protection
         before("unshare", "fork"); // the job is pid 1 of the new pid namespace
         before("make_mounts_private", "bind_host_root");
         before("bind_host_root", "bind_job_dir"); // the job's directories over the host's
@@ -556,7 +564,10 @@ mod tests {
             run(&mut fake, &spec()).unwrap(),
             Outcome::Parent(Pid::from_raw(42))
         );
-        assert_eq!(fake.names(), vec!["join_cgroup", "unshare", "fork"]);
+        assert_eq!(
+            fake.names(),
+            vec!["join_cgroup", "reset_oom_score", "unshare", "fork"]
+        );
     }
 
     #[test]

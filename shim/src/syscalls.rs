@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 /// The privileged calls of the shim, one per setup step.
 pub trait Syscalls {
     fn join_cgroup(&mut self, dir: &Path) -> Result<(), SetupError>;
+    fn reset_oom_score(&mut self) -> Result<(), SetupError>;
     fn join_netns(&mut self, path: &Path) -> Result<(), SetupError>;
     fn unshare(&mut self, flags: CloneFlags) -> Result<(), SetupError>;
     fn fork(&mut self) -> Result<Forked, SetupError>;
@@ -81,6 +82,9 @@ impl From<Error> for SetupError {
 }
 
 impl Syscalls for Linux {
+    fn reset_oom_score(&mut self) -> Result<(), SetupError> {
+        Ok(crate::process::reset_oom_score()?)
+    }
     fn join_cgroup(&mut self, dir: &Path) -> Result<(), SetupError> {
         Ok(cgroup::join(dir)?)
     }

@@ -784,3 +784,37 @@ fn ami_template() {
     );
     assert!(!root.path("/tmp/airlock.deb").exists());
 }
+
+/// The unit's protections are passed on by the kernel to every child, and jobs are the
+/// agent's descendants (it starts their sandbox init): none may be one that breaks what CI
+/// jobs do — JITs (`MemoryDenyWriteExecute=`), `setarch`/`linux32` (`LockPersonality=`),
+/// packaging a set-id program (`RestrictSUIDSGID=`) — and none may give the agent a mount
+/// namespace of its own (the jobs' mounts must be the host's).
+#[test]
+fn the_unit_passes_nothing_on_that_breaks_a_job() {
+    let unit =
+        std::fs::read_to_string(paths::repo_root().join("packaging/systemd/airlockd.service"))
+            .unwrap();
+    let set: Vec<&str> = unit
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && l.contains('='))
+        .collect();
+    for key in [
+        "MemoryDenyWriteExecute=",
+        "LockPersonality=",
+        "RestrictSUIDSGID=",
+        "PrivateMounts=",
+        "ProtectSystem=",
+        "PrivateTmp=",
+        "ProtectHome=",
+    ] {
+        assert!(
+            !set.iter().any(|l| l.starts_with(key)),
+            "the unit sets {key}: {set:?}"
+        );
+    }
+    // What it does set, and what the sandbox init undoes for each job.
+    assert!(set.contains(&"OOMScoreAdjust=-500"), "{set:?}");
+    assert!(set.contains(&"NoNewPrivileges=yes"), "{set:?}");
+}

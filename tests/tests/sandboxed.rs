@@ -277,3 +277,32 @@ fn a_rules_sandbox_section_sets_the_jobs_limits() {
         "{staging}"
     );
 }
+
+/// The agent starts each job's sandbox init, so the job could inherit what the agent set
+/// for itself: its OOM score adjustment (the packaged unit's `OOMScoreAdjust=-500`) and
+/// its raised descriptor limit. It inherits neither: the kernel's default OOM score, and
+/// the jobs' own fixed `RLIMIT_NOFILE` (at most the agent's hard limit).
+#[test]
+fn a_job_inherits_neither_the_agents_oom_protection_nor_its_descriptor_limit() {
+    let stack = Stack::sandboxed("");
+    let pid = stack.agent.pid().expect("the agent runs");
+    // The packaged unit lowers it (-500); lowering needs CAP_SYS_RESOURCE, which a test
+    // host may not give even root, so the test moves it the other way: what matters is
+    // that the job does not keep the agent's value.
+    std::fs::write(format!("/proc/{pid}/oom_score_adj"), "300").unwrap();
+    let out = stack.run_sh(
+        &GithubJob::production().token(),
+        "cat /proc/self/oom_score_adj; ulimit -n; ulimit -Hn",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The agent inherits the harness's limits, so the job's comes out the same here.
+    let want = format!("0\n{n}\n{n}\n", n = airlock::sandbox::job::job_nofile());
+    assert_eq!(stdout, want);
+    let agent = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+    assert_eq!(agent.trim(), "300", "the agent keeps its own");
+}

@@ -33,6 +33,16 @@ pub const JOB_HOME: &str = "/home/job";
 pub const JOB_WORKSPACE: &str = "/home/job/work";
 pub const JOB_TOKEN_FILE: &str = "/run/airlock/token";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Open files per process of a job (soft and hard): what container runtimes give, far from
+/// the agent's own raised limit, which the sandbox init would otherwise pass on.
+pub const JOB_NOFILE: u64 = 65_536;
+/// [`JOB_NOFILE`], or the agent's own hard limit if that is lower (the shim may lower a
+/// hard limit, and raising one needs a capability not every host gives root).
+pub fn job_nofile() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(JOB_NOFILE, |(_, hard)| JOB_NOFILE.min(hard))
+}
+
 /// How long a cgroup may take to empty after `cgroup.kill`.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -577,7 +587,9 @@ impl Sandboxes {
                 h
             },
             rlimits: Rlimits {
-                nofile: None,
+                // The agent raises its own limit for its connections; its children (the
+                // shim) would pass that on. Jobs get a fixed one instead.
+                nofile: Some(job_nofile()),
                 nproc: None,
                 core: Some(0),
             },
