@@ -80,6 +80,12 @@ pub struct AgentOptions {
     pub extra_config: String,
     /// `AIRLOCK_LOG` for the daemon, when the test wants more (e.g. debug) output.
     pub log_filter: Option<String>,
+    /// A shell script that stands in for `/usr/sbin/nft` for this agent alone (fault
+    /// injection): the agent runs in a private mount namespace of its own where the script
+    /// is bind-mounted over `/usr/sbin/nft`; nothing changes for the rest of the host. Only
+    /// for tests whose jobs never run a command (the sandbox's mounts stay in that
+    /// namespace too), such as a job the agent must refuse.
+    pub nft_stub: Option<String>,
 }
 
 impl AgentOptions {
@@ -92,7 +98,14 @@ impl AgentOptions {
             jwks_file: crate::paths::oidc_fixtures().join("jwks.json"),
             extra_config: String::new(),
             log_filter: None,
+            nft_stub: None,
         }
+    }
+
+    /// Runs the agent with `script` in place of `/usr/sbin/nft` (see [`AgentOptions::nft_stub`]).
+    pub fn nft_stub(mut self, script: &str) -> Self {
+        self.nft_stub = Some(script.to_owned());
+        self
     }
 
     pub fn policies(mut self, policies: Policies) -> Self {
@@ -284,7 +297,26 @@ impl Agent {
         let log2 = log
             .try_clone()
             .map_err(|e| HarnessError::Prepare(log_path.clone(), e))?;
-        let mut cmd = Command::new(&airlockd);
+        let mut cmd = match &self.opts.nft_stub {
+            None => Command::new(&airlockd),
+            Some(script) => {
+                use std::os::unix::fs::PermissionsExt;
+                let stub = self.dir.path().join("nft-stub");
+                std::fs::write(&stub, script)
+                    .and_then(|()| {
+                        std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755))
+                    })
+                    .map_err(|e| HarnessError::Prepare(stub.clone(), e))?;
+                // `unshare` runs the shell in the new namespace without forking, and the
+                // shell execs the agent: the child's pid is the agent's.
+                let mut cmd = Command::new("unshare");
+                cmd.args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
+                    .arg("mount --bind \"$0\" /usr/sbin/nft && exec \"$@\"")
+                    .arg(&stub)
+                    .arg(&airlockd);
+                cmd
+            }
+        };
         cmd.arg("--config").arg(&self.config);
         for v in HOST_AWS_VARS {
             cmd.env_remove(v);

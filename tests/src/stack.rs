@@ -38,7 +38,7 @@ impl Stack {
     /// directory and job directories (so parallel tests never reap each other's jobs), and
     /// `extra` appended to the `[sandbox]` table (e.g. `"pids_max = 64\n"`).
     pub fn sandboxed(extra: &str) -> Stack {
-        Self::sandboxed_with(extra, crate::agent::Policies::Repo)
+        Self::sandboxed_with(extra, crate::agent::Policies::Repo, |o| o)
     }
 
     /// Like [`Stack::sandboxed`], but with the repository's policies changed so that the
@@ -66,6 +66,16 @@ impl Stack {
     /// rule of that file of the repository's policies (`10-production.toml`: production,
     /// `20-staging.toml`: staging), which must not have such tables yet.
     pub fn sandboxed_rule_tables(extra: &str, edits: &[(&str, &str)]) -> Stack {
+        Self::sandboxed_rule_tables_with(extra, edits, |o| o)
+    }
+
+    /// Like [`Stack::sandboxed_rule_tables`], with the agent's options changed by `adjust`
+    /// last (e.g. [`AgentOptions::nft_stub`]).
+    pub fn sandboxed_rule_tables_with(
+        extra: &str,
+        edits: &[(&str, &str)],
+        adjust: impl FnOnce(AgentOptions) -> AgentOptions,
+    ) -> Stack {
         let src = crate::paths::repo_root().join("policies");
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&src).expect("the repository's policies/") {
@@ -88,10 +98,14 @@ impl Stack {
             }
             files.push((name, text));
         }
-        Self::sandboxed_with(extra, crate::agent::Policies::Files(files))
+        Self::sandboxed_with(extra, crate::agent::Policies::Files(files), adjust)
     }
 
-    fn sandboxed_with(extra: &str, policies: crate::agent::Policies) -> Stack {
+    fn sandboxed_with(
+        extra: &str,
+        policies: crate::agent::Policies,
+        adjust: impl FnOnce(AgentOptions) -> AgentOptions,
+    ) -> Stack {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
@@ -104,7 +118,7 @@ impl Stack {
             o.policies = policies;
             // For debugging a test: `AIRLOCK_TEST_LOG=airlock=debug cargo nextest run ...`.
             o.log_filter = std::env::var("AIRLOCK_TEST_LOG").ok();
-            o
+            adjust(o)
         })
     }
 
