@@ -260,10 +260,7 @@ pub struct EgressSection {
     /// The shortest time an answered address stays admitted, whatever its TTL (whole
     /// seconds, 1s to 1h; docs/egress.md, "TTLs"). Lower it only where clients keep no
     /// address longer than its TTL, or for tests.
-    #[serde(
-        default = "default_min_admission_ttl",
-        with = "humantime_serde_compat"
-    )]
+    #[serde(default = "default_min_admission_ttl", with = "humantime_serde_compat")]
     pub min_admission_ttl: Duration,
 }
 

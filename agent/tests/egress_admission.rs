@@ -179,12 +179,18 @@ fn lookup(socket: &UdpSocket, name: &str) -> (ResponseCode, Vec<Ipv4Addr>) {
 fn connect_from(ns: &Path, to: SocketAddr) -> Result<String, std::io::ErrorKind> {
     run_in_netns(ns, move || {
         use std::io::{Read, Write};
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2)).map_err(|e| e.kind())?;
+        let mut s =
+            TcpStream::connect_timeout(&to, Duration::from_secs(2)).map_err(|e| e.kind())?;
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| e.kind())?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+            .map_err(|e| e.kind())?;
         let mut body = String::new();
         let _ = s.read_to_string(&mut body);
-        Ok(body.rsplit("\r\n\r\n").next().unwrap_or_default().to_string())
+        Ok(body
+            .rsplit("\r\n\r\n")
+            .next()
+            .unwrap_or_default()
+            .to_string())
     })
     .unwrap()
 }
@@ -198,7 +204,11 @@ fn set_elements(ns: &Path) -> usize {
     })
     .unwrap()
     .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     v["nftables"]
         .as_array()
@@ -228,7 +238,11 @@ fn nft_in(ns: &Path, script: String) {
     })
     .unwrap()
     .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn egress_dns_errors(audit: &Path) -> Vec<Value> {
@@ -335,7 +349,10 @@ async fn a_failed_netlink_admission_is_servfail_audited_and_opens_nothing() {
     nft_in(&s.ns, "flush set inet airlock allowed4\n".into());
     let (code, addrs) = lookup(&socket, "web.test");
     assert_eq!((code, addrs), (ResponseCode::NoError, vec![host]));
-    assert_eq!(connect_from(&s.ns, web), Ok(format!("web from {}", internet.host_addr)));
+    assert_eq!(
+        connect_from(&s.ns, web),
+        Ok(format!("web from {}", internet.host_addr))
+    );
     drop(socket);
     egress.stop().await;
     let errors = egress_dns_errors(&s.audit_path());
@@ -378,7 +395,11 @@ async fn a_job_cannot_hold_more_admitted_pairs_than_the_bound() {
     let fits = MAX_ADMITTED_PAIRS / 64;
     for i in 0..fits {
         let (code, addrs) = lookup(&socket, &format!("b{i}.fanout.test"));
-        assert_eq!((code, addrs.len()), (ResponseCode::NoError, 64), "answer {i}");
+        assert_eq!(
+            (code, addrs.len()),
+            (ResponseCode::NoError, 64),
+            "answer {i}"
+        );
     }
     assert_eq!(set_elements(&s.ns), MAX_ADMITTED_PAIRS);
     for i in 0..5 {

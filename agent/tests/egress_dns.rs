@@ -1018,9 +1018,11 @@ fn upstream_queries_for(upstream: &Upstream, name: &str) -> usize {
 
 #[tokio::test]
 async fn answers_are_cached_for_their_ttl_and_told_their_remaining_ttl() {
-    let zone = Zone::default()
-        .a("short.example.com", "192.0.2.70", 2)
-        .a("zero.example.com", "192.0.2.71", 0);
+    let zone = Zone::default().a("short.example.com", "192.0.2.70", 2).a(
+        "zero.example.com",
+        "192.0.2.71",
+        0,
+    );
     let upstream = Upstream::start(zone).await;
     let job = Job::start(
         DnsConfig::new(vec![upstream.addr]),
@@ -1059,7 +1061,11 @@ async fn answers_are_cached_for_their_ttl_and_told_their_remaining_ttl() {
 async fn the_cache_is_bounded_in_entries_and_bytes() {
     let mut zone = Zone::default();
     for i in 0..10 {
-        zone = zone.a(&format!("n{i}.example.com"), &format!("192.0.2.{}", 100 + i), 300);
+        zone = zone.a(
+            &format!("n{i}.example.com"),
+            &format!("192.0.2.{}", 100 + i),
+            300,
+        );
     }
     let upstream = Upstream::start(zone).await;
     let mut cfg = DnsConfig::new(vec![upstream.addr]);
@@ -1098,20 +1104,32 @@ async fn beyond_the_upstream_rate_the_job_gets_servfail_and_nothing_is_forwarded
     let mut job = Job::start(cfg, &["*.example.com"], false, Admission::Immediate);
     let mut codes = Vec::new();
     for i in 0..8 {
-        let (reply, _) = ask_udp(job.udp, &query(&format!("r{i}.example.com"), RecordType::A)).await;
+        let (reply, _) =
+            ask_udp(job.udp, &query(&format!("r{i}.example.com"), RecordType::A)).await;
         codes.push(reply.response_code);
     }
     // The burst, perhaps one more token refilled meanwhile, then SERVFAIL.
-    let answered = codes.iter().filter(|&&c| c == ResponseCode::NXDomain).count();
+    let answered = codes
+        .iter()
+        .filter(|&&c| c == ResponseCode::NXDomain)
+        .count();
     assert!((3..=4).contains(&answered), "{codes:?}");
-    assert_eq!(upstream.queries(), answered, "a limited query is never forwarded");
+    assert_eq!(
+        upstream.queries(),
+        answered,
+        "a limited query is never forwarded"
+    );
     assert_eq!(codes.last(), Some(&ResponseCode::ServFail));
     let limited: Vec<DnsEvent> = job
         .events()
         .into_iter()
         .filter(|e| matches!(&e.verdict, Verdict::Error(r) if r.contains("rate limit")))
         .collect();
-    assert_eq!(limited.len(), 8 - answered, "each limited query is an error event");
+    assert_eq!(
+        limited.len(),
+        8 - answered,
+        "each limited query is an error event"
+    );
     // The rate refills.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let (reply, _) = ask_udp(job.udp, &query("again.example.com", RecordType::A)).await;
@@ -1162,7 +1180,10 @@ async fn an_upstream_that_is_down_or_answers_garbage_gives_servfail_and_other_jo
     let good = Upstream::start(example_zone()).await;
     let (garbage, _task) = garbage_upstream().await;
     // Down: nothing listens on the port any more, so the kernel answers "port unreachable".
-    let down = StdUdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let down = StdUdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut faulty = Vec::new();
     for upstream in [garbage, down] {
         let mut cfg = config(&[upstream]);
@@ -1185,20 +1206,29 @@ async fn an_upstream_that_is_down_or_answers_garbage_gives_servfail_and_other_jo
         .iter()
         .map(|job| {
             let udp = job.udp;
-            tokio::spawn(async move { ask_udp(udp, &query("api.example.com", RecordType::A)).await })
+            tokio::spawn(
+                async move { ask_udp(udp, &query("api.example.com", RecordType::A)).await },
+            )
         })
         .collect();
     for _ in 0..5 {
         let start = Instant::now();
         let (reply, _) = ask_udp(other.udp, &query("api.example.com", RecordType::A)).await;
         assert_eq!(reply.response_code, ResponseCode::NoError);
-        assert!(start.elapsed() < Duration::from_millis(250), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            start.elapsed()
+        );
     }
     for (job, ask) in faulty.iter_mut().zip(asks) {
         let (reply, _) = ask.await.unwrap();
         assert_eq!(reply.response_code, ResponseCode::ServFail);
         assert!(reply.answers.is_empty());
-        assert!(job.admitted().is_empty(), "nothing admitted from a failed lookup");
+        assert!(
+            job.admitted().is_empty(),
+            "nothing admitted from a failed lookup"
+        );
         let events = job.events();
         assert_eq!(events.len(), 1, "{events:?}");
         assert!(
@@ -1230,7 +1260,11 @@ async fn a_random_name_flood_is_bounded_upstream_and_another_jobs_lookups_stay_f
         for _ in 0..n {
             let start = Instant::now();
             let (reply, _) = ask_udp(job, &query("api.example.com", RecordType::A)).await;
-            assert_eq!(reply.response_code, ResponseCode::NoError, "the quiet job failed");
+            assert_eq!(
+                reply.response_code,
+                ResponseCode::NoError,
+                "the quiet job failed"
+            );
             times.push(start.elapsed());
             // A job's own pace, well within its own upstream rate.
             tokio::time::sleep(Duration::from_millis(30)).await;

@@ -21,7 +21,11 @@ const FAILING_NFT: &str =
 fn an_egress_job_is_refused_when_nft_fails_and_nothing_is_left() {
     airlock_tests::prereq::require_root_and(
         "the egress fault tests",
-        &[("nft", "nftables"), ("unshare", "util-linux"), ("ip", "iproute2")],
+        &[
+            ("nft", "nftables"),
+            ("unshare", "util-linux"),
+            ("ip", "iproute2"),
+        ],
     );
     let stack = Stack::sandboxed_rule_tables_with(
         "[egress]\nupstreams = [\"127.0.0.1:53\"]\n",
@@ -37,7 +41,10 @@ fn an_egress_job_is_refused_when_nft_fails_and_nothing_is_left() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let ctx = format!("stdout:\n{stdout}\nstderr:\n{stderr}\nagent log:\n{}", stack.agent.log());
+    let ctx = format!(
+        "stdout:\n{stdout}\nstderr:\n{stderr}\nagent log:\n{}",
+        stack.agent.log()
+    );
     assert!(!out.status.success(), "{ctx}");
     assert!(!stdout.contains("the-job-ran"), "the job ran: {ctx}");
     // The error names what failed and why.
@@ -92,5 +99,9 @@ fn an_egress_job_is_refused_when_nft_fails_and_nothing_is_left() {
         staging.raw
     );
     let out = stack.agent.end_job(&staging.job_id);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -342,7 +342,8 @@ impl Bucket {
     /// Takes a token, or says how long until there is one.
     fn take(&mut self, now: Instant) -> Result<(), Duration> {
         let per_second = f64::from(self.rate.per_second);
-        self.tokens = (self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * per_second)
+        self.tokens = (self.tokens
+            + now.saturating_duration_since(self.at).as_secs_f64() * per_second)
             .min(f64::from(self.rate.burst));
         self.at = now;
         if self.tokens >= 1.0 {
@@ -385,8 +386,8 @@ struct Cached {
 impl Cached {
     /// The records with their TTLs lowered by the time spent in the cache.
     fn aged(&self, now: Instant) -> (Vec<Record>, Vec<Record>) {
-        let spent = u32::try_from(now.saturating_duration_since(self.stored).as_secs())
-            .unwrap_or(u32::MAX);
+        let spent =
+            u32::try_from(now.saturating_duration_since(self.stored).as_secs()).unwrap_or(u32::MAX);
         let age = |records: &[Record]| {
             records
                 .iter()

@@ -77,7 +77,10 @@ pub enum SetError {
     Receive(#[source] io::Error),
     #[error("nf_tables did not acknowledge the admission batch within {0:?}")]
     NoAnswer(Duration),
-    #[error("nf_tables refused the admission into set {set} ({}): {source}", hint(source))]
+    #[error(
+        "nf_tables refused the admission into set {set} ({}): {source}",
+        hint(source)
+    )]
     Refused {
         /// `allowed4`, `allowed6`, or `batch` when the kernel refused the batch as a whole.
         set: &'static str,
@@ -141,11 +144,9 @@ pub fn open_in_netns(ns_path: &Path) -> Result<SetSocket, SetError> {
                 path: path.clone(),
                 source,
             })?;
-            nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|source| {
-                SetError::Enter {
-                    path: path.clone(),
-                    source,
-                }
+            nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|source| SetError::Enter {
+                path: path.clone(),
+                source,
             })?;
             let socket_err = |source| SetError::Socket {
                 path: path.clone(),
@@ -157,10 +158,7 @@ pub fn open_in_netns(ns_path: &Path) -> Result<SetSocket, SetError> {
             };
             socket.socket_mut().bind_auto().map_err(socket_err)?;
             // Acknowledgements carry the request's header only, not the whole batch.
-            socket
-                .socket_ref()
-                .set_cap_ack(true)
-                .map_err(socket_err)?;
+            socket.socket_ref().set_cap_ack(true).map_err(socket_err)?;
             Ok(socket)
         })
         .map_err(|_| SetError::Thread(ns_path.to_path_buf()))?;
@@ -200,9 +198,12 @@ impl SetSocket {
         let count = acked.len() as u32 + 2;
         inner.next_seq = first.wrapping_add(count);
         inner.socket.send(&bytes).await.map_err(SetError::Send)?;
-        tokio::time::timeout(ACK_TIMEOUT, acknowledged(&inner.socket, first, count, &acked))
-            .await
-            .map_err(|_| SetError::NoAnswer(ACK_TIMEOUT))?
+        tokio::time::timeout(
+            ACK_TIMEOUT,
+            acknowledged(&inner.socket, first, count, &acked),
+        )
+        .await
+        .map_err(|_| SetError::NoAnswer(ACK_TIMEOUT))?
     }
 }
 
