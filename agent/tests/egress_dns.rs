@@ -1287,7 +1287,7 @@ async fn a_random_name_flood_is_bounded_upstream_and_another_jobs_lookups_stay_f
             let name = format!("{:016x}.flood.test", rand_label(sent));
             let _ = socket.send(&query(&name, RecordType::A).to_vec().unwrap());
             sent += 1;
-            if sent % 8 == 0 {
+            if sent.is_multiple_of(8) {
                 std::thread::sleep(Duration::from_millis(2));
             }
         }

@@ -407,8 +407,10 @@ mod tests {
         assert_eq!(&k6[16..], [0x1f, 0x90, 0, 0]);
     }
 
-    /// Walks the batch: (message type, flags, set name, element count, timeouts).
-    fn walk(bytes: &[u8]) -> Vec<(u16, u16, Option<String>, usize, Vec<u64>)> {
+    /// One message of a batch: (message type, flags, set name, element count, timeouts).
+    type Seen = (u16, u16, Option<String>, usize, Vec<u64>);
+
+    fn walk(bytes: &[u8]) -> Vec<Seen> {
         messages(bytes)
             .map(|m| {
                 let msg = NetlinkMessage::<NetfilterMessage>::deserialize(m).unwrap();
