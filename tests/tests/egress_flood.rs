@@ -128,15 +128,11 @@ fn value<'a>(out: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key}= in:\n{out}"))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn p99(mut v: Vec<f64>) -> f64 {
+/// Nearest-rank percentile `p` (0 to 100).
+fn percentile(mut v: Vec<f64>, p: usize) -> f64 {
     assert!(!v.is_empty());
     v.sort_by(f64::total_cmp);
-    v[(v.len() * 99).div_ceil(100) - 1]
+    v[(v.len() * p).div_ceil(100).max(1) - 1]
 }
 
 #[test]
@@ -280,22 +276,34 @@ fn a_random_name_flood_is_bounded_and_another_jobs_lookups_stay_fast() {
     }
     assert!(failed.is_empty(), "job B's failed lookups: {failed:?}");
     assert!(quiet.len() >= 20 && flooded.len() >= 100, "{ctx}");
-    let (quiet_p99, flooded_p99) = (p99(quiet.clone()), p99(flooded.clone()));
-    let (quiet_median, flooded_median) = (median(quiet.clone()), median(flooded.clone()));
+    let q = |p| percentile(quiet.clone(), p);
+    let f = |p| percentile(flooded.clone(), p);
     eprintln!(
-        "job B: {} lookups before the flood, median {quiet_median:.3} ms, p99 {quiet_p99:.3} ms; {} during it, median {flooded_median:.3} ms, p99 {flooded_p99:.3} ms",
+        "job B: {} lookups before the flood, median {:.3} ms, p95 {:.3} ms, p99 {:.3} ms; {} during it, median {:.3} ms, p95 {:.3} ms, p99 {:.3} ms",
         quiet.len(),
-        flooded.len()
+        q(50),
+        q(95),
+        q(99),
+        flooded.len(),
+        f(50),
+        f(95),
+        f(99)
     );
-    // The machine is shared (the flooding job's own processes take CPU too): the median
-    // must stay within 2x, the tail within 4x, and nothing near a resolver timeout.
+    // The machine is shared (the flooding job's own processes take CPU too, and a test
+    // host runs other work): the median must stay within 2x, the tail (p95, robust with a
+    // few hundred samples) within 4x, and no lookup near a resolver's timeout.
     assert!(
-        flooded_median <= 2.0 * quiet_median + 1.0,
-        "job B's median went from {quiet_median:.3} ms to {flooded_median:.3} ms under the flood"
+        f(50) <= 2.0 * q(50) + 1.0,
+        "job B's median went from {:.3} ms to {:.3} ms under the flood",
+        q(50),
+        f(50)
     );
     assert!(
-        flooded_p99 <= 4.0 * quiet_p99 + 10.0 && flooded_p99 < 500.0,
-        "job B's p99 went from {quiet_p99:.3} ms to {flooded_p99:.3} ms under the flood"
+        f(95) <= 4.0 * q(95) + 10.0 && f(100) < 1000.0,
+        "job B's p95 went from {:.3} ms to {:.3} ms under the flood (slowest {:.3} ms)",
+        q(95),
+        f(95),
+        f(100)
     );
 
     // 4. Job A's audit records are bounded by its audit rate (20 a second, bursts of 100)

@@ -399,6 +399,23 @@ fn redact_long_labels(name: &str) -> String {
         .join(".")
 }
 
+/// Writes a record from a blocking thread: an append waits for the disk (fsync), which
+/// must not hold one of the runtime's few workers while other jobs' resolvers need it.
+async fn append_off_workers(
+    audit: &Arc<AuditLog>,
+    event: &'static str,
+    job: &str,
+    fields: serde_json::Map<String, serde_json::Value>,
+) {
+    let (audit, job) = (audit.clone(), job.to_string());
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Err(e) = audit.append(event, Some(&job), fields) {
+            tracing::error!(job = %job, event, error = %e, "cannot write an egress record");
+        }
+    })
+    .await;
+}
+
 /// Turns the job's resolver and NFLOG events into audit records until both channels close.
 /// Block mode records refused names and blocked packets; audit mode also every name resolved
 /// and every new connection.
@@ -441,7 +458,7 @@ async fn audit_events(
                         if let Verdict::Error(why) = &ev.verdict {
                             fields.insert("reason".into(), why.clone().into());
                         }
-                        let _ = audit.append("egress_dns", Some(&job), fields);
+                        append_off_workers(&audit, "egress_dns", &job, fields).await;
                     }
                 }
             },
@@ -472,7 +489,7 @@ async fn audit_events(
                         if known.len() > 1 {
                             fields.insert("names".into(), known.into());
                         }
-                        let _ = audit.append(event, Some(&job), fields);
+                        append_off_workers(&audit, event, &job, fields).await;
                     }
                 }
             },
