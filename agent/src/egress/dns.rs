@@ -27,8 +27,12 @@
 //! anything is admitted, and the job asks again over TCP. The job-facing TCP listener takes
 //! several length-prefixed queries per connection, answered in order, and closes a connection
 //! idle for [`DnsConfig::tcp_idle_timeout`]. At most [`DnsConfig::max_in_flight`] queries of a
-//! job are in progress at once and [`MAX_TCP_CONNECTIONS`] connections open: a flood fills
-//! the job's own socket queues, not the agent.
+//! job are in progress at once, [`MAX_TCP_CONNECTIONS`] connections open, and
+//! [`DnsConfig::query_rate`] queries read a second: a flood fills the job's own socket
+//! queues, not the agent. Each job has its own answer cache (bounded in entries and bytes,
+//! for as long as the TTLs say); a cache miss goes upstream only within
+//! [`DnsConfig::upstream_rate`], beyond which the job gets SERVFAIL and nothing is
+//! forwarded. A cached answer is admitted again like a fresh one before it is released.
 //!
 //! CNAME targets are not checked against the policy: an allowed name may be an alias of a
 //! CDN's name (`www.example.com` → `example.com.cdn.example.net`), and what is admitted are
@@ -1272,6 +1276,80 @@ mod tests {
         assert_eq!(admit_ttl(300), 300 + TTL_GRACE_SECS);
         assert_eq!(admit_ttl(86_400), MAX_TTL_SECS + TTL_GRACE_SECS);
         assert_eq!(admit_ttl(u32::MAX), MAX_TTL_SECS + TTL_GRACE_SECS);
+    }
+
+    #[test]
+    fn negative_answers_are_cached_by_their_soa_and_zero_ttls_not_at_all() {
+        use hickory_proto::rr::rdata::{A, SOA};
+        let name = Name::from_ascii("gone.example.com.").unwrap();
+        let soa = |ttl, minimum| {
+            Record::from_rdata(
+                Name::from_ascii("example.com.").unwrap(),
+                ttl,
+                RData::SOA(SOA::new(
+                    Name::from_ascii("ns.example.com.").unwrap(),
+                    Name::from_ascii("admin.example.com.").unwrap(),
+                    1,
+                    3600,
+                    600,
+                    86_400,
+                    minimum,
+                )),
+            )
+        };
+        let now = Instant::now();
+        let key = |n: &str| (n.to_string(), RecordType::A);
+        let mut cache = Cache::new(8, 64 * 1024);
+        // RFC 2308: the smaller of the SOA's TTL and minimum, capped.
+        cache.put(key("a"), ResponseCode::NXDomain, &[], &[soa(900, 60)], now);
+        cache.put(
+            key("b"),
+            ResponseCode::NXDomain,
+            &[],
+            &[soa(86_400, 86_400)],
+            now,
+        );
+        cache.put(key("c"), ResponseCode::NXDomain, &[], &[], now);
+        let a0 = Record::from_rdata(name.clone(), 0, RData::A(A::new(192, 0, 2, 1)));
+        cache.put(key("d"), ResponseCode::NoError, &[a0], &[], now);
+        let ttl = |k: &str| {
+            cache
+                .entries
+                .get(&key(k))
+                .map(|e| e.expires.duration_since(now).as_secs())
+        };
+        assert_eq!(ttl("a"), Some(60));
+        assert_eq!(ttl("b"), Some(u64::from(MAX_NEGATIVE_TTL_SECS)));
+        assert_eq!(ttl("c"), None, "a negative answer without an SOA");
+        assert_eq!(ttl("d"), None, "TTL 0");
+        // Aged: the remaining TTL, and gone once expired.
+        let a = Record::from_rdata(name, 30, RData::A(A::new(192, 0, 2, 1)));
+        cache.put(key("e"), ResponseCode::NoError, &[a], &[], now);
+        let hit = cache.get(&key("e"), now + Duration::from_secs(12)).unwrap();
+        assert_eq!(hit.aged(now + Duration::from_secs(12)).0[0].ttl, 18);
+        assert!(cache
+            .get(&key("e"), now + Duration::from_secs(30))
+            .is_none());
+        assert_eq!(
+            cache.bytes,
+            cache.entries.values().map(|e| e.bytes).sum::<usize>()
+        );
+    }
+
+    #[test]
+    fn the_bucket_gives_its_burst_then_its_rate() {
+        let start = Instant::now();
+        let mut b = Bucket::new(Rate {
+            per_second: 10,
+            burst: 3,
+        });
+        for _ in 0..3 {
+            assert!(b.take(start).is_ok());
+        }
+        let wait = b.take(start).unwrap_err();
+        assert!(wait <= Duration::from_millis(100), "{wait:?}");
+        assert!(b.take(start + Duration::from_millis(100)).is_ok());
+        assert!(b.take(start + Duration::from_millis(100)).is_err());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! One egress-controlled job's moving parts, from the agent's side: its resolver (inside its
 //! namespace, on [`RESOLVER_ADDR`]), the admission of answered addresses into its nftables
-//! set before the answer is released, its NFLOG reader, and the audit of what it resolved,
-//! connected to and was refused — rate-limited, so a job that floods cannot fill the disk.
+//! sets before the answer is released (over the job's own nf_tables netlink socket, one
+//! batch per answer, at most [`MAX_ADMITTED_PAIRS`] pairs held), its NFLOG reader, and the
+//! audit of what it resolved, connected to and was refused — rate-limited, so a job that
+//! floods cannot fill the disk. It never starts a process.
 //!
 //! Built by `Sandboxes::prepare` after the job's network, dropped by the wipe before the
 //! network is torn down (its sockets live in the job's namespace and would keep it alive).
