@@ -339,6 +339,11 @@ pub struct EgressSection {
     /// systemd-resolved, `/run/systemd/resolve/resolv.conf` names the real upstreams.
     #[serde(default = "default_resolv_conf")]
     pub resolv_conf: PathBuf,
+    /// The shortest time an answered address stays admitted, whatever its TTL (whole
+    /// seconds, 1s to 1h; docs/egress.md, "TTLs"). Lower it only where clients keep no
+    /// address longer than its TTL, or for tests.
+    #[serde(default = "default_min_admission_ttl", with = "humantime_serde_compat")]
+    pub min_admission_ttl: Duration,
 }
 
 impl Default for EgressSection {
@@ -346,8 +351,13 @@ impl Default for EgressSection {
         EgressSection {
             upstreams: Vec::new(),
             resolv_conf: default_resolv_conf(),
+            min_admission_ttl: default_min_admission_ttl(),
         }
     }
+}
+
+fn default_min_admission_ttl() -> Duration {
+    Duration::from_secs(u64::from(crate::egress::dns::MIN_TTL_SECS))
 }
 
 fn default_resolv_conf() -> PathBuf {
@@ -357,6 +367,26 @@ fn default_resolv_conf() -> PathBuf {
 impl EgressSection {
     /// The upstream resolvers, as the agent's resolver takes them.
     pub fn dns_config(&self) -> Result<crate::egress::dns::DnsConfig, String> {
+        let min_admit_ttl = self.min_admission_ttl_secs()?;
+        let mut cfg = self.upstream_config()?;
+        cfg.min_admit_ttl = min_admit_ttl;
+        Ok(cfg)
+    }
+
+    /// `min_admission_ttl` in whole seconds, checked.
+    pub fn min_admission_ttl_secs(&self) -> Result<u32, String> {
+        let ttl = self.min_admission_ttl;
+        u32::try_from(ttl.as_secs())
+            .ok()
+            .filter(|s| {
+                ttl.subsec_nanos() == 0 && (1..=crate::egress::dns::MAX_TTL_SECS).contains(s)
+            })
+            .ok_or_else(|| {
+                format!("[egress] min_admission_ttl = {ttl:?}: give whole seconds from 1s to 1h")
+            })
+    }
+
+    fn upstream_config(&self) -> Result<crate::egress::dns::DnsConfig, String> {
         use crate::egress::dns::DnsConfig;
         if self.upstreams.is_empty() {
             let text = std::fs::read_to_string(&self.resolv_conf)
@@ -739,6 +769,21 @@ mod tests {
             "jobs are sandboxed unless the operator says otherwise"
         );
         assert_eq!(c.sandbox.pids_max, 4096);
+    }
+
+    #[test]
+    fn the_minimum_admission_ttl_defaults_to_two_minutes_and_is_checked() {
+        let parse = |text: &str| Config::parse(Path::new("a.toml"), text).unwrap();
+        let up = "[egress]\nupstreams = [\"192.0.2.53\"]\n";
+        let c = parse(up);
+        assert_eq!(c.egress.dns_config().unwrap().min_admit_ttl, 120);
+        let c = parse(&format!("{up}min_admission_ttl = \"3s\"\n"));
+        assert_eq!(c.egress.dns_config().unwrap().min_admit_ttl, 3);
+        for bad in ["\"0s\"", "\"1500ms\"", "\"2h\""] {
+            let c = parse(&format!("{up}min_admission_ttl = {bad}\n"));
+            let err = c.egress.dns_config().unwrap_err();
+            assert!(err.contains("min_admission_ttl"), "{err}");
+        }
     }
 
     #[test]

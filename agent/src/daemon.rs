@@ -628,6 +628,18 @@ impl Daemon {
                     .await
                     .map_err(|e| {
                         tracing::error!(job = %job_id, "cannot build the job's sandbox: {e}");
+                        // A job whose sandbox (or egress firewall) could not be built is
+                        // refused, never run with less: the record says why.
+                        audit_best_effort(
+                            &self.audit,
+                            &self.metrics,
+                            "job_refused",
+                            Some(&job_id),
+                            crate::fields! {
+                                "runner" => req.runner.clone(),
+                                "reason" => format!("cannot build the job's sandbox: {e}"),
+                            },
+                        );
                         ApiError::new(
                             503,
                             "SandboxUnavailable",

@@ -112,6 +112,19 @@ struct Counters {
     tcp: AtomicUsize,
     in_flight: AtomicUsize,
     peak: AtomicUsize,
+    /// Each query's name (lowercase, no trailing dot) and when it arrived.
+    log: Mutex<Vec<(Instant, String)>>,
+}
+
+impl Counters {
+    fn record(&self, query: &Message) {
+        let name = query.queries[0]
+            .name()
+            .to_ascii()
+            .trim_end_matches('.')
+            .to_lowercase();
+        self.log.lock().unwrap().push((Instant::now(), name));
+    }
 }
 
 /// A fake upstream resolver on 127.0.0.1, UDP and TCP on the same port.
@@ -149,6 +162,7 @@ impl Upstream {
                     let (len, peer) = udp.recv_from(&mut buf).await.unwrap();
                     let query = Message::from_vec(&buf[..len]).unwrap();
                     counters.udp.fetch_add(1, Ordering::SeqCst);
+                    counters.record(&query);
                     let (zone, counters, udp) = (zone.clone(), counters.clone(), udp.clone());
                     tokio::spawn(async move {
                         let reply = hold(&zone, &counters, &query, true).await;
@@ -167,6 +181,7 @@ impl Upstream {
                         while let Some(query) = read_framed(&mut stream).await {
                             let query = Message::from_vec(&query).unwrap();
                             counters.tcp.fetch_add(1, Ordering::SeqCst);
+                            counters.record(&query);
                             let reply = hold(&zone, &counters, &query, false).await;
                             write_framed(&mut stream, &reply.to_vec().unwrap()).await;
                         }
@@ -251,7 +266,12 @@ impl Job {
             let asked = asked.clone();
             Arc::new(move |name: &str| {
                 asked.lock().unwrap().push(name.to_string());
-                audit_mode || allowed.iter().any(|a| a == name)
+                // `*.suffix` allows the names under it, as a policy's wildcard does.
+                audit_mode
+                    || allowed.iter().any(|a| match a.strip_prefix("*.") {
+                        Some(suffix) => name.ends_with(&format!(".{suffix}")),
+                        None => a == name,
+                    })
             })
         };
         let admitted = Arc::new(Mutex::new(Vec::new()));
@@ -300,8 +320,12 @@ impl Job {
     }
 }
 
+/// The default configuration without the cache, so that every allowed A, AAAA or CNAME query
+/// reaches the upstream (the cache has tests of its own below).
 fn config(upstreams: &[SocketAddr]) -> DnsConfig {
-    DnsConfig::new(upstreams.to_vec())
+    let mut cfg = DnsConfig::new(upstreams.to_vec());
+    cfg.cache_entries = 0;
+    cfg
 }
 
 fn query(name: &str, qtype: RecordType) -> Message {
@@ -965,4 +989,345 @@ async fn lookup_timing_against_the_resolver_and_the_upstream() {
     assert_eq!(upstream.queries(), 10);
     let refused = time_lookups(job.udp, "evil.example.net", 1, WAIT).await;
     assert!(refused.is_err(), "{refused:?}");
+}
+
+/// The most queries of names ending in `suffix` the upstream got in any one second.
+fn busiest_second(upstream: &Upstream, suffix: &str) -> usize {
+    let log = upstream.counters.log.lock().unwrap();
+    let times: Vec<Instant> = log
+        .iter()
+        .filter(|(_, name)| name.ends_with(suffix))
+        .map(|(at, _)| *at)
+        .collect();
+    times
+        .iter()
+        .map(|&start| {
+            times
+                .iter()
+                .filter(|&&t| t >= start && t < start + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn upstream_queries_for(upstream: &Upstream, name: &str) -> usize {
+    let log = upstream.counters.log.lock().unwrap();
+    log.iter().filter(|(_, n)| n == name).count()
+}
+
+#[tokio::test]
+async fn answers_are_cached_for_their_ttl_and_told_their_remaining_ttl() {
+    let zone = Zone::default().a("short.example.com", "192.0.2.70", 2).a(
+        "zero.example.com",
+        "192.0.2.71",
+        0,
+    );
+    let upstream = Upstream::start(zone).await;
+    let job = Job::start(
+        DnsConfig::new(vec![upstream.addr]),
+        &["short.example.com", "zero.example.com"],
+        false,
+        Admission::Immediate,
+    );
+    let (first, _) = ask_udp(job.udp, &query("short.example.com", RecordType::A)).await;
+    assert_eq!(first.answers[0].ttl, 2);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Any case: the cache is keyed by the name as the policy sees it.
+    let (second, _) = ask_udp(job.udp, &query("SHORT.example.com", RecordType::A)).await;
+    assert_eq!(second.response_code, ResponseCode::NoError);
+    assert_eq!(addrs(&second), ips(&["192.0.2.70"]));
+    assert_eq!(second.answers[0].ttl, 1, "the TTL left, not the one stored");
+    assert_eq!(upstream_queries_for(&upstream, "short.example.com"), 1);
+    // A cached answer goes through admission like a fresh one (which admits nothing when
+    // the set holds the pair long enough).
+    assert_eq!(job.admitted().len(), 2);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (third, _) = ask_udp(job.udp, &query("short.example.com", RecordType::A)).await;
+    assert_eq!(third.answers[0].ttl, 2);
+    assert_eq!(upstream_queries_for(&upstream, "short.example.com"), 2);
+    // TTL 0 is never cached.
+    for _ in 0..3 {
+        let (reply, _) = ask_udp(job.udp, &query("zero.example.com", RecordType::A)).await;
+        assert_eq!(addrs(&reply), ips(&["192.0.2.71"]));
+    }
+    assert_eq!(upstream_queries_for(&upstream, "zero.example.com"), 3);
+    // Another type of the same name is another entry.
+    ask_udp(job.udp, &query("short.example.com", RecordType::AAAA)).await;
+    assert_eq!(upstream_queries_for(&upstream, "short.example.com"), 3);
+}
+
+#[tokio::test]
+async fn the_cache_is_bounded_in_entries_and_bytes() {
+    let mut zone = Zone::default();
+    for i in 0..10 {
+        zone = zone.a(
+            &format!("n{i}.example.com"),
+            &format!("192.0.2.{}", 100 + i),
+            300,
+        );
+    }
+    let upstream = Upstream::start(zone).await;
+    let mut cfg = DnsConfig::new(vec![upstream.addr]);
+    cfg.cache_entries = 4;
+    let job = Job::start(cfg, &["*.example.com"], false, Admission::Immediate);
+    for i in 0..10 {
+        ask_udp(job.udp, &query(&format!("n{i}.example.com"), RecordType::A)).await;
+    }
+    assert_eq!(upstream.queries(), 10);
+    // The four stored last are answered from the cache; the oldest were dropped for them.
+    for i in 6..10 {
+        ask_udp(job.udp, &query(&format!("n{i}.example.com"), RecordType::A)).await;
+    }
+    assert_eq!(upstream.queries(), 10);
+    ask_udp(job.udp, &query("n0.example.com", RecordType::A)).await;
+    assert_eq!(upstream.queries(), 11);
+
+    // A byte budget smaller than one answer keeps nothing.
+    let mut cfg = DnsConfig::new(vec![upstream.addr]);
+    cfg.cache_bytes = 64;
+    let job = Job::start(cfg, &["*.example.com"], false, Admission::Immediate);
+    for _ in 0..3 {
+        ask_udp(job.udp, &query("n1.example.com", RecordType::A)).await;
+    }
+    assert_eq!(upstream.queries(), 14);
+}
+
+#[tokio::test]
+async fn beyond_the_upstream_rate_the_job_gets_servfail_and_nothing_is_forwarded() {
+    let upstream = Upstream::start(Zone::default()).await;
+    let mut cfg = DnsConfig::new(vec![upstream.addr]);
+    cfg.upstream_rate = airlock::egress::dns::Rate {
+        per_second: 2,
+        burst: 3,
+    };
+    let mut job = Job::start(cfg, &["*.example.com"], false, Admission::Immediate);
+    let mut codes = Vec::new();
+    for i in 0..8 {
+        let (reply, _) =
+            ask_udp(job.udp, &query(&format!("r{i}.example.com"), RecordType::A)).await;
+        codes.push(reply.response_code);
+    }
+    // The burst, perhaps one more token refilled meanwhile, then SERVFAIL.
+    let answered = codes
+        .iter()
+        .filter(|&&c| c == ResponseCode::NXDomain)
+        .count();
+    assert!((3..=4).contains(&answered), "{codes:?}");
+    assert_eq!(
+        upstream.queries(),
+        answered,
+        "a limited query is never forwarded"
+    );
+    assert_eq!(codes.last(), Some(&ResponseCode::ServFail));
+    let limited: Vec<DnsEvent> = job
+        .events()
+        .into_iter()
+        .filter(|e| matches!(&e.verdict, Verdict::Error(r) if r.contains("rate limit")))
+        .collect();
+    assert_eq!(
+        limited.len(),
+        8 - answered,
+        "each limited query is an error event"
+    );
+    // The rate refills.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (reply, _) = ask_udp(job.udp, &query("again.example.com", RecordType::A)).await;
+    assert_eq!(reply.response_code, ResponseCode::NXDomain);
+}
+
+#[tokio::test]
+async fn the_jobs_queries_are_read_at_the_query_rate() {
+    let upstream = Upstream::start(example_zone()).await;
+    let mut cfg = DnsConfig::new(vec![upstream.addr]);
+    cfg.query_rate = airlock::egress::dns::Rate {
+        per_second: 20,
+        burst: 5,
+    };
+    let job = Job::start(cfg, &["api.example.com"], false, Admission::Immediate);
+    let start = Instant::now();
+    for _ in 0..25 {
+        // Refused names cost the agent no upstream query, but they are paced all the same.
+        let (reply, _) = ask_udp(job.udp, &query("evil.example.net", RecordType::A)).await;
+        assert_eq!(reply.response_code, ResponseCode::Refused);
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "25 queries at 20/s after a burst of 5 took only {took:?}"
+    );
+    assert_eq!(upstream.queries(), 0);
+}
+
+/// An upstream that answers every query with bytes that are not a DNS reply.
+async fn garbage_upstream() -> (SocketAddr, JoinHandle<()>) {
+    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = udp.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((len, peer)) = udp.recv_from(&mut buf).await {
+            // The query's ID, then noise: it looks like an answer only to a careless reader.
+            let mut junk = buf[..2.min(len)].to_vec();
+            junk.extend_from_slice(&[0xff; 40]);
+            let _ = udp.send_to(&junk, peer).await;
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn an_upstream_that_is_down_or_answers_garbage_gives_servfail_and_other_jobs_are_served() {
+    let good = Upstream::start(example_zone()).await;
+    let (garbage, _task) = garbage_upstream().await;
+    // Down: nothing listens on the port any more, so the kernel answers "port unreachable".
+    let down = StdUdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut faulty = Vec::new();
+    for upstream in [garbage, down] {
+        let mut cfg = config(&[upstream]);
+        cfg.timeout = Duration::from_millis(500);
+        faulty.push(Job::start(
+            cfg,
+            &["api.example.com"],
+            false,
+            Admission::Immediate,
+        ));
+    }
+    let other = Job::start(
+        config(&[good.addr]),
+        &["api.example.com"],
+        false,
+        Admission::Immediate,
+    );
+    // Both faulty jobs ask at once, while the other job keeps resolving.
+    let asks: Vec<_> = faulty
+        .iter()
+        .map(|job| {
+            let udp = job.udp;
+            tokio::spawn(
+                async move { ask_udp(udp, &query("api.example.com", RecordType::A)).await },
+            )
+        })
+        .collect();
+    for _ in 0..5 {
+        let start = Instant::now();
+        let (reply, _) = ask_udp(other.udp, &query("api.example.com", RecordType::A)).await;
+        assert_eq!(reply.response_code, ResponseCode::NoError);
+        assert!(
+            start.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+    for (job, ask) in faulty.iter_mut().zip(asks) {
+        let (reply, _) = ask.await.unwrap();
+        assert_eq!(reply.response_code, ResponseCode::ServFail);
+        assert!(reply.answers.is_empty());
+        assert!(
+            job.admitted().is_empty(),
+            "nothing admitted from a failed lookup"
+        );
+        let events = job.events();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(
+            matches!(&events[0].verdict, Verdict::Error(r) if r.contains("UDP")),
+            "{events:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_random_name_flood_is_bounded_upstream_and_another_jobs_lookups_stay_fast() {
+    // Every name under flood.test is answered NXDOMAIN; api.example.com with TTL 0, so each
+    // of the quiet job's lookups goes upstream too.
+    let upstream = Upstream::start(Zone::default().a("api.example.com", "192.0.2.10", 0)).await;
+    let flooder = Job::start(
+        DnsConfig::new(vec![upstream.addr]),
+        &["*.flood.test"],
+        false,
+        Admission::Immediate,
+    );
+    let quiet = Job::start(
+        DnsConfig::new(vec![upstream.addr]),
+        &["api.example.com"],
+        false,
+        Admission::Immediate,
+    );
+    async fn timed(job: SocketAddr, n: usize) -> Vec<Duration> {
+        let mut times = Vec::new();
+        for _ in 0..n {
+            let start = Instant::now();
+            let (reply, _) = ask_udp(job, &query("api.example.com", RecordType::A)).await;
+            assert_eq!(
+                reply.response_code,
+                ResponseCode::NoError,
+                "the quiet job failed"
+            );
+            times.push(start.elapsed());
+            // A job's own pace, well within its own upstream rate.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        times.sort();
+        times
+    }
+    let quiet_alone = timed(quiet.udp, 30).await;
+
+    let flood_for = Duration::from_secs(3);
+    let target = flooder.udp;
+    // The flood comes from a thread of its own, as a job's processes would (about 4,000
+    // queries a second, eight times the query rate the agent reads a job's queries at).
+    let flood = std::thread::spawn(move || {
+        let socket = StdUdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.connect(target).unwrap();
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < flood_for {
+            let name = format!("{:016x}.flood.test", rand_label(sent));
+            let _ = socket.send(&query(&name, RecordType::A).to_vec().unwrap());
+            sent += 1;
+            if sent.is_multiple_of(8) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        sent
+    });
+    let quiet_flooded = timed(quiet.udp, 60).await;
+    let sent = flood.join().unwrap();
+
+    let p99 = |v: &[Duration]| v[(v.len() * 99).div_ceil(100) - 1];
+    let busiest = busiest_second(&upstream, ".flood.test");
+    let total: usize = upstream
+        .counters
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, n)| n.ends_with(".flood.test"))
+        .count();
+    let rate = airlock::egress::dns::DEFAULT_UPSTREAM_RATE;
+    assert!(sent > 1000, "the flood sent only {sent} queries");
+    assert!(
+        busiest <= (rate.burst + rate.per_second) as usize,
+        "{busiest} flood queries reached the upstream in one second"
+    );
+    assert!(
+        total <= rate.burst as usize + rate.per_second as usize * 4,
+        "{total} flood queries reached the upstream in {flood_for:?}"
+    );
+    assert!(
+        p99(&quiet_flooded) <= (p99(&quiet_alone) * 3).max(Duration::from_millis(20)),
+        "the quiet job's p99 went from {:?} to {:?} under the flood",
+        p99(&quiet_alone),
+        p99(&quiet_flooded)
+    );
+}
+
+/// A pseudo-random 64-bit label for the flood (splitmix64 of the counter).
+fn rand_label(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }

@@ -3,8 +3,9 @@
 //! a namespace the test makes (`airlock_tests::internet`). Connections are made from inside
 //! the job's namespace by a small Python probe, as any job process would.
 
+use airlock::egress::nftset;
 use airlock::jobs::new_job_id;
-use airlock::sandbox::firewall::{self, EgressRules};
+use airlock::sandbox::firewall::EgressRules;
 use airlock::sandbox::netns::{host_link_name, netns_name, NetConfig, NetManager, NetMode};
 use airlock_tests::internet::Internet;
 use std::net::Ipv4Addr;
@@ -82,19 +83,20 @@ fn probe(job: &str, targets: &[String]) -> Vec<String> {
     lines
 }
 
-fn admit(mgr_ns: &std::path::Path, pairs: &[(Ipv4Addr, u16)], ttl: u32) {
-    firewall::apply_in_netns(
-        mgr_ns,
-        firewall::admit_addresses(
-            &pairs
-                .iter()
-                .map(|&(a, p)| (std::net::IpAddr::V4(a), p))
-                .collect::<Vec<_>>(),
-            ttl,
-        ),
-        "test admission",
-    )
-    .unwrap();
+/// Admits pairs as the agent does: one nf_tables batch through a socket made in the job's
+/// namespace (`egress::nftset`), each pair's timeout restarted.
+async fn admit(mgr_ns: &std::path::Path, pairs: &[(Ipv4Addr, u16)], ttl: u32) {
+    let sets = nftset::open_in_netns(mgr_ns).unwrap();
+    let pairs: Vec<nftset::Pair> = pairs
+        .iter()
+        .map(|&(a, port)| nftset::Pair {
+            addr: a.into(),
+            port,
+            timeout_secs: ttl,
+            refresh: true,
+        })
+        .collect();
+    sets.admit(&pairs).await.unwrap();
 }
 
 fn config(pool: &str) -> NetConfig {
@@ -149,7 +151,8 @@ async fn block_mode_allows_only_admitted_pairs_until_they_expire() {
         &net.ns_path,
         &[(internet.addr, 8080), (internet.addr, 53)],
         3,
-    );
+    )
+    .await;
     let got = probe(&job, &targets);
     assert_eq!(got[0], format!("ok web from {}", internet.host_addr));
     assert_eq!(
@@ -177,7 +180,8 @@ async fn block_mode_allows_only_admitted_pairs_until_they_expire() {
             (net.subnet.unwrap().host_addr(), 80),
         ],
         30,
-    );
+    )
+    .await;
     let gw = net.subnet.unwrap().host_addr();
     assert_eq!(
         probe(

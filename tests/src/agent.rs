@@ -92,6 +92,12 @@ pub struct AgentOptions {
     pub audit_path: Option<PathBuf>,
     /// TOML keys added to the `[audit]` table (anchors, job limits).
     pub audit_config: String,
+    /// A shell script that stands in for `/usr/sbin/nft` for this agent alone (fault
+    /// injection): the agent runs in a private mount namespace of its own where the script
+    /// is bind-mounted over `/usr/sbin/nft`; nothing changes for the rest of the host. Only
+    /// for tests whose jobs never run a command (the sandbox's mounts stay in that
+    /// namespace too), such as a job the agent must refuse.
+    pub nft_stub: Option<String>,
 }
 
 impl AgentOptions {
@@ -108,7 +114,14 @@ impl AgentOptions {
             netns: None,
             audit_path: None,
             audit_config: String::new(),
+            nft_stub: None,
         }
+    }
+
+    /// Runs the agent with `script` in place of `/usr/sbin/nft` (see [`AgentOptions::nft_stub`]).
+    pub fn nft_stub(mut self, script: &str) -> Self {
+        self.nft_stub = Some(script.to_owned());
+        self
     }
 
     /// The audit log at `path` instead of the agent's tree (a small filesystem, say).
@@ -324,15 +337,37 @@ impl Agent {
         let log2 = log
             .try_clone()
             .map_err(|e| HarnessError::Prepare(log_path.clone(), e))?;
-        let mut cmd = match &self.opts.netns {
-            None => Command::new(&airlockd),
-            Some(ns) => {
-                // nsenter execs airlockd in place: the child's pid is the daemon's.
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.display()))
-                    .arg("--")
-                    .arg(&airlockd);
+        // The daemon, in the test's network namespace when it names one.
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ns) = &self.opts.netns {
+            // nsenter execs airlockd in place: the child's pid is the daemon's.
+            argv.push("nsenter".into());
+            argv.push(format!("--net={}", ns.display()).into());
+            argv.push("--".into());
+        }
+        argv.push(airlockd.clone().into());
+        let mut cmd = match &self.opts.nft_stub {
+            None => {
+                let mut c = Command::new(&argv[0]);
+                c.args(&argv[1..]);
                 c
+            }
+            Some(script) => {
+                use std::os::unix::fs::PermissionsExt;
+                let stub = self.dir.path().join("nft-stub");
+                std::fs::write(&stub, script)
+                    .and_then(|()| {
+                        std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755))
+                    })
+                    .map_err(|e| HarnessError::Prepare(stub.clone(), e))?;
+                // `unshare` runs the shell in the new namespace without forking, and the
+                // shell execs the agent: the child's pid is the agent's.
+                let mut cmd = Command::new("unshare");
+                cmd.args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
+                    .arg("mount --bind \"$0\" /usr/sbin/nft && exec \"$@\"")
+                    .arg(&stub)
+                    .args(&argv);
+                cmd
             }
         };
         cmd.arg("--config").arg(&self.config);

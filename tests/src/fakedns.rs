@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn fqdn(name: &str) -> Name {
     Name::from_ascii(format!("{name}.")).expect("a valid test name")
@@ -103,6 +103,8 @@ pub struct FakeDns {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     queries: Arc<Mutex<HashMap<String, usize>>>,
+    /// When each query arrived, with its name.
+    log: Arc<Mutex<Vec<(Instant, String)>>>,
 }
 
 impl FakeDns {
@@ -117,16 +119,18 @@ impl FakeDns {
         let addr = udp.local_addr().expect("its address");
         let stop = Arc::new(AtomicBool::new(false));
         let queries: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let log: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
         udp.set_read_timeout(Some(Duration::from_millis(100)))
             .expect("a read timeout");
         tcp.set_nonblocking(true).expect("non-blocking listener");
         let zone = Arc::new(zone);
         let count = {
-            let queries = queries.clone();
+            let (queries, log) = (queries.clone(), log.clone());
             move |m: &Message| {
                 if let Some(q) = m.queries.first() {
                     let name = q.name().to_ascii().trim_end_matches('.').to_lowercase();
-                    *queries.lock().unwrap().entry(name).or_default() += 1;
+                    *queries.lock().unwrap().entry(name.clone()).or_default() += 1;
+                    log.lock().unwrap().push((Instant::now(), name));
                 }
             }
         };
@@ -195,7 +199,17 @@ impl FakeDns {
             addr,
             stop,
             queries,
+            log,
         }
+    }
+
+    /// When each query for a name ending in `suffix` arrived, in order.
+    pub fn query_times(&self, suffix: &str) -> Vec<Instant> {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter(|(_, name)| name.ends_with(suffix))
+            .map(|(at, _)| *at)
+            .collect()
     }
 
     /// How many queries for `name` (lowercase, no trailing dot) reached this resolver.

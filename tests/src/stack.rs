@@ -70,7 +70,7 @@ impl Stack {
     }
 
     /// [`Stack::sandboxed_rule_tables`] with the agent's options changed by `adjust` last
-    /// (e.g. [`AgentOptions::netns`]).
+    /// (e.g. [`AgentOptions::netns`], [`AgentOptions::nft_stub`]).
     pub fn sandboxed_rule_tables_with(
         extra: &str,
         edits: &[(&str, &str)],

@@ -27,8 +27,12 @@
 //! anything is admitted, and the job asks again over TCP. The job-facing TCP listener takes
 //! several length-prefixed queries per connection, answered in order, and closes a connection
 //! idle for [`DnsConfig::tcp_idle_timeout`]. At most [`DnsConfig::max_in_flight`] queries of a
-//! job are in progress at once and [`MAX_TCP_CONNECTIONS`] connections open: a flood fills
-//! the job's own socket queues, not the agent.
+//! job are in progress at once, [`MAX_TCP_CONNECTIONS`] connections open, and
+//! [`DnsConfig::query_rate`] queries read a second: a flood fills the job's own socket
+//! queues, not the agent. Each job has its own answer cache (bounded in entries and bytes,
+//! for as long as the TTLs say); a cache miss goes upstream only within
+//! [`DnsConfig::upstream_rate`], beyond which the job gets SERVFAIL and nothing is
+//! forwarded. A cached answer is admitted again like a fresh one before it is released.
 //!
 //! CNAME targets are not checked against the policy: an allowed name may be an alias of a
 //! CDN's name (`www.example.com` → `example.com.cdn.example.net`), and what is admitted are
@@ -73,6 +77,28 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP connections of one job open at once; further connections wait in the listen backlog.
 pub const MAX_TCP_CONNECTIONS: usize = 16;
+/// Queries of one job the agent reads per second, and the burst above that rate
+/// ([`DnsConfig::query_rate`]). Beyond them the agent stops reading the job's sockets, as at
+/// [`DEFAULT_MAX_IN_FLIGHT`]: a flood fills the job's own socket queues, not the agent's CPU.
+pub const DEFAULT_QUERY_RATE: Rate = Rate {
+    per_second: 500,
+    burst: 1000,
+};
+/// Queries of one job forwarded upstream per second, and the burst above that rate
+/// ([`DnsConfig::upstream_rate`]); cached answers, refused names and the types answered here
+/// do not count. Beyond them the job gets SERVFAIL at once and nothing leaves the host.
+pub const DEFAULT_UPSTREAM_RATE: Rate = Rate {
+    per_second: 50,
+    burst: 100,
+};
+/// Answers kept in one job's cache, and their size in bytes (records as the agent holds
+/// them), at most ([`DnsConfig::cache_entries`], [`DnsConfig::cache_bytes`]).
+pub const DEFAULT_CACHE_ENTRIES: usize = 512;
+pub const DEFAULT_CACHE_BYTES: usize = 128 * 1024;
+/// The longest a negative answer (NXDOMAIN or no records) is cached: its SOA's TTL and
+/// minimum, at most this (RFC 2308 suggests one to three hours; a CI job wants to see a
+/// name appear sooner).
+pub const MAX_NEGATIVE_TTL_SECS: u32 = 300;
 /// glibc reads at most three `nameserver` lines, and so does [`DnsConfig::from_resolv_conf`].
 pub const MAX_RESOLV_CONF_NAMESERVERS: usize = 3;
 /// The shortest time an admitted address stays in the job's set, whatever its TTL. Many
@@ -137,6 +163,23 @@ pub struct DnsConfig {
     pub max_in_flight: usize,
     /// Idle time after which a job's TCP connection is closed.
     pub tcp_idle_timeout: Duration,
+    /// The shortest time an admitted pair stays in the job's set ([`MIN_TTL_SECS`] by
+    /// default; `[egress] min_admission_ttl`), in seconds, 1 to [`MAX_TTL_SECS`].
+    pub min_admit_ttl: u32,
+    /// The job's queries read per second ([`DEFAULT_QUERY_RATE`]).
+    pub query_rate: Rate,
+    /// The job's queries forwarded upstream per second ([`DEFAULT_UPSTREAM_RATE`]).
+    pub upstream_rate: Rate,
+    /// Answers cached for the job (0: no cache) and their bytes at most.
+    pub cache_entries: usize,
+    pub cache_bytes: usize,
+}
+
+/// A token bucket's rate and burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 impl DnsConfig {
@@ -147,7 +190,19 @@ impl DnsConfig {
             timeout: DEFAULT_TIMEOUT,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
+            min_admit_ttl: MIN_TTL_SECS,
+            query_rate: DEFAULT_QUERY_RATE,
+            upstream_rate: DEFAULT_UPSTREAM_RATE,
+            cache_entries: DEFAULT_CACHE_ENTRIES,
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
+    }
+
+    /// How long an address answered with this TTL stays in the job's set: the TTL the job
+    /// is told (at most [`MAX_TTL_SECS`]) plus [`TTL_GRACE_SECS`], never less than
+    /// [`DnsConfig::min_admit_ttl`].
+    pub fn admit_ttl(&self, ttl: u32) -> u32 {
+        (ttl.min(MAX_TTL_SECS) + TTL_GRACE_SECS).max(self.min_admit_ttl)
     }
 
     /// The `nameserver` lines of a resolv.conf text (the host's `/etc/resolv.conf` by
@@ -187,6 +242,18 @@ impl DnsConfig {
         }
         if self.max_in_flight == 0 {
             return Err(DnsError::Config("max_in_flight must be at least 1".into()));
+        }
+        if !(1..=MAX_TTL_SECS).contains(&self.min_admit_ttl) {
+            return Err(DnsError::Config(format!(
+                "the minimum admission TTL must be 1 to {MAX_TTL_SECS} seconds"
+            )));
+        }
+        for (what, rate) in [("query", self.query_rate), ("upstream", self.upstream_rate)] {
+            if rate.per_second == 0 || rate.burst == 0 {
+                return Err(DnsError::Config(format!(
+                    "the {what} rate and its burst must be at least 1"
+                )));
+            }
         }
         Ok(())
     }
@@ -252,10 +319,199 @@ impl Verdict {
     }
 }
 
-/// How long an address answered with this TTL stays in the job's set: the TTL the job is told
-/// (at most [`MAX_TTL_SECS`]) plus [`TTL_GRACE_SECS`], and never less than [`MIN_TTL_SECS`].
+/// How long an address answered with this TTL stays in the job's set with the default
+/// floor: the TTL the job is told (at most [`MAX_TTL_SECS`]) plus [`TTL_GRACE_SECS`], and
+/// never less than [`MIN_TTL_SECS`] (see [`DnsConfig::admit_ttl`]).
 pub fn admit_ttl(ttl: u32) -> u32 {
     (ttl.min(MAX_TTL_SECS) + TTL_GRACE_SECS).max(MIN_TTL_SECS)
+}
+
+/// A token bucket, refilled continuously.
+#[derive(Debug)]
+struct Bucket {
+    rate: Rate,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: Rate) -> Bucket {
+        Bucket {
+            rate,
+            tokens: f64::from(rate.burst),
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long until there is one.
+    fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let per_second = f64::from(self.rate.per_second);
+        self.tokens = (self.tokens
+            + now.saturating_duration_since(self.at).as_secs_f64() * per_second)
+            .min(f64::from(self.rate.burst));
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / per_second))
+        }
+    }
+}
+
+/// Waits for a token of `bucket`.
+async fn paced(bucket: &std::sync::Mutex<Bucket>) {
+    loop {
+        let wait = match bucket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(Instant::now())
+        {
+            Ok(()) => return,
+            Err(wait) => wait,
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// What the job's cache keeps of an upstream answer: what the job gets of it (see
+/// [`relayed`]), when it was stored and when it expires.
+#[derive(Debug, Clone)]
+struct Cached {
+    code: ResponseCode,
+    records: Vec<Record>,
+    /// The SOA of a negative answer.
+    soa: Vec<Record>,
+    stored: Instant,
+    expires: Instant,
+    bytes: usize,
+}
+
+impl Cached {
+    /// The records with their TTLs lowered by the time spent in the cache.
+    fn aged(&self, now: Instant) -> (Vec<Record>, Vec<Record>) {
+        let spent =
+            u32::try_from(now.saturating_duration_since(self.stored).as_secs()).unwrap_or(u32::MAX);
+        let age = |records: &[Record]| {
+            records
+                .iter()
+                .map(|r| {
+                    let mut r = r.clone();
+                    r.ttl = r.ttl.saturating_sub(spent);
+                    r
+                })
+                .collect()
+        };
+        (age(&self.records), age(&self.soa))
+    }
+}
+
+/// One job's answers, by (lowercase name, type), for as long as their TTL says; bounded
+/// in entries and bytes. Never shared between jobs.
+#[derive(Debug)]
+struct Cache {
+    entries: std::collections::HashMap<(String, RecordType), Cached>,
+    bytes: usize,
+    max_entries: usize,
+    max_bytes: usize,
+}
+
+impl Cache {
+    fn new(max_entries: usize, max_bytes: usize) -> Cache {
+        Cache {
+            entries: std::collections::HashMap::new(),
+            bytes: 0,
+            max_entries,
+            max_bytes,
+        }
+    }
+
+    fn get(&mut self, key: &(String, RecordType), now: Instant) -> Option<Cached> {
+        match self.entries.get(key) {
+            Some(entry) if entry.expires > now => Some(entry.clone()),
+            Some(_) => {
+                self.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn remove(&mut self, key: &(String, RecordType)) {
+        if let Some(old) = self.entries.remove(key) {
+            self.bytes -= old.bytes;
+        }
+    }
+
+    /// Keeps the answer for its TTL: the smallest of its records', or for a negative answer
+    /// its SOA's (RFC 2308), at most [`MAX_NEGATIVE_TTL_SECS`]. Nothing with a TTL of 0, and
+    /// nothing larger than the whole cache. Makes room by dropping what expired, then what
+    /// expires soonest.
+    fn put(
+        &mut self,
+        key: (String, RecordType),
+        code: ResponseCode,
+        records: &[Record],
+        soa: &[Record],
+        now: Instant,
+    ) {
+        let ttl = if records.iter().any(|r| r.record_type() != RecordType::CNAME) {
+            records.iter().map(|r| r.ttl).min()
+        } else {
+            soa.iter()
+                .filter_map(|r| match &r.data {
+                    RData::SOA(s) => Some(r.ttl.min(s.minimum).min(MAX_NEGATIVE_TTL_SECS)),
+                    _ => None,
+                })
+                .min()
+        };
+        let Some(ttl) = ttl.filter(|&t| t > 0) else {
+            return;
+        };
+        let bytes = key.0.len()
+            + records
+                .iter()
+                .chain(soa)
+                .map(|r| std::mem::size_of::<Record>() + r.name.len() + rdata_len(r))
+                .sum::<usize>();
+        if self.max_entries == 0 || bytes > self.max_bytes {
+            return;
+        }
+        self.remove(&key);
+        if self.entries.len() >= self.max_entries || self.bytes + bytes > self.max_bytes {
+            self.entries.retain(|_, e| e.expires > now);
+            self.bytes = self.entries.values().map(|e| e.bytes).sum();
+        }
+        while self.entries.len() >= self.max_entries || self.bytes + bytes > self.max_bytes {
+            let Some(soonest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.expires)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            self.remove(&soonest);
+        }
+        self.bytes += bytes;
+        self.entries.insert(
+            key,
+            Cached {
+                code,
+                records: records.to_vec(),
+                soa: soa.to_vec(),
+                stored: now,
+                expires: now + Duration::from_secs(u64::from(ttl)),
+                bytes,
+            },
+        );
+    }
+}
+
+/// The wire size of a record's data, as a measure of what the agent holds for it.
+fn rdata_len(record: &Record) -> usize {
+    use hickory_proto::serialize::binary::BinEncodable;
+    record.data.to_bytes().map_or(0, |b| b.len())
 }
 
 /// A running resolver of one job. Dropping it aborts it; [`DnsServer::shutdown`] also waits
@@ -306,6 +562,9 @@ pub fn serve(
     let udp = UdpSocket::from_std(udp).map_err(socket_err("UDP"))?;
     let tcp = TcpListener::from_std(tcp).map_err(socket_err("TCP"))?;
     let resolver = Arc::new(Resolver {
+        cache: std::sync::Mutex::new(Cache::new(cfg.cache_entries, cfg.cache_bytes)),
+        query_limit: std::sync::Mutex::new(Bucket::new(cfg.query_rate)),
+        upstream_limit: std::sync::Mutex::new(Bucket::new(cfg.upstream_rate)),
         cfg,
         allow,
         audit_mode,
@@ -361,6 +620,11 @@ struct Resolver {
     audit_mode: bool,
     admit: AdmitFn,
     events: mpsc::Sender<DnsEvent>,
+    cache: std::sync::Mutex<Cache>,
+    /// Every query read from the job's sockets.
+    query_limit: std::sync::Mutex<Bucket>,
+    /// Every query forwarded upstream.
+    upstream_limit: std::sync::Mutex<Bucket>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -387,9 +651,11 @@ async fn run(
         tokio::select! {
             _ = &mut stopped => break,
             Some(_) = tasks.join_next() => {}
-            // The permit comes first: at the limit the datagrams stay in the kernel's queue.
+            // The permit and the rate come first: at either limit the datagrams stay in the
+            // kernel's queue.
             (permit, received) = async {
                 let permit = queries.clone().acquire_owned().await;
+                paced(&resolver.query_limit).await;
                 let received = udp
                     .recv_from(&mut buf)
                     .await
@@ -453,6 +719,7 @@ async fn serve_connection(
             Ok(Ok(Some(query))) => query,
             _ => return,
         };
+        paced(&resolver.query_limit).await;
         let Ok(_permit) = queries.acquire().await else {
             return;
         };
@@ -568,21 +835,59 @@ impl Resolver {
             self.event(&name, &qtype, Verdict::Error(reason), Vec::new(), None);
             encode(&reply_to(request, ResponseCode::ServFail, true))
         };
-        let upstream = match self.forward(question).await {
-            Ok(upstream) => upstream,
-            Err(reason) => return servfail(reason),
-        };
-        let (records, addrs) = relayed(question, &upstream);
-        let mut reply = reply_to(request, upstream.response_code, true);
-        if addrs.is_empty() {
-            // The SOA tells the job how long it may remember that there is nothing.
-            reply.add_authorities(
-                upstream
+        let key = (name.clone(), question.query_type());
+        let now = Instant::now();
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key, now);
+        let (code, records, soa) = match cached {
+            // Admitted again below, like a fresh answer: a pair the set holds long enough
+            // costs nothing, and one that does not is never released unadmitted.
+            Some(hit) => {
+                let (records, soa) = hit.aged(now);
+                (hit.code, records, soa)
+            }
+            None => {
+                let limited = self
+                    .upstream_limit
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take(now);
+                if limited.is_err() {
+                    let rate = self.cfg.upstream_rate;
+                    return servfail(format!(
+                        "rate limit: the job asked for more than {} uncached answers a second (burst {}); nothing was forwarded",
+                        rate.per_second, rate.burst
+                    ));
+                }
+                let upstream = match self.forward(question).await {
+                    Ok(upstream) => upstream,
+                    Err(reason) => return servfail(reason),
+                };
+                let records = relayed(question, &upstream);
+                let soa: Vec<Record> = upstream
                     .authorities
                     .iter()
                     .filter(|r| r.record_type() == RecordType::SOA)
-                    .map(capped),
-            );
+                    .map(capped)
+                    .collect();
+                self.cache.lock().unwrap_or_else(|p| p.into_inner()).put(
+                    key,
+                    upstream.response_code,
+                    &records,
+                    &soa,
+                    Instant::now(),
+                );
+                (upstream.response_code, records, soa)
+            }
+        };
+        let addrs = addresses(question.query_type(), &records, &self.cfg);
+        let mut reply = reply_to(request, code, true);
+        if addrs.is_empty() {
+            // The SOA tells the job how long it may remember that there is nothing.
+            reply.add_authorities(soa);
         }
         let ttl = records.iter().map(|r| r.ttl).min();
         reply.add_answers(records);
@@ -593,7 +898,7 @@ impl Resolver {
         if transport == Transport::Udp && bytes.len() > udp_limit(request) {
             // Nothing is released, so nothing is admitted: the job asks again over TCP.
             self.event(&name, &qtype, verdict, Vec::new(), None);
-            let mut truncated = reply_to(request, upstream.response_code, true);
+            let mut truncated = reply_to(request, code, true);
             truncated.metadata.truncation = true;
             return encode(&truncated);
         }
@@ -778,10 +1083,10 @@ async fn write_message<S: AsyncWrite + Unpin>(stream: &mut S, message: &[u8]) ->
 }
 
 /// What the job gets of an upstream answer: the CNAME chain from the question's name and the
-/// records of the question's type at its end (TTLs capped at [`MAX_TTL_SECS`]), and those
-/// addresses with their [`admit_ttl`]. Records of other names or types are dropped, so every
-/// address the job sees has been admitted.
-fn relayed(question: &Query, upstream: &Message) -> (Vec<Record>, Vec<(IpAddr, u32)>) {
+/// records of the question's type at its end (TTLs capped at [`MAX_TTL_SECS`]). Records of
+/// other names or types are dropped, so every address the job sees is one of
+/// [`addresses`], which are admitted before the job sees them.
+fn relayed(question: &Query, upstream: &Message) -> Vec<Record> {
     let qtype = question.query_type();
     let mut owner = question.name();
     let mut records = Vec::new();
@@ -794,25 +1099,35 @@ fn relayed(question: &Query, upstream: &Message) -> (Vec<Record>, Vec<(IpAddr, u
         records.push(capped(record));
         owner = target;
         if qtype == RecordType::CNAME {
-            return (records, Vec::new());
+            return records;
         }
     }
+    records.extend(
+        upstream
+            .answers
+            .iter()
+            .filter(|r| r.name == *owner && r.record_type() == qtype)
+            .map(capped),
+    );
+    records
+}
+
+/// The addresses of relayed `records` (those of the asked type; the CNAMEs carry none),
+/// each once, with how long it stays in the job's set ([`DnsConfig::admit_ttl`] of its
+/// longest TTL).
+fn addresses(qtype: RecordType, records: &[Record], cfg: &DnsConfig) -> Vec<(IpAddr, u32)> {
     let mut addrs: Vec<(IpAddr, u32)> = Vec::new();
-    for record in &upstream.answers {
-        if record.name != *owner || record.record_type() != qtype {
-            continue;
-        }
+    for record in records.iter().filter(|r| r.record_type() == qtype) {
         let Some(ip) = record.data.ip_addr() else {
             continue;
         };
-        records.push(capped(record));
-        let ttl = admit_ttl(record.ttl);
+        let ttl = cfg.admit_ttl(record.ttl);
         match addrs.iter_mut().find(|(known, _)| *known == ip) {
             Some((_, longest)) => *longest = (*longest).max(ttl),
             None => addrs.push((ip, ttl)),
         }
     }
-    (records, addrs)
+    addrs
 }
 
 fn capped(record: &Record) -> Record {
@@ -961,6 +1276,80 @@ mod tests {
         assert_eq!(admit_ttl(300), 300 + TTL_GRACE_SECS);
         assert_eq!(admit_ttl(86_400), MAX_TTL_SECS + TTL_GRACE_SECS);
         assert_eq!(admit_ttl(u32::MAX), MAX_TTL_SECS + TTL_GRACE_SECS);
+    }
+
+    #[test]
+    fn negative_answers_are_cached_by_their_soa_and_zero_ttls_not_at_all() {
+        use hickory_proto::rr::rdata::{A, SOA};
+        let name = Name::from_ascii("gone.example.com.").unwrap();
+        let soa = |ttl, minimum| {
+            Record::from_rdata(
+                Name::from_ascii("example.com.").unwrap(),
+                ttl,
+                RData::SOA(SOA::new(
+                    Name::from_ascii("ns.example.com.").unwrap(),
+                    Name::from_ascii("admin.example.com.").unwrap(),
+                    1,
+                    3600,
+                    600,
+                    86_400,
+                    minimum,
+                )),
+            )
+        };
+        let now = Instant::now();
+        let key = |n: &str| (n.to_string(), RecordType::A);
+        let mut cache = Cache::new(8, 64 * 1024);
+        // RFC 2308: the smaller of the SOA's TTL and minimum, capped.
+        cache.put(key("a"), ResponseCode::NXDomain, &[], &[soa(900, 60)], now);
+        cache.put(
+            key("b"),
+            ResponseCode::NXDomain,
+            &[],
+            &[soa(86_400, 86_400)],
+            now,
+        );
+        cache.put(key("c"), ResponseCode::NXDomain, &[], &[], now);
+        let a0 = Record::from_rdata(name.clone(), 0, RData::A(A::new(192, 0, 2, 1)));
+        cache.put(key("d"), ResponseCode::NoError, &[a0], &[], now);
+        let ttl = |k: &str| {
+            cache
+                .entries
+                .get(&key(k))
+                .map(|e| e.expires.duration_since(now).as_secs())
+        };
+        assert_eq!(ttl("a"), Some(60));
+        assert_eq!(ttl("b"), Some(u64::from(MAX_NEGATIVE_TTL_SECS)));
+        assert_eq!(ttl("c"), None, "a negative answer without an SOA");
+        assert_eq!(ttl("d"), None, "TTL 0");
+        // Aged: the remaining TTL, and gone once expired.
+        let a = Record::from_rdata(name, 30, RData::A(A::new(192, 0, 2, 1)));
+        cache.put(key("e"), ResponseCode::NoError, &[a], &[], now);
+        let hit = cache.get(&key("e"), now + Duration::from_secs(12)).unwrap();
+        assert_eq!(hit.aged(now + Duration::from_secs(12)).0[0].ttl, 18);
+        assert!(cache
+            .get(&key("e"), now + Duration::from_secs(30))
+            .is_none());
+        assert_eq!(
+            cache.bytes,
+            cache.entries.values().map(|e| e.bytes).sum::<usize>()
+        );
+    }
+
+    #[test]
+    fn the_bucket_gives_its_burst_then_its_rate() {
+        let start = Instant::now();
+        let mut b = Bucket::new(Rate {
+            per_second: 10,
+            burst: 3,
+        });
+        for _ in 0..3 {
+            assert!(b.take(start).is_ok());
+        }
+        let wait = b.take(start).unwrap_err();
+        assert!(wait <= Duration::from_millis(100), "{wait:?}");
+        assert!(b.take(start + Duration::from_millis(100)).is_ok());
+        assert!(b.take(start + Duration::from_millis(100)).is_err());
     }
 
     #[test]

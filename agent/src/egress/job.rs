@@ -1,14 +1,16 @@
 //! One egress-controlled job's moving parts, from the agent's side: its resolver (inside its
 //! namespace, on [`RESOLVER_ADDR`]), the admission of answered addresses into its nftables
-//! set before the answer is released, its NFLOG reader, and the audit of what it resolved,
-//! connected to and was refused — rate-limited, so a job that floods cannot fill the disk.
+//! sets before the answer is released (over the job's own nf_tables netlink socket, one
+//! batch per answer, at most [`MAX_ADMITTED_PAIRS`] pairs held), its NFLOG reader, and the
+//! audit of what it resolved, connected to and was refused — rate-limited, so a job that
+//! floods cannot fill the disk. It never starts a process.
 //!
 //! Built by `Sandboxes::prepare` after the job's network, dropped by the wipe before the
 //! network is torn down (its sockets live in the job's namespace and would keep it alive).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,7 @@ use tokio::task::JoinHandle;
 
 use super::dns::{self, AdmitFn, AllowFn, Answer, DnsConfig, DnsEvent, DnsServer, Verdict};
 use super::nflog::{self, NflogEvent, NflogReader};
+use super::nftset::{self, Pair, SetSocket};
 use crate::audit::AuditLog;
 use crate::policy::{EgressMode, EgressPolicy};
 use crate::sandbox::firewall;
@@ -54,6 +57,8 @@ pub enum EgressError {
     Dns(#[from] dns::DnsError),
     #[error("the job's NFLOG socket: {0}")]
     Nflog(#[from] nflog::NflogError),
+    #[error("the job's nf_tables socket: {0}")]
+    Sets(#[from] nftset::SetError),
 }
 
 /// A running egress of one job. Stop it with [`JobEgress::stop`] (the wipe does).
@@ -108,8 +113,14 @@ impl JobEgress {
             let p = policy.clone();
             Arc::new(move |name: &str| p.name_allowed(name))
         };
+        // Block mode only: audit mode admits nothing.
+        let sets = if audit_mode {
+            None
+        } else {
+            Some(nftset::open_in_netns(ns_path)?)
+        };
         let admit = admitter(
-            ns_path.to_path_buf(),
+            sets,
             policy.clone(),
             names.clone(),
             Admit { audit_mode, ipv6 },
@@ -170,10 +181,11 @@ impl Drop for JobEgress {
 }
 
 /// The admission hook the agent gives a block-mode job's resolver (see [`admitter`]), on
-/// its own: for benchmarks and tests that run `dns::serve` themselves.
-pub fn admission(ns_path: PathBuf, policy: Arc<EgressPolicy>, ipv6: bool) -> AdmitFn {
+/// its own: for benchmarks and tests that run `dns::serve` themselves. `sets` is the job's
+/// nf_tables socket ([`nftset::open_in_netns`]).
+pub fn admission(sets: SetSocket, policy: Arc<EgressPolicy>, ipv6: bool) -> AdmitFn {
     admitter(
-        ns_path,
+        Some(sets),
         policy,
         Arc::default(),
         Admit {
@@ -193,16 +205,124 @@ struct Admit {
     ipv6: bool,
 }
 
+/// (Address, port) pairs admitted for one job at most, IPv4 and IPv6 together; an answer
+/// that would need more is refused (SERVFAIL, audited as an `egress_dns` error) until older
+/// pairs expire. Each of the job's sets is made with this `size` too
+/// (`firewall::MAX_ADMITTED_PAIRS`), so the kernel refuses what the agent would not.
+pub const MAX_ADMITTED_PAIRS: usize = firewall::MAX_ADMITTED_PAIRS;
+/// How long after its expiry the agent still counts a pair as admitted: the kernel removes
+/// expired elements in a periodic collection (every second by default), and until it does
+/// they still count towards the set's `size`.
+const FORGET_AFTER: u32 = 10;
+
+/// The pairs the agent admitted for one job, and the job's nf_tables socket. One admission
+/// at a time: a second answer with the same pair waits until the first one's batch is
+/// acknowledged, so no answer is released on the strength of a batch still in flight.
+struct Admitted {
+    sets: SetSocket,
+    /// The agent's clock for `until`: whole seconds since this instant.
+    epoch: Instant,
+    /// Pair → when it expires from the set, in seconds since `epoch`, rounded down (the
+    /// kernel's timeout starts a little later than the agent's clock reads here). 24 bytes
+    /// an entry: at most `MAX_ADMITTED_PAIRS` of them.
+    until: HashMap<(IpAddr, u16), u32>,
+}
+
+impl Admitted {
+    fn now(&self) -> u32 {
+        u32::try_from(self.epoch.elapsed().as_secs()).unwrap_or(u32::MAX)
+    }
+
+    /// What an answer needs: each pair on each port, skipped when the set holds it for at
+    /// least half of its new timeout, refreshed when the set may hold it, else added.
+    fn plan(&self, answer: &Answer, ports: &[u16], how: Admit, now: u32) -> Vec<Pair> {
+        let mut pairs = Vec::new();
+        for &(addr, ttl) in &answer.addrs {
+            if addr.is_ipv6() && !how.ipv6 {
+                continue;
+            }
+            for &port in ports {
+                let refresh = match self.until.get(&(addr, port)) {
+                    None => false,
+                    Some(&until) if until >= now.saturating_add(ttl / 2) => continue,
+                    Some(_) => true,
+                };
+                pairs.push(Pair {
+                    addr,
+                    port,
+                    timeout_secs: ttl,
+                    refresh,
+                });
+            }
+        }
+        pairs
+    }
+
+    /// Forgets the pairs the kernel has surely removed.
+    fn forget_expired(&mut self, now: u32) {
+        self.until
+            .retain(|_, until| until.saturating_add(FORGET_AFTER) > now);
+    }
+
+    async fn admit(&mut self, pairs: Vec<Pair>) -> Result<(), String> {
+        let now = self.now();
+        let new = pairs.iter().filter(|p| !p.refresh).count();
+        if self.until.len() + new > MAX_ADMITTED_PAIRS {
+            self.forget_expired(now);
+        }
+        if self.until.len() + new > MAX_ADMITTED_PAIRS {
+            return Err(format!(
+                "admission refused: the job holds {} admitted (address, port) pairs and this answer needs {new} more, beyond the limit of {MAX_ADMITTED_PAIRS}; older pairs expire with their TTL",
+                self.until.len()
+            ));
+        }
+        if pairs.len() > nftset::MAX_PAIRS_PER_BATCH {
+            return Err(format!(
+                "admission refused: the answer needs {} (address, port) pairs, more than {} in one answer",
+                pairs.len(),
+                nftset::MAX_PAIRS_PER_BATCH
+            ));
+        }
+        match self.sets.admit(&pairs).await {
+            Ok(()) => {
+                for p in &pairs {
+                    self.until
+                        .insert((p.addr, p.port), now.saturating_add(p.timeout_secs));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing of the batch was applied, or (an answer that never came) it is
+                // unknown whether it was: either way, the set may hold these pairs with some
+                // timeout. Counted as held, and refreshed when they are admitted next.
+                for p in &pairs {
+                    let until = self.until.entry((p.addr, p.port)).or_insert(now);
+                    *until = (*until).min(now);
+                }
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
 /// Admission: the answered addresses, on every port the policy allows the name, go into the
 /// job's `allowed4` / `allowed6` set for the answer's TTL (floored and capped by the
-/// resolver) before the job sees them.
-fn admitter(ns_path: PathBuf, policy: Arc<EgressPolicy>, names: Names, how: Admit) -> AdmitFn {
-    // When each admitted pair expires from the set, as far as the agent knows: a pair that
-    // is not there is only added (fast); one whose timeout must be extended is refreshed
-    // (delete and add, slower); one that stays long enough is left alone.
-    let admitted: Arc<Mutex<HashMap<(IpAddr, u16), Instant>>> = Arc::default();
+/// resolver) before the job sees them, in one nf_tables batch per answer through the job's
+/// own socket (`sets`; `None` in audit mode, which admits nothing).
+fn admitter(
+    sets: Option<SetSocket>,
+    policy: Arc<EgressPolicy>,
+    names: Names,
+    how: Admit,
+) -> AdmitFn {
+    let admitted = sets.map(|sets| {
+        Arc::new(tokio::sync::Mutex::new(Admitted {
+            sets,
+            epoch: Instant::now(),
+            until: HashMap::new(),
+        }))
+    });
     Arc::new(move |answer: Answer| {
-        let ns_path = ns_path.clone();
         let policy = policy.clone();
         let names = names.clone();
         let admitted = admitted.clone();
@@ -222,56 +342,17 @@ fn admitter(ns_path: PathBuf, policy: Arc<EgressPolicy>, names: Names, how: Admi
             if how.audit_mode {
                 return Ok(());
             }
+            let Some(admitted) = admitted else {
+                return Err("the job has no nf_tables socket to admit addresses with".into());
+            };
             let ports = policy.ports_for(&answer.name);
-            // Batches by (TTL, refresh): nft takes a timeout per element.
-            let mut batches: HashMap<(u32, bool), Vec<(IpAddr, u16)>> = HashMap::new();
-            let now = Instant::now();
-            {
-                let mut known = admitted.lock().unwrap_or_else(|p| p.into_inner());
-                known.retain(|_, until| *until > now);
-                for (addr, ttl) in &answer.addrs {
-                    if addr.is_ipv6() && !how.ipv6 {
-                        continue;
-                    }
-                    let until = now + Duration::from_secs(u64::from(*ttl));
-                    for &port in &ports {
-                        let key = (*addr, port);
-                        let refresh = match known.get(&key) {
-                            None => false,
-                            // Still there for at least half of the new TTL: enough.
-                            Some(old) if *old >= now + Duration::from_secs(u64::from(*ttl / 2)) => {
-                                continue
-                            }
-                            Some(_) => true,
-                        };
-                        batches.entry((*ttl, refresh)).or_default().push(key);
-                        known.insert(key, until);
-                    }
-                }
-            }
-            if batches.is_empty() {
+            let mut admitted = admitted.lock().await;
+            let now = admitted.now();
+            let pairs = admitted.plan(&answer, &ports, how, now);
+            if pairs.is_empty() {
                 return Ok(());
             }
-            let result = tokio::task::spawn_blocking(move || {
-                for ((ttl, refresh), pairs) in batches {
-                    let ruleset = if refresh {
-                        firewall::admit_addresses(&pairs, ttl)
-                    } else {
-                        firewall::add_addresses(&pairs, ttl)
-                    };
-                    firewall::apply_in_netns(&ns_path, ruleset, "admission of answered addresses")
-                        .map_err(|e| e.to_string())?;
-                }
-                Ok(())
-            })
-            .await
-            .map_err(|e| format!("admission task: {e}"))
-            .and_then(|r| r);
-            if result.is_err() {
-                // What the set holds is unknown now: admit everything again next time.
-                admitted.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            }
-            result
+            admitted.admit(pairs).await
         })
     })
 }

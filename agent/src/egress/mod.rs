@@ -3,3 +3,4 @@
 pub mod dns;
 pub mod job;
 pub mod nflog;
+pub mod nftset;

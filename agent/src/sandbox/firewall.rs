@@ -284,7 +284,7 @@ impl Builder {
             elem: None,
             timeout: None,
             gc_interval: None,
-            size: Some(65_536),
+            size: Some(MAX_ADMITTED_PAIRS as u32),
             comment: None,
         })));
     }
@@ -371,7 +371,9 @@ pub fn job_ruleset(ipv6: bool) -> Nftables<'static> {
 }
 
 /// How an egress-controlled job's table is built (issue 4). Addresses a DNS answer allowed
-/// are added to the sets later, by [`add_addresses`] and [`admit_addresses`].
+/// are added to the sets later, by the agent over nf_tables netlink (`egress::nftset`); the
+/// `nft` batches [`add_addresses`] and [`admit_addresses`] do the same with a process, for
+/// tests and as the benchmark's reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressRules {
     /// Audit mode: everything but the blocked ranges is allowed and every new connection
@@ -392,6 +394,10 @@ pub struct EgressRules {
 pub const EXCEPTIONS_SET: &str = "exceptions";
 /// The sets of (address, port) pairs DNS answers admitted, with a timeout per element.
 pub const ALLOWED_SET: &str = "allowed4";
+/// The `size` of each allowed set: the most elements the kernel holds in it. The agent
+/// admits at most this many pairs per job, both sets together (`egress::job`), so the kernel
+/// refusing a full set is a backstop, not the bound a job meets.
+pub const MAX_ADMITTED_PAIRS: usize = 8192;
 pub const ALLOWED_SET6: &str = "allowed6";
 /// Log prefixes the agent's NFLOG reader tells apart.
 pub const LOG_BLOCKED: &str = "block";

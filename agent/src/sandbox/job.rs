@@ -357,7 +357,10 @@ impl Sandboxes {
                 // again at each egress job's start (it may change), so only warn about it.
                 match cfg.egress.dns_config() {
                     Ok(_) => {}
-                    Err(e) if !cfg.egress.upstreams.is_empty() => {
+                    Err(e)
+                        if !cfg.egress.upstreams.is_empty()
+                            || cfg.egress.min_admission_ttl_secs().is_err() =>
+                    {
                         return Err(SandboxError::Config(e));
                     }
                     Err(e) => tracing::warn!(
