@@ -116,7 +116,7 @@ impl Drop for Upstream {
 fn policy(allow: &[&str]) -> airlock::policy::EgressPolicy {
     let list: Vec<String> = allow.iter().map(|a| format!("\"{a}\"")).collect();
     let text = format!(
-        "[[rule]]\nname = \"t\"\n[rule.match]\nrepository = \"acme/t\"\n\
+        "[[rule]]\nname = \"t\"\n[rule.match]\nprovider = \"github\"\nrepository = \"acme/t\"\n\
          [[rule.grant]]\nalias = \"a\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\n\
          [rule.egress]\nallow = [{}]\n",
         list.join(", ")
