@@ -35,8 +35,9 @@ pub fn resolv_conf() -> String {
     )
 }
 
-/// Audit records per job per second, and the burst above it. What exceeds them is counted and
-/// reported in one `egress_audit_dropped` record when the job's egress stops.
+/// Audit-mode records per job per second, and the burst above it. What exceeds them is
+/// counted and reported in one `egress_audit_dropped` record when the job's egress stops.
+/// (Block mode's records go through the job's audit limit: see [`record`].)
 const AUDIT_RATE: f64 = 20.0;
 const AUDIT_BURST: f64 = 100.0;
 /// How long the wipe lets the kernel flush the job's last NFLOG reports.
@@ -401,6 +402,26 @@ fn redact_long_labels(name: &str) -> String {
         .join(".")
 }
 
+/// One egress record of the job. Block mode: what the job's own requests produce (refused
+/// names, errors, blocked packets), within the job's audit limit, like every other record a
+/// job can trigger (the rest counted in `audit_dropped`). Audit mode: every lookup and
+/// connection is the point (`airlock policy suggest` writes the allowlist from them), so a
+/// wider bucket of its own, whose drops are counted in `egress_audit_dropped`.
+fn record(
+    audit: &AuditLog,
+    job: &str,
+    audit_mode: bool,
+    bucket: &mut Bucket,
+    event: &'static str,
+    fields: serde_json::Map<String, serde_json::Value>,
+) {
+    if !audit_mode {
+        audit.job_event(event, job, fields);
+    } else if bucket.take() {
+        audit.submit(event, Some(job), fields);
+    }
+}
+
 /// Turns the job's resolver and NFLOG events into audit records until both channels close.
 /// Block mode records refused names and blocked packets; audit mode also every name resolved
 /// and every new connection.
@@ -424,7 +445,7 @@ async fn audit_events(
                 None => dns_open = false,
                 Some(ev) => {
                     let wanted = audit_mode || !matches!(ev.verdict, Verdict::Allowed);
-                    if wanted && bucket.take() {
+                    if wanted {
                         // A refused name never left the host, and may be a job trying to
                         // smuggle something out in it (its own credentials, say): long
                         // labels are recorded as a fingerprint, not verbatim.
@@ -443,7 +464,7 @@ async fn audit_events(
                         if let Verdict::Error(why) = &ev.verdict {
                             fields.insert("reason".into(), why.clone().into());
                         }
-                        audit.submit("egress_dns", Some(&job), fields);
+                        record(&audit, &job, audit_mode, &mut bucket, "egress_dns", fields);
                     }
                 }
             },
@@ -456,7 +477,7 @@ async fn audit_events(
                     } else {
                         "egress_blocked"
                     };
-                    if bucket.take() {
+                    {
                         let known = names
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
@@ -474,7 +495,7 @@ async fn audit_events(
                         if known.len() > 1 {
                             fields.insert("names".into(), known.into());
                         }
-                        audit.submit(event, Some(&job), fields);
+                        record(&audit, &job, audit_mode, &mut bucket, event, fields);
                     }
                 }
             },
