@@ -642,6 +642,64 @@ fn a_job_can_write_only_its_own_directories() {
     }
 }
 
+/// The runners' own files are hidden in every sandbox, whatever a policy says: the
+/// Buildkite agent's configuration (its registration token) and build path (every
+/// pipeline's checkout), gitlab-runner's configuration (its runner token) and state. The
+/// test puts a world-readable secret in each such directory the host does not have yet
+/// (and removes them afterwards), so only the hiding keeps them from the job.
+#[test]
+fn the_runners_own_files_are_hidden_from_a_job() {
+    let fx = fixture();
+    let mut made = Vec::new();
+    let mut files = Vec::new();
+    for d in [
+        "/etc/buildkite-agent",
+        "/var/lib/buildkite-agent",
+        "/etc/gitlab-runner",
+        "/var/lib/gitlab-runner",
+    ] {
+        let dir = Path::new(d);
+        if dir.exists() {
+            continue;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        set_mode(dir, 0o755);
+        made.push(RemoveDir(dir.to_path_buf()));
+        let f = dir.join("runner-secret");
+        std::fs::write(&f, "RUNNER-TOKEN-NEVER-IN-A-JOB").unwrap();
+        set_mode(&f, 0o644);
+        files.push(f);
+    }
+    assert!(
+        !files.is_empty(),
+        "the host has every runner directory already: nothing to test with"
+    );
+    let list: Vec<String> = files
+        .iter()
+        .map(|f| format!("{:?}", f.display().to_string()))
+        .collect();
+    let r = fx.probe(&format!(
+        r#"
+for f in [{files}]:
+    py("read:" + f, lambda f=f: open(f).read())
+"#,
+        files = list.join(", ")
+    ));
+    for f in &files {
+        r.expect(&format!("read:{}", f.display()), "ENOENT");
+    }
+    drop(made);
+}
+
+/// Removes a directory the test made, with what is in it.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn airlocks_files_and_root_are_hidden_from_a_job() {
     let fx = fixture();
