@@ -57,6 +57,15 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection whose response cannot be written for this long (the job does not read
 /// it) is closed.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Answers that are not a success (refusals, wrong tokens, unknown paths) a job gets at
+/// once per second, and in a burst: beyond that each waits its turn before it is sent, on
+/// its connection. A job that floods the agent with refused requests therefore makes it do
+/// about this much work a second, its connections wait (and with them, through the
+/// connection cap, its new ones), and every other job's requests are not queued behind
+/// its flood. A well-behaved job is never refused that often; successful answers are
+/// never held.
+pub const REFUSALS_PER_SECOND: f64 = 20.0;
+pub const REFUSAL_BURST: f64 = 100.0;
 /// A request body (`POST /v1/bind`) must arrive in full within this time.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -129,6 +138,9 @@ pub struct JobEndpoint {
     conn_slots: OnceLock<Arc<Semaphore>>,
     /// Connections of this job open now.
     live: Arc<AtomicUsize>,
+    /// The refusal pacing bucket: tokens (may go below zero while answers wait) and when
+    /// it was last refilled.
+    refusal_pace: Mutex<(f64, Instant)>,
 }
 
 impl JobEndpoint {
@@ -158,6 +170,7 @@ impl JobEndpoint {
             imds_tokens: Mutex::new(HashMap::new()),
             conn_slots: OnceLock::new(),
             live: Arc::new(AtomicUsize::new(0)),
+            refusal_pace: Mutex::new((REFUSAL_BURST, Instant::now())),
         }
     }
 
@@ -212,6 +225,22 @@ impl JobEndpoint {
         }
         toks.insert(h, now + ttl);
         token
+    }
+
+    /// How long the next answer that is not a success must wait (see
+    /// [`REFUSALS_PER_SECOND`]); `None`: not at all. Takes its token now, so answers that
+    /// wait line up one after the other.
+    fn refusal_delay(&self, now: Instant) -> Option<Duration> {
+        let mut b = self.refusal_pace.lock().unwrap_or_else(|p| p.into_inner());
+        let elapsed = now.saturating_duration_since(b.1).as_secs_f64();
+        b.0 = (b.0 + elapsed * REFUSALS_PER_SECOND).min(REFUSAL_BURST);
+        b.1 = now;
+        b.0 -= 1.0;
+        if b.0 >= 0.0 {
+            None
+        } else {
+            Some(Duration::from_secs_f64(-b.0 / REFUSALS_PER_SECOND))
+        }
     }
 
     fn imds_token_valid(&self, presented: &[u8]) -> bool {
@@ -557,6 +586,11 @@ async fn handle<S: CredentialSource>(
 ) -> Resp {
     let resp = route(req, job, shared).await;
     shared.metrics.request(outcome_of(resp.status()));
+    if !resp.status().is_success() {
+        if let Some(wait) = job.refusal_delay(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
     resp
 }
 
@@ -1035,6 +1069,64 @@ mod tests {
     fn get(addr: SocketAddr, path: &str, extra: &str) -> Vec<u8> {
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n")
             .into_bytes()
+    }
+
+    #[test]
+    fn refusals_beyond_the_burst_wait_their_turn_and_the_rate_refills() {
+        let job = JobEndpoint::new(
+            "j1".into(),
+            [0; 32],
+            "127.0.0.1:80".parse().unwrap(),
+            "eu-west-1".into(),
+            true,
+        );
+        let t0 = Instant::now();
+        let waits: Vec<Option<Duration>> = (0..REFUSAL_BURST as usize + 3)
+            .map(|_| job.refusal_delay(t0))
+            .collect();
+        assert!(waits[..REFUSAL_BURST as usize].iter().all(Option::is_none));
+        // Beyond the burst, at the same instant: one, two, three rate intervals.
+        let step = 1.0 / REFUSALS_PER_SECOND;
+        for (i, w) in waits[REFUSAL_BURST as usize..].iter().enumerate() {
+            let w = w.expect("a refusal beyond the burst waits").as_secs_f64();
+            assert!((w - step * (i + 1) as f64).abs() < 1e-6, "{i}: {w}");
+        }
+        // A second later the debt is paid and REFUSALS_PER_SECOND - 3 pass at once.
+        let t1 = t0 + Duration::from_secs(1);
+        let passed = (0..REFUSALS_PER_SECOND as usize)
+            .filter(|_| job.refusal_delay(t1).is_none())
+            .count();
+        assert_eq!(passed, REFUSALS_PER_SECOND as usize - 3);
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_refused_requests_is_paced_while_good_ones_are_not() {
+        let (addr, job, _dir) = start().await;
+        // Use the burst up.
+        for _ in 0..REFUSAL_BURST as usize {
+            assert!(job.refusal_delay(Instant::now()).is_none());
+        }
+        let t = Instant::now();
+        let (status, _) = raw(
+            addr,
+            &get(addr, "/v1/credentials", "Authorization: wrong\r\n"),
+        )
+        .await;
+        assert_eq!(status, 403);
+        assert!(
+            t.elapsed() >= Duration::from_secs_f64(0.9 / REFUSALS_PER_SECOND),
+            "{:?}",
+            t.elapsed()
+        );
+        let t = Instant::now();
+        let auth = format!("Authorization: {TOKEN}\r\n");
+        let (status, _) = raw(addr, &get(addr, "/v1/credentials", &auth)).await;
+        assert_eq!(status, 200);
+        assert!(
+            t.elapsed() < Duration::from_secs_f64(0.9 / REFUSALS_PER_SECOND),
+            "{:?}",
+            t.elapsed()
+        );
     }
 
     #[tokio::test]
