@@ -43,6 +43,8 @@ const NAME: &str = "victim.bench.test";
 const MEASURE: Duration = Duration::from_secs(10);
 /// How long an attack runs before B starts measuring.
 const RAMP: Duration = Duration::from_secs(4);
+/// The pause after an attack's job ends, before B's next quiet reference.
+const SETTLE: Duration = Duration::from_secs(3);
 
 const POLICY: &str = r#"
 [egress]
@@ -274,11 +276,13 @@ struct Probe {
     errors: Vec<String>,
 }
 
-fn probe(stack: &Stack, token_file: &Path) -> Res<Probe> {
+/// One measurement of B: its probe run in B's existing sandbox (`airlock job exec`), so
+/// every run is the same long-lived job, its credentials cached and its name admitted.
+fn probe(stack: &Stack, b_job: &str) -> Res<Probe> {
     let out = stack.agent.cli(&[
-        "run",
-        "--oidc-token-file",
-        token_file.to_str().ok_or("token path")?,
+        "job",
+        "exec",
+        b_job,
         "--",
         "/usr/bin/python3",
         "-c",
@@ -337,10 +341,14 @@ fn run() -> Res<()> {
     );
     let pid = stack.agent.pid().ok_or("the agent has no pid")?;
     let who = |n: u64| GithubJob::production().with_run_id(9_800_000 + n).token();
-    let b_token = stack.agent.token_file(&who(1));
+    let b = stack
+        .agent
+        .start_job(&who(1))
+        .map_err(|e| format!("job B did not start: {e}"))?;
+    let b_job = b.job_id;
 
     // Warm-up (first fetch from STS, first admission).
-    probe(&stack, &b_token)?;
+    probe(&stack, &b_job)?;
     let (fds0, rss0) = agent_cost(pid);
     let mut kv = Vec::new();
     let mut quiet_cred = Vec::new();
@@ -359,7 +367,9 @@ fn run() -> Res<()> {
     ];
     for (i, (name, argv)) in attacks.iter().enumerate() {
         // The reference: B alone, just before the attack (a shared machine's load drifts).
-        let quiet = probe(&stack, &b_token)?;
+        // Whatever the last attack left (its wipe's background reclaim) settles first.
+        std::thread::sleep(SETTLE);
+        let quiet = probe(&stack, &b_job)?;
         let (qc, qd) = (p99(&quiet.cred), p99(&quiet.dns));
         quiet_cred.push(qc);
         quiet_dns.push(qd);
@@ -370,7 +380,7 @@ fn run() -> Res<()> {
         let sampler = Sampler::start(pid);
         let before = audit_lines(&stack, &a.job);
         let t0 = Instant::now();
-        let result = probe(&stack, &b_token);
+        let result = probe(&stack, &b_job);
         let took = t0.elapsed();
         let after = audit_lines(&stack, &a.job);
         let (fds, rss) = sampler.finish();
