@@ -67,7 +67,7 @@ allow = ["*.bench.test:443"]
 "#;
 
 /// B's loop, inside its sandbox: a credential GET on a new connection (as botocore does)
-/// and an A lookup, each timed, every 10 ms, for ARGV[1] seconds.
+/// and an A lookup, each timed, every 2 ms, for ARGV[1] seconds.
 const PROBE: &str = r#"
 import json, os, random, socket, struct, sys, time
 dur = float(sys.argv[1]); name = sys.argv[2]
@@ -98,7 +98,7 @@ while time.monotonic() < end:
             f(); out.append(int((time.monotonic() - t) * 1e6))
         except Exception as e:
             errors.append("%s: %s" % (kind, str(e)[:100]))
-    time.sleep(0.01)
+    time.sleep(0.002)
 print("PROBE " + json.dumps({"cred": cred, "dns": dns, "errors": errors}), flush=True)
 "#;
 
@@ -175,6 +175,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The agent's CPU time so far (user + system), in clock ticks.
+fn agent_cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.get(s.rfind(')')? + 2..)?.to_string();
+            let f: Vec<&str> = rest.split(' ').collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
 }
 
 /// The agent's open descriptors and RSS (KiB) now.
@@ -379,9 +391,12 @@ fn run() -> Res<()> {
         std::thread::sleep(RAMP);
         let sampler = Sampler::start(pid);
         let before = audit_lines(&stack, &a.job);
+        let cpu0 = agent_cpu_ticks(pid);
         let t0 = Instant::now();
         let result = probe(&stack, &b_job);
         let took = t0.elapsed();
+        // Clock ticks are 100 a second on Linux (USER_HZ).
+        let cpu_pct = (agent_cpu_ticks(pid).saturating_sub(cpu0)) as f64 / took.as_secs_f64();
         let after = audit_lines(&stack, &a.job);
         let (fds, rss) = sampler.finish();
         // End A: its cgroup is killed, whatever it did to its signals.
@@ -394,7 +409,7 @@ fn run() -> Res<()> {
         worst = worst.max(rc).max(rd);
         b_errors += r.errors.len();
         println!(
-            "{name}: B's credential GET p99 {c} µs ({rc:.2}× its quiet {qc} µs just before), lookup p99 {d} µs ({rd:.2}× {qd} µs), {} errors{}; agent at most {fds} descriptors (+{}), RSS {rss} KiB (+{}); A's audit {per_min:.0} lines/min",
+            "{name}: B's credential GET p99 {c} µs ({rc:.2}× its quiet {qc} µs just before), lookup p99 {d} µs ({rd:.2}× {qd} µs), {} errors{}; agent at most {fds} descriptors (+{}), RSS {rss} KiB (+{}), CPU {cpu_pct:.0}% of a core; A's audit {per_min:.0} lines/min",
             r.errors.len(),
             r.errors
                 .first()
@@ -412,6 +427,7 @@ fn run() -> Res<()> {
         kv.push(format!("{name}_agent_fds_max={fds}"));
         kv.push(format!("{name}_agent_rss_kib_max={rss}"));
         kv.push(format!("{name}_audit_lines_per_min={per_min:.0}"));
+        kv.push(format!("{name}_agent_cpu_pct={cpu_pct:.0}"));
     }
     let median = |v: &mut Vec<u64>| {
         v.sort_unstable();
