@@ -42,7 +42,7 @@ const NAME: &str = "victim.bench.test";
 /// How long B measures, quiet and under each attack.
 const MEASURE: Duration = Duration::from_secs(8);
 /// Quiet and attacked windows per attack, in turn.
-const ROUNDS: usize = 2;
+const ROUNDS: usize = 3;
 /// How long an attack runs before B starts measuring.
 const RAMP: Duration = Duration::from_secs(4);
 /// The pause after an attack's job ends, before B's next quiet reference.
