@@ -257,37 +257,7 @@ pub fn mask_kernel_path(root_dir: &Path, path: &Path) -> Result<bool, Error> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(Error::Resolve(path.to_path_buf(), e)),
     };
-    if meta.is_dir() {
-        mnt(
-            "an empty tmpfs over a masked kernel directory",
-            Some(Path::new("tmpfs")),
-            &target,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
-            Some("size=4096,mode=0555"),
-        )?;
-    } else {
-        mnt(
-            "/dev/null over a masked kernel file",
-            Some(Path::new("/dev/null")),
-            &target,
-            None,
-            MsFlags::MS_BIND,
-            None,
-        )?;
-        mnt(
-            "/dev/null over a masked kernel file (read-only)",
-            None,
-            &target,
-            None,
-            MsFlags::MS_BIND
-                | MsFlags::MS_REMOUNT
-                | MsFlags::MS_RDONLY
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NOEXEC,
-            None,
-        )?;
-    }
+    cover(&target, meta.is_dir(), Cover::Masked)?;
     Ok(true)
 }
 
@@ -721,40 +691,66 @@ pub fn hide(root_dir: &Path, path: &Path) -> Result<bool, Error> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(Error::Resolve(target, e)),
     };
-    let ro = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
-    if meta.is_dir() {
-        mnt(
-            "an empty tmpfs over a hidden directory",
-            Some(Path::new("tmpfs")),
-            &target,
-            Some("tmpfs"),
-            ro,
-            Some("size=4096,mode=0755"),
-        )?;
-    } else {
-        mnt(
-            "/dev/null over a hidden file",
-            Some(Path::new("/dev/null")),
-            &target,
-            None,
-            MsFlags::MS_BIND,
-            None,
-        )?;
-        mnt(
-            "/dev/null over a hidden file (read-only)",
-            None,
-            &target,
-            None,
-            // Not nodev: the cover is /dev/null itself, which must stay openable.
-            MsFlags::MS_BIND
-                | MsFlags::MS_REMOUNT
-                | MsFlags::MS_RDONLY
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NOEXEC,
-            None,
-        )?;
-    }
+    cover(&target, meta.is_dir(), Cover::Hidden)?;
     Ok(true)
+}
+
+/// Why a path is covered: hidden host paths and masked kernel paths get the same covers,
+/// with their own names in errors (and kernel directories a mode without write bits).
+#[derive(Debug, Clone, Copy)]
+enum Cover {
+    Hidden,
+    Masked,
+}
+
+/// Covers `target`: a directory with an empty read-only tmpfs, anything else (file,
+/// socket, device) with a read-only `/dev/null`.
+fn cover(target: &Path, is_dir: bool, why: Cover) -> Result<(), Error> {
+    let (dir, file, file_ro, mode) = match why {
+        Cover::Hidden => (
+            "an empty tmpfs over a hidden directory",
+            "/dev/null over a hidden file",
+            "/dev/null over a hidden file (read-only)",
+            "size=4096,mode=0755",
+        ),
+        Cover::Masked => (
+            "an empty tmpfs over a masked kernel directory",
+            "/dev/null over a masked kernel file",
+            "/dev/null over a masked kernel file (read-only)",
+            "size=4096,mode=0555",
+        ),
+    };
+    if is_dir {
+        return mnt(
+            dir,
+            Some(Path::new("tmpfs")),
+            target,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+            Some(mode),
+        );
+    }
+    mnt(
+        file,
+        Some(Path::new("/dev/null")),
+        target,
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )?;
+    mnt(
+        file_ro,
+        None,
+        target,
+        None,
+        // Not nodev: the cover is /dev/null itself, which must stay openable.
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NOEXEC,
+        None,
+    )
 }
 
 /// `pivot_root(".", ".")` in `root_dir` and lazy unmount of the old root stacked on top (the
