@@ -57,21 +57,13 @@ pub const BOOTSTRAP_NAME: &str = "buildkite-agent";
 /// The archiver that streams the checkout into the sandbox (GNU tar, in `/bin` on every
 /// distribution, merged `/usr` or not).
 const TAR: &str = "/bin/tar";
-/// The only `PATH` a program the hooks start gets.
-const FIXED_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 /// What `buildkite-agent oidc request-token` needs of the job's environment (its session
-/// token, endpoint and job) and the proxy settings the host may need; nothing else of it.
+/// token, endpoint and job); with the host's proxy settings, nothing else of it.
 const AGENT_ENV: &[&str] = &[
     "BUILDKITE_AGENT_ACCESS_TOKEN",
     "BUILDKITE_AGENT_ENDPOINT",
     "BUILDKITE_JOB_ID",
     "BUILDKITE_AGENT_DEBUG",
-    "HTTPS_PROXY",
-    "HTTP_PROXY",
-    "NO_PROXY",
-    "https_proxy",
-    "http_proxy",
-    "no_proxy",
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -210,14 +202,13 @@ fn describe(env: &Env) -> String {
 /// (its stdout; its stderr goes to the job's log).
 pub async fn request_oidc_token(env: &Env, args: &HookArgs) -> Result<Secret<String>, HookError> {
     let program = agent_program(args)?;
-    let mut cmd = tokio::process::Command::new(program);
-    // An environment of our own: the fixed PATH, and only what the agent needs of the job's.
-    cmd.env_clear().env("PATH", FIXED_PATH);
-    for k in AGENT_ENV {
-        if let Some(v) = var(env, k) {
-            cmd.env(k, v);
-        }
-    }
+    let pass: Vec<&str> = AGENT_ENV
+        .iter()
+        .chain(crate::childenv::PROXY)
+        .copied()
+        .collect();
+    let mut cmd = crate::childenv::command(program, &pass, |k| var(env, k).map(String::from))
+        .map_err(|e| fail(exit::CONFIG, format!("airlock: --buildkite-agent {e}")))?;
     cmd.args(["oidc", "request-token", "--audience", &args.audience]);
     if args.token_lifetime > 0 {
         cmd.args(["--lifetime", &args.token_lifetime.to_string()]);
@@ -419,9 +410,8 @@ fn checkout_dir(env: &Env, repository: Option<&str>) -> Result<Option<PathBuf>, 
 /// permissions, by absolute path and with an environment of our own (`TAR_OPTIONS` from a
 /// pipeline must not reach it). Symbolic links are archived as links, never followed.
 fn tar_checkout(dir: &Path) -> Result<tokio::process::Child, HookError> {
-    tokio::process::Command::new(TAR)
-        .env_clear()
-        .env("PATH", FIXED_PATH)
+    crate::childenv::command(Path::new(TAR), &[], |_| None)
+        .map_err(|e| fail(exit::SOFTWARE, format!("airlock: {e}")))?
         .arg("-C")
         .arg(dir)
         .args(["--one-file-system", "-c", "-f", "-", "."])

@@ -514,19 +514,27 @@ impl Client {
         }
     }
 
+    /// A connection to the agent, served in the background (upgrades allowed: `run`).
+    async fn connect(
+        &self,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ControlError> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| ControlError::Connect(self.socket.clone(), e))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ControlError::Protocol(e.to_string()))?;
+        tokio::spawn(conn.with_upgrades());
+        Ok(sender)
+    }
+
     async fn call<T: for<'de> Deserialize<'de>>(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, ControlError> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| ControlError::Connect(self.socket.clone(), e))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ControlError::Protocol(e.to_string()))?;
-        tokio::spawn(conn);
+        let mut sender = self.connect().await?;
         let req = Request::builder()
             .method(method)
             .uri(path)
@@ -555,13 +563,7 @@ impl Client {
     /// `run` is served on ([`run_wire`]), after the agent's ready byte.
     pub async fn attach_run(&self, job: &str, run: &str) -> Result<UnixStream, ControlError> {
         use tokio::io::AsyncReadExt;
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| ControlError::Connect(self.socket.clone(), e))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ControlError::Protocol(e.to_string()))?;
-        tokio::spawn(conn.with_upgrades());
+        let mut sender = self.connect().await?;
         let body = serde_json::to_vec(&RunRequest { run: run.into() })
             .map_err(|e| ControlError::Protocol(e.to_string()))?;
         let req = Request::builder()

@@ -1239,34 +1239,23 @@ async fn one_job(
 }
 
 /// What `jitconfig_command` gets of the supervisor's environment besides `PATH` and
-/// `AIRLOCK_SLOT`: where it may write, its language, and the host's proxies.
-const JITCONFIG_ENV: &[&str] = &[
-    "HOME",
-    "LANG",
-    "HTTPS_PROXY",
-    "HTTP_PROXY",
-    "NO_PROXY",
-    "https_proxy",
-    "http_proxy",
-    "no_proxy",
-];
+/// `AIRLOCK_SLOT` (and the proxy settings): where it may write, its language.
+const JITCONFIG_ENV: &[&str] = &["HOME", "LANG"];
 
 async fn jit_config(slot: u32, cfg: &SupervisorConfig) -> Result<Secret<String>, String> {
     // An environment of our own: the supervisor's variables (systemd's) are not the
     // command's business, and nothing reaches a program path through them.
-    let mut cmd = tokio::process::Command::new(&cfg.jitconfig_command[0]);
+    let pass: Vec<&str> = JITCONFIG_ENV
+        .iter()
+        .chain(crate::childenv::PROXY)
+        .copied()
+        .collect();
+    let mut cmd = crate::childenv::command(Path::new(&cfg.jitconfig_command[0]), &pass, |k| {
+        std::env::var(k).ok()
+    })
+    .map_err(|e| format!("jitconfig_command: {e}"))?;
     cmd.args(&cfg.jitconfig_command[1..])
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
         .env("AIRLOCK_SLOT", slot.to_string());
-    for k in JITCONFIG_ENV {
-        if let Some(v) = std::env::var_os(k) {
-            cmd.env(k, v);
-        }
-    }
     let out = cmd
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod audit;
 pub mod broker;
 pub mod buildkite;
+pub mod childenv;
 pub mod config;
 pub mod control;
 pub mod daemon;
