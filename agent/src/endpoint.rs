@@ -226,23 +226,29 @@ pub async fn serve<S: CredentialSource>(
             }
         };
         let _ = stream.set_nodelay(true);
+        tokio::spawn(serve_connection(stream, job.clone(), shared.clone()));
+    }
+}
+
+/// One accepted connection of the job, served until it closes. Any byte stream will do: the
+/// fuzz target feeds it raw HTTP/1.1 over an in-memory pipe ([`crate::fuzzing`]).
+pub(crate) async fn serve_connection<S, I>(io: I, job: Arc<JobEndpoint>, shared: Arc<Shared<S>>)
+where
+    S: CredentialSource,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
         let job = job.clone();
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let job = job.clone();
-                let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(req, &job, &shared).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), svc);
-            // Malformed requests end here with hyper's own 400/431; nothing else is affected.
-            let _ = conn.await;
-        });
-    }
+        async move { Ok::<_, std::convert::Infallible>(handle(req, &job, &shared).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(5))
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(io), svc);
+    // Malformed requests end here with hyper's own 400/431; nothing else is affected.
+    let _ = conn.await;
 }
 
 type Resp = Response<Full<Bytes>>;

@@ -14,6 +14,9 @@ pub mod daemon;
 pub mod egress;
 pub mod endpoint;
 pub mod exit;
+/// Entry points for the fuzz targets (`fuzz/`) into private parts; see the module.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod github;
 pub mod gitlab;
 pub mod http_client;

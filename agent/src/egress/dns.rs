@@ -178,7 +178,7 @@ impl DnsConfig {
         Ok(DnsConfig::new(upstreams))
     }
 
-    fn check(&self) -> Result<(), DnsError> {
+    pub(crate) fn check(&self) -> Result<(), DnsError> {
         if self.upstreams.is_empty() {
             return Err(DnsError::NoUpstreams);
         }
@@ -305,13 +305,7 @@ pub fn serve(
     tcp.set_nonblocking(true).map_err(socket_err("TCP"))?;
     let udp = UdpSocket::from_std(udp).map_err(socket_err("UDP"))?;
     let tcp = TcpListener::from_std(tcp).map_err(socket_err("TCP"))?;
-    let resolver = Arc::new(Resolver {
-        cfg,
-        allow,
-        audit_mode,
-        admit,
-        events,
-    });
+    let resolver = Arc::new(Resolver::new(cfg, allow, audit_mode, admit, events));
     let (stop, stopped) = oneshot::channel();
     Ok(DnsServer {
         task: tokio::spawn(run(resolver, udp, tcp, stopped)),
@@ -355,7 +349,7 @@ pub async fn time_lookups(
 }
 
 /// One job's resolver: its configuration and the caller's hooks.
-struct Resolver {
+pub(crate) struct Resolver {
     cfg: DnsConfig,
     allow: AllowFn,
     audit_mode: bool,
@@ -363,8 +357,9 @@ struct Resolver {
     events: mpsc::Sender<DnsEvent>,
 }
 
+/// How a query of the job arrived (a UDP reply may have to be truncated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Transport {
+pub(crate) enum Transport {
     Udp,
     Tcp,
 }
@@ -469,8 +464,25 @@ async fn serve_connection(
 }
 
 impl Resolver {
+    /// `cfg` must have passed [`DnsConfig::check`].
+    pub(crate) fn new(
+        cfg: DnsConfig,
+        allow: AllowFn,
+        audit_mode: bool,
+        admit: AdmitFn,
+        events: mpsc::Sender<DnsEvent>,
+    ) -> Resolver {
+        Resolver {
+            cfg,
+            allow,
+            audit_mode,
+            admit,
+            events,
+        }
+    }
+
     /// The reply to one query of the job, or `None` to send nothing (not a query at all).
-    async fn answer(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+    pub(crate) async fn answer(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
         let request = match Message::from_vec(query) {
             Ok(request) => request,
             Err(_) => return self.unreadable(query),
