@@ -45,6 +45,17 @@ struct Upstream {
     reply: Vec<u8>,
     raw_first: bool,
     asked: Vec<Query>,
+    /// Every address in what it sent, as each message sent parses (the query's ID, patched
+    /// in, can change how a compression pointer to the header reads).
+    sent_ips: Vec<IpAddr>,
+}
+
+impl Upstream {
+    fn sent(&mut self, message: &[u8]) {
+        if let Ok(m) = Message::from_vec(message) {
+            self.sent_ips.extend(ips(&m));
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -125,12 +136,16 @@ async fn serve_udp(socket: UdpSocket, state: Arc<Mutex<Upstream>>) {
         let Ok(query) = Message::from_vec(&buf[..len]) else {
             continue;
         };
-        let mut answers = {
+        let answers = {
             let mut s = state.lock().unwrap();
             s.asked.extend(query.queries.iter().cloned());
-            replies_for(&query, &s.reply, s.raw_first)
+            let mut answers = replies_for(&query, &s.reply, s.raw_first);
+            answers.push(servfail(&query));
+            for a in &answers {
+                s.sent(a);
+            }
+            answers
         };
-        answers.push(servfail(&query));
         for a in answers {
             let _ = socket.send_to(&a, peer).await;
         }
@@ -156,10 +171,12 @@ async fn serve_tcp(listener: TcpListener, state: Arc<Mutex<Upstream>>) {
         let answer = {
             let mut s = state.lock().unwrap();
             s.asked.extend(query.queries.iter().cloned());
-            replies_for(&query, &s.reply, s.raw_first)
+            let answer = replies_for(&query, &s.reply, s.raw_first)
                 .into_iter()
                 .next()
-                .unwrap_or_else(|| servfail(&query))
+                .unwrap_or_else(|| servfail(&query));
+            s.sent(&answer);
+            answer
         };
         let Ok(n) = u16::try_from(answer.len()) else {
             continue;
@@ -263,6 +280,7 @@ fn exercise(data: &[u8]) -> Option<Outcome> {
         u.reply = reply.to_vec();
         u.raw_first = raw_first;
         u.asked.clear();
+        u.sent_ips.clear();
     }
     {
         let mut a = h.admission.lock().unwrap();
@@ -280,16 +298,16 @@ fn exercise(data: &[u8]) -> Option<Outcome> {
             .expect("the resolver did not answer within 20 s")
     });
 
-    let sent_ips = Message::from_vec(reply)
-        .map(|m| ips(&m))
-        .unwrap_or_default();
     let job_query = Message::from_vec(query).ok();
     let job_name = job_query
         .as_ref()
         .and_then(|q| q.queries.first())
         .and_then(|q| host_name(q.name()));
 
-    let asked = std::mem::take(&mut h.upstream.lock().unwrap().asked);
+    let (asked, sent_ips) = {
+        let mut u = h.upstream.lock().unwrap();
+        (std::mem::take(&mut u.asked), std::mem::take(&mut u.sent_ips))
+    };
     for q in &asked {
         let name = host_name(q.name());
         assert!(
