@@ -306,7 +306,10 @@ fn exercise(data: &[u8]) -> Option<Outcome> {
 
     let (asked, sent_ips) = {
         let mut u = h.upstream.lock().unwrap();
-        (std::mem::take(&mut u.asked), std::mem::take(&mut u.sent_ips))
+        (
+            std::mem::take(&mut u.asked),
+            std::mem::take(&mut u.sent_ips),
+        )
     };
     for q in &asked {
         let name = host_name(q.name());
