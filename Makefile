@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build deps test lint fmt-check clippy unit e2e demo bench clean-demo help package
+.PHONY: all build deps test lint fmt-check clippy unit e2e demo bench clean-demo help package fuzz fuzz-smoke
 
 all: build
 
@@ -10,7 +10,8 @@ help:
 	@echo "make build   - cargo build --bins (airlockd, airlock, airlock-testkit, ...)"
 	@echo "make deps    - install the pinned test clients (python venv + node modules)"
 	@echo "make lint    - cargo fmt --check and clippy -D warnings"
-	@echo "make test    - deps, lint, build, every test (unit + end-to-end)"
+	@echo "make test    - deps, lint, build, every test (unit + end-to-end), a short fuzz run"
+	@echo "make fuzz    - long fuzz runs (FUZZ_SECONDS per target, FUZZ_TARGETS; docs/testing.md)"
 	@echo "make demo    - a production job gets credentials, a feature branch is refused"
 	@echo "make bench   - the performance benchmark (release build)"
 	@echo "make package - release .deb and .rpm in target/packages (docs/packaging.md)"
@@ -23,6 +24,7 @@ deps:
 
 fmt-check:
 	$(CARGO) fmt --all --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml --check
 
 clippy:
 	$(CARGO) clippy --all-targets -- -D warnings
@@ -30,14 +32,27 @@ clippy:
 lint: fmt-check clippy
 
 # The end-to-end tests run the binaries built here; `cargo test` alone does not build them
-# for another crate's tests.
+# for another crate's tests. The short fuzz run comes first, so the test runner's summary
+# stays the last thing printed.
 test: deps lint build
+	$(MAKE) fuzz-smoke
 	@if command -v cargo-nextest >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
 		echo "cargo-nextest not found: falling back to cargo test"; \
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
+
+# Fuzzing (docs/testing.md, "Fuzzing"): the self-test and about ten seconds of each target
+# in `make test`; long runs with `FUZZ_SECONDS=3600 make fuzz` (seconds per target,
+# FUZZ_TARGETS="dns endpoint" to choose). A crash fails either.
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?=
+fuzz-smoke:
+	scripts/fuzz.sh smoke
+
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh run $(FUZZ_TARGETS)
 
 unit:
 	$(CARGO) test --workspace --lib --bins

@@ -7,6 +7,7 @@
 #   - nftables (`nft`), as root on Debian, for the outbound sandbox tests;
 #   - rsyslog (the audit anchor test's syslog receiver) and systemd's journald (its journal),
 #     as root on Debian.
+#   - a C++ compiler (g++), as root on Debian, for libFuzzer in the fuzz targets.
 # Idempotent: a stamp holding the hash of the pins makes a second run a no-op.
 # Needs python3 (with venv), node >= 20 and npm. As root on Debian it installs python3-venv
 # when missing; it never uses sudo.
@@ -66,6 +67,21 @@ elif [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null
 else
     say "warning: systemd-journald not found: the audit anchor test needs it (Debian: apt-get install systemd)"
+fi
+
+# --- C++ compiler ------------------------------------------------------------------------
+# The fuzz targets (scripts/fuzz.sh, run by `make test`) link libFuzzer, which the pinned
+# libfuzzer-sys crate compiles from its C++ sources (Debian package g++, the stable
+# release's version).
+if command -v c++ >/dev/null || command -v g++ >/dev/null; then
+    say "C++ compiler found: $(command -v c++ || command -v g++)"
+elif [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "installing g++ with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
+    say "installed $(g++ --version | head -1)"
+else
+    say "warning: no C++ compiler: the fuzz targets need one (Debian: apt-get install g++, as root)"
 fi
 
 # --- Python venv -------------------------------------------------------------------------

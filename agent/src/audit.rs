@@ -408,12 +408,16 @@ impl Filter {
 pub fn query(path: &Path, filter: &Filter) -> Result<Vec<Map<String, Value>>, VerifyError> {
     let f = File::open(path)
         .map_err(|e| VerifyError::Read(path.display().to_string(), e.to_string()))?;
-    Ok(BufReader::new(f)
-        .lines()
+    Ok(query_reader(BufReader::new(f), filter))
+}
+
+/// [`query`] of a log already open: the records of `r` that match `filter`, in order.
+pub fn query_reader(r: impl BufRead, filter: &Filter) -> Vec<Map<String, Value>> {
+    r.lines()
         .map_while(Result::ok)
         .filter_map(|l| serde_json::from_str::<Map<String, Value>>(&l).ok())
         .filter(|r| filter.matches(r))
-        .collect())
+        .collect()
 }
 
 /// Build a field map: `fields!{"role_arn" => arn, "duration" => 3600}`.

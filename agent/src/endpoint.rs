@@ -390,26 +390,37 @@ pub async fn serve<S: CredentialSource>(
             }
         };
         let _ = stream.set_nodelay(true);
-        let job = job.clone();
-        let shared = shared.clone();
         let live = LiveConn::new(job.live.clone());
+        let io = WriteDeadline::new(stream, limits.write);
+        let (job, shared) = (job.clone(), shared.clone());
         tokio::spawn(async move {
             let _slots = (job_slot, global_slot, live);
-            let svc = service_fn(move |req| {
-                let job = job.clone();
-                let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(req, &job, &shared).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.idle)
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(WriteDeadline::new(stream, limits.write)), svc);
-            // Malformed requests end here with hyper's own 400/431, timeouts with the
-            // connection closed; nothing else is affected.
-            let _ = conn.await;
+            serve_connection(io, job, shared).await;
         });
     }
+}
+
+/// One accepted connection of the job, served until it closes. Any byte stream will do: the
+/// fuzz target feeds it raw HTTP/1.1 over an in-memory pipe ([`crate::fuzzing`]).
+pub(crate) async fn serve_connection<S, I>(io: I, job: Arc<JobEndpoint>, shared: Arc<Shared<S>>)
+where
+    S: CredentialSource,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let idle = shared.conns.limits.idle;
+    let svc = service_fn(move |req| {
+        let job = job.clone();
+        let shared = shared.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(req, &job, &shared).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle)
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(io), svc);
+    // Malformed requests end here with hyper's own 400/431, timeouts with the connection
+    // closed; nothing else is affected.
+    let _ = conn.await;
 }
 
 /// Counts one open connection of a job for as long as it lives.

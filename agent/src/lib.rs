@@ -16,6 +16,9 @@ pub mod egress;
 pub mod endpoint;
 pub mod exit;
 pub mod fd_budget;
+/// Entry points for the fuzz targets (`fuzz/`) into private parts; see the module.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod github;
 pub mod gitlab;
 pub mod http_client;

@@ -233,7 +233,7 @@ impl DnsConfig {
         Ok(DnsConfig::new(upstreams))
     }
 
-    fn check(&self) -> Result<(), DnsError> {
+    pub(crate) fn check(&self) -> Result<(), DnsError> {
         if self.upstreams.is_empty() {
             return Err(DnsError::NoUpstreams);
         }
@@ -561,16 +561,7 @@ pub fn serve(
     tcp.set_nonblocking(true).map_err(socket_err("TCP"))?;
     let udp = UdpSocket::from_std(udp).map_err(socket_err("UDP"))?;
     let tcp = TcpListener::from_std(tcp).map_err(socket_err("TCP"))?;
-    let resolver = Arc::new(Resolver {
-        cache: std::sync::Mutex::new(Cache::new(cfg.cache_entries, cfg.cache_bytes)),
-        query_limit: std::sync::Mutex::new(Bucket::new(cfg.query_rate)),
-        upstream_limit: std::sync::Mutex::new(Bucket::new(cfg.upstream_rate)),
-        cfg,
-        allow,
-        audit_mode,
-        admit,
-        events,
-    });
+    let resolver = Arc::new(Resolver::new(cfg, allow, audit_mode, admit, events));
     let (stop, stopped) = oneshot::channel();
     Ok(DnsServer {
         task: tokio::spawn(run(resolver, udp, tcp, stopped)),
@@ -614,7 +605,7 @@ pub async fn time_lookups(
 }
 
 /// One job's resolver: its configuration and the caller's hooks.
-struct Resolver {
+pub(crate) struct Resolver {
     cfg: DnsConfig,
     allow: AllowFn,
     audit_mode: bool,
@@ -627,8 +618,9 @@ struct Resolver {
     upstream_limit: std::sync::Mutex<Bucket>,
 }
 
+/// How a query of the job arrived (a UDP reply may have to be truncated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Transport {
+pub(crate) enum Transport {
     Udp,
     Tcp,
 }
@@ -736,8 +728,28 @@ async fn serve_connection(
 }
 
 impl Resolver {
+    /// `cfg` must have passed [`DnsConfig::check`].
+    pub(crate) fn new(
+        cfg: DnsConfig,
+        allow: AllowFn,
+        audit_mode: bool,
+        admit: AdmitFn,
+        events: mpsc::Sender<DnsEvent>,
+    ) -> Resolver {
+        Resolver {
+            cache: std::sync::Mutex::new(Cache::new(cfg.cache_entries, cfg.cache_bytes)),
+            query_limit: std::sync::Mutex::new(Bucket::new(cfg.query_rate)),
+            upstream_limit: std::sync::Mutex::new(Bucket::new(cfg.upstream_rate)),
+            cfg,
+            allow,
+            audit_mode,
+            admit,
+            events,
+        }
+    }
+
     /// The reply to one query of the job, or `None` to send nothing (not a query at all).
-    async fn answer(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+    pub(crate) async fn answer(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
         let request = match Message::from_vec(query) {
             Ok(request) => request,
             Err(_) => return self.unreadable(query),
