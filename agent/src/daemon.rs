@@ -975,6 +975,10 @@ impl Daemon {
         );
         self.metrics.active_jobs.set(self.job_count() as i64);
         tracing::info!(job, reason, "job ended");
+        // The caller is told the job ended once its records (the wipe's report, its last
+        // `audit_dropped` summary, `job_ended`) are written: a script that reads or verifies
+        // the log next finds them.
+        self.audit.flush().await;
         store.map_err(internal)?;
         Ok(EndResponse {
             job_id: job.to_string(),

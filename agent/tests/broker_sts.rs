@@ -83,6 +83,7 @@ fn job(id: &str, grants: Vec<Grant>) -> JobGrants {
 struct Setup {
     broker: Arc<Broker>,
     metrics: Arc<Metrics>,
+    audit: Arc<AuditLog>,
     audit_path: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -109,7 +110,7 @@ async fn broker_with_audit(
     let broker = Broker::with_options(
         cfg,
         HttpClient::new().unwrap(),
-        audit,
+        audit.clone(),
         metrics.clone(),
         opts,
     )
@@ -118,12 +119,18 @@ async fn broker_with_audit(
     Setup {
         broker,
         metrics,
+        audit,
         audit_path,
         _dir: dir,
     }
 }
 
-fn audit_records(path: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+/// The log's records, once its writer has written everything submitted so far.
+async fn audit_records(
+    audit: &AuditLog,
+    path: &Path,
+) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    audit.flush().await;
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -132,8 +139,17 @@ fn audit_records(path: &Path) -> Vec<serde_json::Map<String, serde_json::Value>>
 }
 
 /// Neither the issued secrets nor `extra` (own secret keys, OIDC tokens) are in the file.
-fn assert_no_secrets(path: &Path, issued: &[&IssuedCredentials], extra: &[&str]) {
+/// Reads the log once its writer has written everything submitted so far; an empty log
+/// would prove nothing.
+async fn assert_no_secrets(
+    audit: &AuditLog,
+    path: &Path,
+    issued: &[&IssuedCredentials],
+    extra: &[&str],
+) {
+    audit.flush().await;
     let text = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(!text.is_empty(), "{} holds no record", path.display());
     for c in issued {
         assert!(
             !text.contains(c.secret_access_key.expose().as_str()),
@@ -226,7 +242,7 @@ async fn assume_role_is_signed_accepted_and_carries_policy_tags_source_identity(
         "{auth}"
     );
 
-    let recs = audit_records(&s.audit_path);
+    let recs = audit_records(&s.audit, &s.audit_path).await;
     let issued = recs
         .iter()
         .find(|r| r["event"] == "credentials_issued")
@@ -237,7 +253,7 @@ async fn assume_role_is_signed_accepted_and_carries_policy_tags_source_identity(
     assert_eq!(issued["duration"], 1800);
     assert_eq!(issued["rule"], "web-prod");
     assert_eq!(issued["method"], "assume-role");
-    assert_no_secrets(&s.audit_path, &[&c], &[moto.agent_secret_key()]);
+    assert_no_secrets(&s.audit, &s.audit_path, &[&c], &[moto.agent_secret_key()]).await;
     assert_eq!(sts_calls(&s.metrics, "AssumeRole", "ok"), 1);
 }
 
@@ -275,11 +291,17 @@ async fn a_wrong_secret_key_reaches_the_job_as_signature_does_not_match_and_is_n
         1,
         "a 4xx must not be retried"
     );
-    let recs = audit_records(&s.audit_path);
+    let recs = audit_records(&s.audit, &s.audit_path).await;
     let e = recs.iter().find(|r| r["event"] == "sts_error").unwrap();
     assert_eq!(e["code"], "SignatureDoesNotMatch");
     assert_eq!(e["role_arn"], role.as_str());
-    assert_no_secrets(&s.audit_path, &[], &["not-the-secret-key-0123456789"]);
+    assert_no_secrets(
+        &s.audit,
+        &s.audit_path,
+        &[],
+        &["not-the-secret-key-0123456789"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -329,7 +351,7 @@ async fn a_web_identity_grant_passes_the_job_token_unsigned() {
             .len(),
         1
     );
-    assert_no_secrets(&s.audit_path, &[&c], &[OIDC_TOKEN]);
+    assert_no_secrets(&s.audit, &s.audit_path, &[&c], &[OIDC_TOKEN]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -364,7 +386,13 @@ async fn two_jobs_with_the_same_role_never_share_credentials() {
             .access_key_id,
         b.access_key_id
     );
-    assert_no_secrets(&s.audit_path, &[&a, &b], &[moto.agent_secret_key()]);
+    assert_no_secrets(
+        &s.audit,
+        &s.audit_path,
+        &[&a, &b],
+        &[moto.agent_secret_key()],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -551,7 +579,7 @@ async fn a_500_then_200_is_retried_and_succeeds() {
     assert_eq!(sts.count(), 2);
     assert_eq!(sts_calls(&s.metrics, "AssumeRole", "retryable"), 1);
     assert_eq!(sts_calls(&s.metrics, "AssumeRole", "ok"), 1);
-    assert_no_secrets(&s.audit_path, &[&c], &["fake-agent-secret"]);
+    assert_no_secrets(&s.audit, &s.audit_path, &[&c], &["fake-agent-secret"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -637,7 +665,7 @@ async fn access_denied_is_not_retried_and_is_remembered_briefly() {
         );
     }
     assert_eq!(sts.count(), 1);
-    let recs = audit_records(&s.audit_path);
+    let recs = audit_records(&s.audit, &s.audit_path).await;
     assert_eq!(recs.iter().filter(|r| r["event"] == "sts_error").count(), 1);
 }
 
@@ -732,7 +760,13 @@ async fn credentials_are_renewed_before_the_threshold() {
     );
     let second = s.broker.credentials("j", None).await.unwrap();
     assert_ne!(second.access_key_id, first.access_key_id);
-    assert_no_secrets(&s.audit_path, &[&first, &second], &["fake-agent-secret"]);
+    assert_no_secrets(
+        &s.audit,
+        &s.audit_path,
+        &[&first, &second],
+        &["fake-agent-secret"],
+    )
+    .await;
     s.broker.end_job("j");
     let n = sts.count();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -909,7 +943,7 @@ async fn imds_own_credentials_sign_assume_role_and_chaining_caps_the_duration() 
     let broker = Broker::with_options(
         &cfg,
         HttpClient::new().unwrap(),
-        audit,
+        audit.clone(),
         Arc::new(Metrics::new()),
         opts,
     )
@@ -936,10 +970,12 @@ async fn imds_own_credentials_sign_assume_role_and_chaining_caps_the_duration() 
         "role chaining allows one hour at most"
     );
     assert_no_secrets(
+        &audit,
         &audit_path,
         &[&c],
         &["imds-agent-secret", "imds-agent-session-token", IMDS_TOKEN],
-    );
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -963,7 +999,7 @@ async fn web_identity_own_credentials_come_from_the_token_file() {
     let broker = Broker::with_options(
         &config(&sts.endpoint, 1, 2),
         HttpClient::new().unwrap(),
-        audit,
+        audit.clone(),
         Arc::new(Metrics::new()),
         opts,
     )
@@ -994,10 +1030,12 @@ async fn web_identity_own_credentials_come_from_the_token_file() {
     );
     assert_ne!(c.access_key_id, "ASIAFAKE00000000");
     assert_no_secrets(
+        &audit,
         &audit_path,
         &[&c],
         &["agent-oidc-token-one", "fake-secret-0-"],
-    );
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1015,7 +1053,7 @@ async fn without_own_credentials_assume_role_is_a_clear_503() {
     let broker = Broker::with_options(
         &config(&sts.endpoint, 1, 2),
         HttpClient::new().unwrap(),
-        audit,
+        audit.clone(),
         Arc::new(Metrics::new()),
         opts,
     )

@@ -355,6 +355,7 @@ async fn a_failed_netlink_admission_is_servfail_audited_and_opens_nothing() {
     );
     drop(socket);
     egress.stop().await;
+    s.audit.flush().await;
     let errors = egress_dns_errors(&s.audit_path());
     assert_eq!(errors.len(), 1, "{errors:?}");
     let reason = errors[0]["reason"].as_str().unwrap();
@@ -410,6 +411,7 @@ async fn a_job_cannot_hold_more_admitted_pairs_than_the_bound() {
     assert_eq!(set_elements(&s.ns), MAX_ADMITTED_PAIRS, "nothing beyond it");
     drop(socket);
     egress.stop().await;
+    s.audit.flush().await;
     let errors = egress_dns_errors(&s.audit_path());
     assert_eq!(errors.len(), 5, "{errors:?}");
     for e in &errors {
