@@ -1118,3 +1118,45 @@ for i in dmi:
         r.expect(&format!("dmi_dev:{i}"), "ENOENT");
     }
 }
+
+/// `docs/jobs.md`, "At a glance": what the page says a job can and cannot do, tried in a
+/// job. When one of these changes, the page changes with it.
+#[test]
+fn what_docs_jobs_md_says_a_job_can_and_cannot_do() {
+    let fx = fixture();
+    let r = fx.probe(
+        r#"
+import resource
+PERF = {"x86_64": 298, "aarch64": 241}[platform.machine()]
+def write(p):
+    with open(p, "w") as f:
+        f.write("x")
+    return "written"
+def home_is_job_tmpfs():
+    fs = {l.split()[4]: l.split(" - ")[1].split()[0] for l in open("/proc/self/mountinfo")}
+    return (os.environ.get("HOME"), fs.get("/home"), fs.get("/tmp"))
+py("write_home", lambda: write(os.path.join(os.environ["HOME"], "cache-file")))
+py("write_usr", lambda: write("/usr/airlock-probe"))
+py("write_etc", lambda: write("/etc/airlock-probe"))
+py("home", home_is_job_tmpfs)
+py("dev_fuse", lambda: os.stat("/dev/fuse"))
+py("core_limit", lambda: resource.getrlimit(resource.RLIMIT_CORE))
+sc("ptrace_traceme", "ptrace", 0, 0, 0, 0)
+ctypes.set_errno(0)
+rc = libc.syscall(ctypes.c_long(PERF), None, ctypes.c_long(0), ctypes.c_long(-1), ctypes.c_long(-1), ctypes.c_long(0))
+print("perf_event_open=" + (ename(ctypes.get_errno()) if rc == -1 else "ok"), flush=True)
+"#,
+    );
+    // The job's own space is writable, and it is the job's tmpfs (wiped with the job).
+    r.expect("write_home", "ok:'written'");
+    r.expect("home", "ok:('/home/job', 'tmpfs', 'tmpfs')");
+    // The host's system directories are read-only: no `apt-get install`.
+    r.expect("write_usr", "EROFS");
+    r.expect("write_etc", "EROFS");
+    // No FUSE device; no ptrace (gdb, strace), not even of itself; no perf.
+    r.expect("dev_fuse", "ENOENT");
+    r.expect("ptrace_traceme", "EPERM");
+    r.expect("perf_event_open", "EPERM");
+    // No core files: a core holds the job's credentials.
+    r.expect("core_limit", "ok:(0, 0)");
+}
