@@ -825,11 +825,27 @@ fn script_in(dir: &Path, rel: &str) -> PathBuf {
     let body = std::fs::read_to_string(paths::repo_root().join("packaging").join(rel))
         .expect("maintainer script");
     let body = body
-        .replace("/usr/bin/airlock", &dir.join("airlock").display().to_string())
-        .replace("/run/systemd/system", &dir.join("systemd").display().to_string())
-        .replace("/etc/default/airlock", &dir.join("default").display().to_string())
-        .replace("/etc/sysconfig/airlock", &dir.join("sysconfig").display().to_string());
-    for host in ["/usr/bin/airlock", "/run/systemd/system", "/etc/default/airlock"] {
+        .replace(
+            "/usr/bin/airlock",
+            &dir.join("airlock").display().to_string(),
+        )
+        .replace(
+            "/run/systemd/system",
+            &dir.join("systemd").display().to_string(),
+        )
+        .replace(
+            "/etc/default/airlock",
+            &dir.join("default").display().to_string(),
+        )
+        .replace(
+            "/etc/sysconfig/airlock",
+            &dir.join("sysconfig").display().to_string(),
+        );
+    for host in [
+        "/usr/bin/airlock",
+        "/run/systemd/system",
+        "/etc/default/airlock",
+    ] {
         assert!(!body.contains(host), "{rel} still reads {host}");
     }
     let path = dir.join(rel.replace('/', "-"));
@@ -864,7 +880,10 @@ fn run_maintainer_script(
             if active { 0 } else { 3 }
         ),
     );
-    exe(d.join("bin/systemd-detect-virt"), "#!/bin/sh\nexit 1\n".into());
+    exe(
+        d.join("bin/systemd-detect-virt"),
+        "#!/bin/sh\nexit 1\n".into(),
+    );
     exe(
         d.join("airlock"),
         format!(
@@ -900,7 +919,10 @@ fn run_maintainer_script(
 /// takes jobs again.
 #[test]
 fn maintainer_scripts_drain_a_running_agent_before_an_upgrade() {
-    for (rel, upgrade, install) in [("deb/preinst", "upgrade", "install"), ("rpm/pre.sh", "2", "1")] {
+    for (rel, upgrade, install) in [
+        ("deb/preinst", "upgrade", "install"),
+        ("rpm/pre.sh", "2", "1"),
+    ] {
         let (rc, out, calls) = run_maintainer_script(rel, upgrade, true, 0, &[], None);
         assert_eq!(rc, 0, "{rel}: {out}");
         assert_eq!(calls, ["drain --timeout 30m"], "{rel}: {out}");
@@ -916,8 +938,15 @@ fn maintainer_scripts_drain_a_running_agent_before_an_upgrade() {
         // Not a duration: the default, said so.
         let env = [("AIRLOCK_DRAIN_TIMEOUT", "soon; rm -rf /")];
         let (rc, out, calls) = run_maintainer_script(rel, upgrade, true, 0, &env, None);
-        assert_eq!((rc, calls.as_slice()), (0, ["drain --timeout 30m".to_string()].as_slice()), "{rel}: {out}");
-        assert!(out.contains("is not a number with s, m, h or d; using 30m"), "{rel}: {out}");
+        assert_eq!(
+            (rc, calls.as_slice()),
+            (0, ["drain --timeout 30m".to_string()].as_slice()),
+            "{rel}: {out}"
+        );
+        assert!(
+            out.contains("is not a number with s, m, h or d; using 30m"),
+            "{rel}: {out}"
+        );
         // 0: no drain, and the restart's consequence is said.
         let env = [("AIRLOCK_DRAIN_TIMEOUT", "0")];
         let (rc, out, calls) = run_maintainer_script(rel, upgrade, true, 0, &env, None);
@@ -925,10 +954,16 @@ fn maintainer_scripts_drain_a_running_agent_before_an_upgrade() {
         assert!(out.contains("not draining"), "{rel}: {out}");
         // Timed out (75) or failed (an airlock older than drain: clap's 2): the upgrade
         // goes on, and says what the restart does to the jobs left.
-        for (code, says) in [(75, "jobs still ran after 30m"), (2, "could not be drained (exit 2)")] {
+        for (code, says) in [
+            (75, "jobs still ran after 30m"),
+            (2, "could not be drained (exit 2)"),
+        ] {
             let (rc, out, _) = run_maintainer_script(rel, upgrade, true, code, &[], None);
             assert_eq!(rc, 0, "{rel}: {out}");
-            assert!(out.contains(says) && out.contains("ends and wipes"), "{rel}: {out}");
+            assert!(
+                out.contains(says) && out.contains("ends and wipes"),
+                "{rel}: {out}"
+            );
         }
         // A first install, or an agent that is not running: nothing to drain.
         let (rc, out, calls) = run_maintainer_script(rel, install, true, 0, &[], None);
@@ -937,5 +972,9 @@ fn maintainer_scripts_drain_a_running_agent_before_an_upgrade() {
         assert_eq!((rc, calls.len()), (0, 0), "{rel}, agent stopped: {out}");
     }
     let (rc, out, calls) = run_maintainer_script("deb/postrm", "abort-upgrade", true, 0, &[], None);
-    assert_eq!((rc, calls.as_slice()), (0, ["drain --cancel".to_string()].as_slice()), "{out}");
+    assert_eq!(
+        (rc, calls.as_slice()),
+        (0, ["drain --cancel".to_string()].as_slice()),
+        "{out}"
+    );
 }
