@@ -81,11 +81,13 @@ pub async fn run(args: DrainArgs, client: &Client) -> Result<i32, Failure> {
         status =
             match client_answer(client.drain_status()).await {
                 Ok(s) => s,
+                // A drained agent asked to stop answers for a while before it exits: one
+                // that is gone while this command still saw jobs was stopped otherwise.
                 Err(ControlError::Connect(..)) => return Err((
                     exit::UNAVAILABLE,
-                    "airlockd went away while draining (stopped or restarted by someone else?): \
-                     its sandboxed jobs were ended and wiped if it stopped; a restarted agent \
-                     takes new jobs again"
+                    "airlockd went away while jobs were still running (stopped or restarted by \
+                     someone else?): a stop ended and wiped its sandboxed jobs (see job_ended \
+                     in the audit log); a restarted agent takes new jobs again"
                         .into(),
                 )),
                 Err(e) => return Err(failure(e)),

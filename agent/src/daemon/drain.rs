@@ -23,6 +23,10 @@ pub const DRAINING_MESSAGE: &str =
 pub const DRAINING_CODE: &str = "Draining";
 /// How often a draining agent asked to stop looks whether its last job has ended.
 const STOP_POLL: Duration = Duration::from_millis(200);
+/// How long a drained agent asked to stop goes on answering before it exits, so that
+/// `airlock drain --stop` (which asks every half second) sees that no job is left and
+/// tells an exit of the drain from a stop by someone else.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Since when, by whom, and whether the agent exits once no job is left.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,12 +215,18 @@ impl Daemon {
         Ok(self.drain_status(peer))
     }
 
-    /// Resolves once a drain asked the agent to stop and no job is left (`airlock drain
-    /// --stop`); never otherwise.
+    /// Resolves once a drain asked the agent to stop and no job has been left for
+    /// [`STOP_GRACE`] (`airlock drain --stop`); never otherwise.
     pub async fn drained_for_stop(&self) {
+        let mut drained_since: Option<std::time::Instant> = None;
         loop {
             if self.drain.state().is_some_and(|d| d.stop) && self.remaining() == 0 {
-                return;
+                let since = *drained_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= STOP_GRACE {
+                    return;
+                }
+            } else {
+                drained_since = None;
             }
             tokio::time::sleep(STOP_POLL).await;
         }
