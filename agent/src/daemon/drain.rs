@@ -7,7 +7,6 @@
 //! drain state (`GET /v1/drain`) or take jobs again (`DELETE /v1/drain`); a restart of the
 //! agent takes jobs again too (the flag lives in memory only).
 
-use serde_json::Value;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -149,7 +148,8 @@ impl Daemon {
         peer: &Peer,
     ) -> Result<DrainStatus, ApiError> {
         root_only(peer, "drain the agent")?;
-        if self.drain.state().is_none() {
+        let before = self.drain.state();
+        if before.is_none() {
             self.audit
                 .append(
                     "drain_started",
@@ -171,16 +171,22 @@ impl Daemon {
                     )
                 })?;
         }
-        let (d, new) = self
+        let (d, _) = self
             .drain
             .begin(peer.uid, req.stop, OffsetDateTime::now_utc());
-        if !new && req.stop {
+        if before.is_some_and(|b| !b.stop) && d.stop {
+            // A drain already running is now asked to stop the agent too.
             audit_best_effort(
                 &self.audit,
                 &self.metrics,
                 "drain_started",
                 None,
-                crate::fields! {"uid" => peer.uid, "stop" => true, "jobs" => self.remaining(), "already_since" => crate::endpoint::aws_time(d.since)},
+                crate::fields! {
+                    "uid" => peer.uid,
+                    "stop" => true,
+                    "jobs" => self.remaining(),
+                    "draining_since" => crate::endpoint::aws_time(d.since),
+                },
             );
         }
         tracing::warn!(
@@ -202,11 +208,17 @@ impl Daemon {
     pub fn cancel_drain(&self, peer: &Peer) -> Result<DrainStatus, ApiError> {
         root_only(peer, "cancel a drain")?;
         if let Some(d) = self.drain.cancel() {
-            let mut f = serde_json::Map::new();
-            f.insert("uid".into(), Value::from(peer.uid));
-            f.insert("since".into(), crate::endpoint::aws_time(d.since).into());
-            f.insert("jobs".into(), Value::from(self.remaining()));
-            audit_best_effort(&self.audit, &self.metrics, "drain_cancelled", None, f);
+            audit_best_effort(
+                &self.audit,
+                &self.metrics,
+                "drain_cancelled",
+                None,
+                crate::fields! {
+                    "uid" => peer.uid,
+                    "since" => crate::endpoint::aws_time(d.since),
+                    "jobs" => self.remaining(),
+                },
+            );
             tracing::warn!(
                 uid = peer.uid,
                 "drain cancelled: the agent takes new jobs again"
