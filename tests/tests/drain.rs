@@ -246,3 +246,81 @@ fn airlockd_help_and_the_operations_guide_agree_on_the_signals() {
     // The old, wrong claim is gone: SIGTERM does not keep sandboxed jobs.
     assert!(!help.contains("keeping job records so a restart serves running jobs again"));
 }
+
+/// The case upgrades are for: a sandboxed job fetches its credentials from inside its
+/// namespace all through a drain, ends on its own (not wiped by a stop), and only then does
+/// the drained agent exit.
+#[test]
+fn a_sandboxed_job_keeps_its_credentials_through_a_drain_and_ends_on_its_own() {
+    let mut stack = Stack::sandboxed("");
+    let run = stack.agent.spawn_run_sh(
+        &GithubJob::production().token(),
+        r#"for i in $(seq 1 20); do \
+             curl -sS -o /dev/null -w '%{http_code}\n' \
+               -H "Authorization: $(cat "$AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")" \
+               "$AWS_CONTAINER_CREDENTIALS_FULL_URI"; \
+             sleep 0.3; \
+           done"#,
+    );
+    wait_until(
+        "the sandboxed job to start",
+        Duration::from_secs(30),
+        || {
+            let out = stack.agent.cli(&["job", "list", "--json"]);
+            serde_json::from_slice::<Value>(&out.stdout)
+                .is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == 1))
+        },
+    );
+    let drain = spawn_drain(&stack, &["--stop", "--timeout", "2m"]);
+    wait_until("the agent to drain", Duration::from_secs(10), || {
+        drain_status(&stack)["draining"] == true
+    });
+    let out = try_start(&stack, &GithubJob::staging());
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    assert!(text(&out).contains(DRAINING), "{}", text(&out));
+
+    let run = run.wait_with_output().expect("airlock run ends");
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run));
+    let codes: Vec<String> = String::from_utf8_lossy(&run.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        codes,
+        vec!["200".to_string(); 20],
+        "every fetch served: {}",
+        text(&run)
+    );
+
+    let out = finish(drain, Duration::from_secs(40));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let exit = stack.agent.wait_exit(Duration::from_secs(20));
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "{exit:?}\n{}",
+        stack.agent.log()
+    );
+    let records = stack.agent.audit_records();
+    let ended: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["event"] == "job_ended")
+        .collect();
+    assert_eq!(ended.len(), 1, "{records:?}");
+    assert!(
+        ended[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("ended by request")),
+        "the job ended on its own, not by the agent's stop: {}",
+        ended[0]
+    );
+    let at = |e: &str| {
+        records
+            .iter()
+            .position(|r| r["event"] == e)
+            .unwrap_or_else(|| panic!("no {e}: {records:?}"))
+    };
+    assert!(
+        at("drain_started") < at("job_ended") && at("job_ended") < at("agent_stopped"),
+        "{records:?}"
+    );
+}
