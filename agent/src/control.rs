@@ -15,6 +15,9 @@
 //! | `GET /v1/jobs`               | —                            | `[JobSummary]`    |
 //! | `GET /v1/slots`              | —                            | `[TaintedSlot]`   |
 //! | `DELETE /v1/slots/<n>`       | —                            | `TaintedSlot`     |
+//! | `POST /v1/drain`             | [`DrainRequest`] (root only) | [`DrainStatus`]   |
+//! | `GET /v1/drain`              | — (root only)                | [`DrainStatus`]   |
+//! | `DELETE /v1/drain`           | — (root only)                | [`DrainStatus`]   |
 //!
 //! Errors are `{"error": "...", "code": "..."}` with a 4xx/5xx status.
 //!
@@ -227,6 +230,32 @@ pub struct TaintedSlot {
     pub why: String,
 }
 
+/// `POST /v1/drain`: take no new job; the running ones go on until they end.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// Exit (status 0) once no job is left.
+    #[serde(default)]
+    pub stop: bool,
+}
+
+/// Whether the agent drains, and what it still waits for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DrainStatus {
+    pub draining: bool,
+    /// When the drain began (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// The agent exits once `remaining` is 0.
+    pub stop: bool,
+    /// Jobs still running plus starts admitted before the drain began.
+    pub remaining: usize,
+    /// Starts admitted before the drain began that are not jobs yet.
+    pub starting: usize,
+    /// The jobs still running.
+    pub jobs: Vec<JobSummary>,
+}
+
 /// Who is asking, from the socket's peer credentials.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer {
@@ -286,6 +315,25 @@ pub trait Handler: Send + Sync + 'static {
         async { Err(ApiError::new(404, "NotFound", "exec is not served here")) }
     }
     fn tainted(&self) -> Result<Vec<TaintedSlot>, ApiError>;
+    /// Stop taking new jobs (root only).
+    fn drain(
+        &self,
+        req: DrainRequest,
+        peer: Peer,
+    ) -> impl Future<Output = Result<DrainStatus, ApiError>> + Send {
+        let _ = (req, peer);
+        async { Err(ApiError::new(404, "NotFound", "drain is not served here")) }
+    }
+    /// Whether the agent drains and what it waits for (root only).
+    fn drain_status(&self, peer: Peer) -> Result<DrainStatus, ApiError> {
+        let _ = peer;
+        Err(ApiError::new(404, "NotFound", "drain is not served here"))
+    }
+    /// Take new jobs again (root only).
+    fn cancel_drain(&self, peer: Peer) -> Result<DrainStatus, ApiError> {
+        let _ = peer;
+        Err(ApiError::new(404, "NotFound", "drain is not served here"))
+    }
     fn clear_slot(&self, slot: u32, peer: Peer) -> Result<TaintedSlot, ApiError>;
     /// Check that `peer` may start the prepared command `run` of `job`, and take it (each
     /// runs once). Answered before the connection is handed over.
@@ -492,6 +540,14 @@ async fn route<H: Handler>(
         (Method::DELETE, ["v1", "jobs", id]) => {
             h.end(id, peer).await.map(|r| reply(StatusCode::OK, &r))
         }
+        (Method::POST, ["v1", "drain"]) => match read_json(req).await {
+            Ok(r) => h.drain(r, peer).await.map(|r| reply(StatusCode::OK, &r)),
+            Err(e) => Err(e),
+        },
+        (Method::GET, ["v1", "drain"]) => h.drain_status(peer).map(|r| reply(StatusCode::OK, &r)),
+        (Method::DELETE, ["v1", "drain"]) => {
+            h.cancel_drain(peer).map(|r| reply(StatusCode::OK, &r))
+        }
         _ => Err(ApiError::new(
             404,
             "NotFound",
@@ -643,6 +699,19 @@ impl Client {
 
     pub async fn list(&self) -> Result<Vec<JobSummary>, ControlError> {
         self.call(Method::GET, "/v1/jobs", None).await
+    }
+
+    pub async fn drain(&self, req: &DrainRequest) -> Result<DrainStatus, ControlError> {
+        let body = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        self.call(Method::POST, "/v1/drain", Some(body)).await
+    }
+
+    pub async fn drain_status(&self) -> Result<DrainStatus, ControlError> {
+        self.call(Method::GET, "/v1/drain", None).await
+    }
+
+    pub async fn cancel_drain(&self) -> Result<DrainStatus, ControlError> {
+        self.call(Method::DELETE, "/v1/drain", None).await
     }
 }
 

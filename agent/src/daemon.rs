@@ -31,9 +31,12 @@ use crate::policy::{Decision, PolicySet};
 use crate::sandbox::job::{Sandboxes, JOB_TOKEN_FILE};
 use crate::secret::Secret;
 
+mod drain;
 mod exec;
 mod owner;
 mod run;
+
+pub use drain::{DRAINING_CODE, DRAINING_MESSAGE};
 
 /// How often the agent looks for jobs past their deadline.
 const REAP_INTERVAL: Duration = Duration::from_secs(5);
@@ -130,6 +133,8 @@ pub struct Daemon {
     me: std::sync::OnceLock<std::sync::Weak<Daemon>>,
     /// Serialises binds while their record becomes durable (see `bind_job`).
     binding: tokio::sync::Mutex<()>,
+    /// `airlock drain`: whether new jobs are refused while the running ones finish.
+    drain: drain::Drain,
 }
 
 /// A poisoned lock only means another task panicked mid-update of plain data; keep serving.
@@ -207,6 +212,7 @@ impl Daemon {
             procs: crate::procs::Procs::default(),
             me: std::sync::OnceLock::new(),
             binding: tokio::sync::Mutex::new(()),
+            drain: drain::Drain::default(),
         });
         let _ = daemon.source.binder.set(Arc::downgrade(&daemon));
         let _ = daemon.me.set(Arc::downgrade(&daemon));
@@ -556,6 +562,9 @@ impl Daemon {
                 ));
             }
         }
+        // A draining agent takes no new job; a start admitted here counts as running for
+        // the drain until it has become a job or failed.
+        let _admitted = self.admit_start(req.runner.as_deref())?;
         // A log that cannot be written refuses the start before anything is built for it.
         if let Some(why) = self.audit.failing() {
             let why = format!("{why}; no job starts until it can be written again");
@@ -1192,6 +1201,22 @@ pub struct Control(pub Arc<Daemon>);
 
 impl Handler for Control {
     type Run = run::RunPlan;
+
+    async fn drain(
+        &self,
+        req: crate::control::DrainRequest,
+        peer: Peer,
+    ) -> Result<crate::control::DrainStatus, ApiError> {
+        self.0.begin_drain(req, &peer).await
+    }
+
+    fn drain_status(&self, peer: Peer) -> Result<crate::control::DrainStatus, ApiError> {
+        self.0.get_drain(&peer)
+    }
+
+    fn cancel_drain(&self, peer: Peer) -> Result<crate::control::DrainStatus, ApiError> {
+        self.0.cancel_drain(&peer)
+    }
 
     fn prepare_run(&self, job: &str, run: &str, peer: Peer) -> Result<run::RunPlan, ApiError> {
         self.0.authorize(job, &peer)?;

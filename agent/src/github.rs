@@ -513,6 +513,10 @@ fn control_error(env: &Env, e: ControlError) -> HookError {
             exit::UNAVAILABLE,
             format!("airlock: cannot reach airlockd at {} ({err}): is airlockd running, and is the runner's user in the agent's control_group? (ask your platform team)", p.display()),
         ),
+        ControlError::Refused { code, message, .. } if code == crate::daemon::DRAINING_CODE => HookError::new(
+            exit::UNAVAILABLE,
+            format!("airlock: {message} (this runner's agent is being stopped or upgraded; re-run the job)"),
+        ),
         ControlError::Refused { status, message, .. } => HookError::new(
             if status == 403 { exit::NOPERM } else { exit::DATAERR },
             format!("airlock: this job's identity was refused ({}): {message} (ask your platform team)", describe(env)),
@@ -1175,7 +1179,7 @@ async fn run_slot(
     }
 }
 
-/// One runner: get a JIT config, start a bind-later job with a sandbox, run the runner in
+/// One runner: start a bind-later job with a sandbox, get a JIT config, run the runner in
 /// it, end (and so wipe) the job when the runner exits. Returns the runner's exit code.
 async fn one_job(
     slot: u32,
@@ -1183,7 +1187,6 @@ async fn one_job(
     client: &Client,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<i32, String> {
-    let jit = jit_config(slot, cfg).await?;
     let argv = vec![
         "/bin/sh".to_string(),
         "-c".into(),
@@ -1213,6 +1216,15 @@ async fn one_job(
     let Some(sb) = &job.sandbox else {
         let _ = client.end(&job.job_id).await;
         return Err("airlockd runs without [sandbox]: ephemeral runner slots need it".into());
+    };
+    // The runner is registered only for a job the agent took: a draining agent refuses the
+    // start above, and no runner is registered with GitHub that could never run.
+    let jit = match jit_config(slot, cfg).await {
+        Ok(j) => j,
+        Err(e) => {
+            let _ = client.end(&job.job_id).await;
+            return Err(e);
+        }
     };
     tracing::info!(slot, job = %job.job_id, "runner starting in a fresh sandbox");
     let mut line = jit.expose().clone();
@@ -1358,6 +1370,27 @@ mod tests {
             let e = unpack_jitconfig(dir.path(), &bad).unwrap_err();
             assert!(e.contains(why), "{e}");
         }
+    }
+
+    #[test]
+    fn a_draining_agent_is_not_reported_as_a_refused_identity() {
+        let env = Env::new();
+        let e = control_error(
+            &env,
+            ControlError::Refused {
+                status: 503,
+                code: crate::daemon::DRAINING_CODE.into(),
+                message: crate::daemon::DRAINING_MESSAGE.into(),
+            },
+        );
+        assert_eq!(e.code, exit::UNAVAILABLE);
+        assert!(
+            e.message.contains(crate::daemon::DRAINING_MESSAGE),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("re-run the job"), "{}", e.message);
+        assert!(!e.message.contains("identity was refused"), "{}", e.message);
     }
 
     #[test]

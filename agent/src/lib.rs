@@ -12,6 +12,7 @@ pub mod childenv;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod drain;
 pub mod egress;
 pub mod endpoint;
 pub mod exit;

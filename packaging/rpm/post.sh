@@ -19,8 +19,9 @@ fi
 if systemd_running; then
     systemctl daemon-reload >/dev/null 2>&1 || :
     if [ "$1" -ge 2 ]; then
-        # airlockd and airlock-shim must be the same version: restart a running agent (its
-        # running jobs are ended and wiped; upgrade an idle runner).
+        # airlockd and airlock-shim must be the same version: restart a running agent. %pre
+        # drained it (no job left, none taken since); jobs still running after the drain's
+        # timeout are ended and wiped here (docs/packaging.md, "Upgrading").
         systemctl try-restart airlockd.service >/dev/null 2>&1 || :
     else
         echo "airlock: review /etc/airlock/airlock.toml, write policies in /etc/airlock/policies" \

@@ -314,3 +314,39 @@ print(s.recv(65536).decode())
     assert!(end.status.success(), "{end:?}");
     a.kill();
 }
+
+/// Draining is an operator's action: a member of the control group (a runner's user) may
+/// neither drain the agent, nor see or cancel a drain, and the agent keeps taking its jobs.
+#[test]
+fn only_root_may_drain() {
+    let (stack, dir, base) = setup();
+    let prod = token_file(dir.path(), &GithubJob::production(), "prod.jwt");
+    let mut member = Shell::start(RUNNER_UID, &[CONTROL_GID], dir.path());
+    for args in [
+        "--timeout 1s",
+        "--stop --timeout 1s",
+        "--status",
+        "--cancel",
+    ] {
+        let (rc, out, err) = member.run(&format!("{base} drain {args}"));
+        assert_eq!(rc, 77, "drain {args}: {out}{err}");
+        assert!(err.contains("only root may"), "drain {args}: {err}");
+    }
+    let status = stack.agent.cli(&["drain", "--status"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["draining"], false, "{status}");
+    let (rc, out, err) = member.run(&format!(
+        "{base} job start --oidc-token-file {}",
+        prod.display()
+    ));
+    assert_eq!(rc, 0, "the member's jobs still start: {out}{err}");
+    assert!(
+        !stack
+            .agent
+            .audit_records()
+            .iter()
+            .any(|r| r["event"] == "drain_started"),
+        "a refused drain leaves no drain record"
+    );
+    member.kill();
+}

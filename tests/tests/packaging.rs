@@ -270,7 +270,7 @@ fn deb_contents() {
         .arg(ctrl.path()));
     let conffiles = std::fs::read_to_string(ctrl.path().join("conffiles")).expect("conffiles");
     assert_eq!(conffiles.trim(), "/etc/airlock/airlock.toml");
-    for script in ["postinst", "prerm", "postrm"] {
+    for script in ["preinst", "postinst", "prerm", "postrm"] {
         let path = ctrl.path().join(script);
         let body = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("no {script}"));
         assert_eq!(
@@ -367,6 +367,7 @@ fn rpm_contents() {
 
     let scripts = stdout(Command::new("rpm").args(["-qp", "--scripts"]).arg(&p.rpm));
     for (part, file) in [
+        ("preinstall scriptlet", "pre.sh"),
         ("postinstall scriptlet", "post.sh"),
         ("preuninstall scriptlet", "preun.sh"),
         ("postuninstall scriptlet", "postun.sh"),
@@ -817,4 +818,163 @@ fn the_unit_passes_nothing_on_that_breaks_a_job() {
     // What it does set, and what the sandbox init undoes for each job.
     assert!(set.contains(&"OOMScoreAdjust=-500"), "{set:?}");
     assert!(set.contains(&"NoNewPrivileges=yes"), "{set:?}");
+}
+
+/// A maintainer script from `packaging/`, with the host paths it reads pointed into `dir`.
+fn script_in(dir: &Path, rel: &str) -> PathBuf {
+    let body = std::fs::read_to_string(paths::repo_root().join("packaging").join(rel))
+        .expect("maintainer script");
+    let body = body
+        .replace(
+            "/usr/bin/airlock",
+            &dir.join("airlock").display().to_string(),
+        )
+        .replace(
+            "/run/systemd/system",
+            &dir.join("systemd").display().to_string(),
+        )
+        .replace(
+            "/etc/default/airlock",
+            &dir.join("default").display().to_string(),
+        )
+        .replace(
+            "/etc/sysconfig/airlock",
+            &dir.join("sysconfig").display().to_string(),
+        );
+    for host in [
+        "/usr/bin/airlock",
+        "/run/systemd/system",
+        "/etc/default/airlock",
+    ] {
+        assert!(!body.contains(host), "{rel} still reads {host}");
+    }
+    let path = dir.join(rel.replace('/', "-"));
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+/// Runs `script arg` with fake `systemctl` (the agent active when `active`),
+/// `systemd-detect-virt` (not a chroot) and `airlock` (which logs its arguments and exits
+/// with `airlock_rc`); returns the script's status, its output and the `airlock` calls.
+fn run_maintainer_script(
+    rel: &str,
+    arg: &str,
+    active: bool,
+    airlock_rc: i32,
+    env: &[(&str, &str)],
+    default_file: Option<&str>,
+) -> (i32, String, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("systemd")).unwrap();
+    std::fs::create_dir(d.join("bin")).unwrap();
+    let exe = |p: PathBuf, body: String| {
+        std::fs::write(&p, body).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    exe(
+        d.join("bin/systemctl"),
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}/systemctl.log\n[ \"$1\" = is-active ] && exit {}\nexit 0\n",
+            d.display(),
+            if active { 0 } else { 3 }
+        ),
+    );
+    exe(
+        d.join("bin/systemd-detect-virt"),
+        "#!/bin/sh\nexit 1\n".into(),
+    );
+    exe(
+        d.join("airlock"),
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}/airlock.log\nexit {airlock_rc}\n",
+            d.display()
+        ),
+    );
+    if let Some(text) = default_file {
+        std::fs::write(d.join("default"), text).unwrap();
+    }
+    let script = script_in(d, rel);
+    let mut cmd = Command::new("sh");
+    cmd.arg(&script)
+        .arg(arg)
+        .env_clear()
+        .env("PATH", format!("{}:/usr/bin:/bin", d.join("bin").display()));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run the maintainer script");
+    let calls = std::fs::read_to_string(d.join("airlock.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect();
+    (out.status.code().unwrap_or(-1), text(&out), calls)
+}
+
+/// An upgrade drains a running agent before the new files replace the old ones (deb
+/// preinst, rpm %pre: the old package's prerm/%preun run too late in rpm's order), for the
+/// configured time, and never fails or blocks the upgrade on what the drain says; a first
+/// install, a stopped agent or AIRLOCK_DRAIN_TIMEOUT=0 drains nothing. A failed deb upgrade
+/// takes jobs again.
+#[test]
+fn maintainer_scripts_drain_a_running_agent_before_an_upgrade() {
+    for (rel, upgrade, install) in [
+        ("deb/preinst", "upgrade", "install"),
+        ("rpm/pre.sh", "2", "1"),
+    ] {
+        let (rc, out, calls) = run_maintainer_script(rel, upgrade, true, 0, &[], None);
+        assert_eq!(rc, 0, "{rel}: {out}");
+        assert_eq!(calls, ["drain --timeout 30m"], "{rel}: {out}");
+        assert!(out.contains("drained; airlockd restarts"), "{rel}: {out}");
+
+        let file = "# local\nAIRLOCK_DRAIN_TIMEOUT=\"45m\"\n";
+        let (_, out, calls) = run_maintainer_script(rel, upgrade, true, 0, &[], Some(file));
+        assert_eq!(calls, ["drain --timeout 45m"], "{rel}: {out}");
+        // The environment (`AIRLOCK_DRAIN_TIMEOUT=2h apt install …`) wins over the file.
+        let env = [("AIRLOCK_DRAIN_TIMEOUT", "2h")];
+        let (_, out, calls) = run_maintainer_script(rel, upgrade, true, 0, &env, Some(file));
+        assert_eq!(calls, ["drain --timeout 2h"], "{rel}: {out}");
+        // Not a duration: the default, said so.
+        let env = [("AIRLOCK_DRAIN_TIMEOUT", "soon; rm -rf /")];
+        let (rc, out, calls) = run_maintainer_script(rel, upgrade, true, 0, &env, None);
+        assert_eq!(
+            (rc, calls.as_slice()),
+            (0, ["drain --timeout 30m".to_string()].as_slice()),
+            "{rel}: {out}"
+        );
+        assert!(
+            out.contains("is not a number with s, m, h or d; using 30m"),
+            "{rel}: {out}"
+        );
+        // 0: no drain, and the restart's consequence is said.
+        let env = [("AIRLOCK_DRAIN_TIMEOUT", "0")];
+        let (rc, out, calls) = run_maintainer_script(rel, upgrade, true, 0, &env, None);
+        assert_eq!((rc, calls.len()), (0, 0), "{rel}: {out}");
+        assert!(out.contains("not draining"), "{rel}: {out}");
+        // Timed out (75) or failed (an airlock older than drain: clap's 2): the upgrade
+        // goes on, and says what the restart does to the jobs left.
+        for (code, says) in [
+            (75, "jobs still ran after 30m"),
+            (2, "could not be drained (exit 2)"),
+        ] {
+            let (rc, out, _) = run_maintainer_script(rel, upgrade, true, code, &[], None);
+            assert_eq!(rc, 0, "{rel}: {out}");
+            assert!(
+                out.contains(says) && out.contains("ends and wipes"),
+                "{rel}: {out}"
+            );
+        }
+        // A first install, or an agent that is not running: nothing to drain.
+        let (rc, out, calls) = run_maintainer_script(rel, install, true, 0, &[], None);
+        assert_eq!((rc, calls.len()), (0, 0), "{rel} {install}: {out}");
+        let (rc, out, calls) = run_maintainer_script(rel, upgrade, false, 0, &[], None);
+        assert_eq!((rc, calls.len()), (0, 0), "{rel}, agent stopped: {out}");
+    }
+    let (rc, out, calls) = run_maintainer_script("deb/postrm", "abort-upgrade", true, 0, &[], None);
+    assert_eq!(
+        (rc, calls.as_slice()),
+        (0, ["drain --cancel".to_string()].as_slice()),
+        "{out}"
+    );
 }

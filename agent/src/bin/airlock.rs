@@ -55,6 +55,11 @@ enum Cmd {
     /// Sandbox slots a wipe left something behind in (they take no job until cleared).
     #[command(subcommand)]
     Slot(SlotCmd),
+    /// Stop or upgrade without ending jobs: airlockd takes no new job (a start is refused,
+    /// 503 Draining), the running ones keep their credentials; wait until none is left
+    /// (0) or the timeout passes (75, naming the jobs left). Root only; see
+    /// docs/operations.md, "Draining and upgrades".
+    Drain(airlock::drain::DrainArgs),
     /// GitHub Actions: the runner's job hooks and the ephemeral runner supervisor.
     #[command(subcommand)]
     Github(airlock::github::GithubCmd),
@@ -509,6 +514,12 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
                 println!("slot {}: {}", s.slot, s.why);
             }
             Ok(exit::OK)
+        }
+        Cmd::Drain(args) => {
+            let client = socket(&cli.socket, &cli.config)?;
+            airlock::drain::run(args, &client)
+                .await
+                .map_err(|(code, msg)| Fail(code, msg))
         }
         Cmd::Slot(SlotCmd::Clear { slot }) => {
             let client = socket(&cli.socket, &cli.config)?;

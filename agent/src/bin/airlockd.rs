@@ -19,11 +19,9 @@ use airlock::metrics::Metrics;
 ///
 /// Verifies each job's CI identity, decides from the policies what it may have, mints
 /// short-lived AWS credentials for that job alone and serves them on the job's own
-/// endpoint. Every decision goes to the hash-chained audit log. SIGHUP reloads the
-/// policies (a bad policy keeps the old ones); SIGTERM stops the agent, keeping job
-/// records so a restart serves running jobs again.
+/// endpoint. Every decision goes to the hash-chained audit log.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, after_help = SIGNALS)]
 struct Args {
     /// Configuration file.
     #[arg(long, short, env = "AIRLOCK_CONFIG", default_value = airlock::config::DEFAULT_PATH)]
@@ -36,6 +34,18 @@ struct Args {
     #[arg(long)]
     check: bool,
 }
+
+/// What the signals do (`airlockd --help`); docs/operations.md says the same.
+const SIGNALS: &str = "\
+Signals:
+  SIGHUP           reload the policies; a bad policy keeps the old ones (logged, audited
+                   policy_reload_failed); a running sandboxed job keeps the network and
+                   egress allowlist it started with.
+  SIGTERM, SIGINT  stop now: every sandboxed job is ended and wiped first (its processes
+                   killed, its files, network and credentials gone); an unsandboxed job
+                   keeps its record, and a restart serves it again. To stop or upgrade
+                   without ending jobs, run `airlock drain` first: it refuses new jobs and
+                   waits for the running ones (with --stop the agent then exits 0 itself).";
 
 fn fail(code: i32, msg: impl std::fmt::Display) -> ExitCode {
     tracing::error!("{msg}");
@@ -255,6 +265,10 @@ async fn serve(
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = daemon.drained_for_stop() => {
+                tracing::info!("drained: no job is left and `airlock drain --stop` asked the agent to stop");
+                break;
+            }
         }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
