@@ -1,6 +1,6 @@
 //! `airlockd`: the airlock agent daemon (root). See `airlockd --help`.
 
-use clap::Parser;
+use clap::CommandFactory;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -22,8 +22,8 @@ use airlock::metrics::Metrics;
 /// endpoint. Every decision goes to the hash-chained audit log. SIGHUP reloads the
 /// policies (a bad policy keeps the old ones); SIGTERM stops the agent, keeping job
 /// records so a restart serves running jobs again.
-#[derive(Debug, Parser)]
-#[command(version)]
+#[derive(Debug, clap::Parser)]
+#[command(name = "airlockd", version = airlock::cli::VERSION)]
 struct Args {
     /// Configuration file.
     #[arg(long, short, env = "AIRLOCK_CONFIG", default_value = airlock::config::DEFAULT_PATH)]
@@ -44,7 +44,14 @@ fn fail(code: i32, msg: impl std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    // An administrator's program: its page goes to section 8.
+    if let Some(code) = airlock::cli::generate_if_asked(Args::command(), "8") {
+        return code;
+    }
+    let args = match airlock::cli::parse::<Args>() {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     logging::init(args.log_format);
     let cfg = match Config::load(&args.config) {
         Ok(c) => c,
@@ -170,7 +177,7 @@ async fn serve(
             .collect();
         if !with_egress.is_empty() {
             tracing::warn!(
-                rules = ?with_egress,
+                rules = %with_egress.join(", "),
                 "[rule.egress] has no effect with [sandbox] disabled: these rules' jobs reach whatever the host reaches"
             );
         }
