@@ -156,9 +156,18 @@ if [[ -n "$job2_id" ]]; then
     set +e
     PATH="$venv/bin:$PATH" AWS_MAX_ATTEMPTS=1 AWS_METADATA_SERVICE_NUM_ATTEMPTS=1 \
         airlock run --oidc-token-file feature.jwt -- \
-        aws sts get-caller-identity --endpoint-url "http://127.0.0.1:$moto_port" --output json
-    note "(exit $?: the job's SDK gets no credentials at all)"
+        aws sts get-caller-identity --endpoint-url "http://127.0.0.1:$moto_port" --output json \
+        >job2-sdk.out 2>job2-sdk.err
+    sdk_rc=$?
     set -e
+    # The refusal is the expected outcome here: show what the job's endpoint told its SDK,
+    # not the SDK's error report.
+    [[ $sdk_rc -ne 0 ]] || die "job 2's SDK got credentials: $(cat job2-sdk.out)"
+    endpoint_said="$(grep -o '"Code":"[^"]*","Message":"[^"]*"' job2-sdk.err | head -1 |
+        sed 's/"Code":"\([^"]*\)","Message":"\([^"]*\)"/\1: \2/')"
+    [[ -n "$endpoint_said" ]] || die "job 2's SDK failed for another reason: $(cat job2-sdk.err)"
+    note "(exit $sdk_rc: the job's SDK gets no credentials at all; its endpoint answered"
+    note " $endpoint_said)"
     airlock job end "$job2_id" >/dev/null 2>&1 || true
 fi
 

@@ -152,7 +152,8 @@ fn render(page: &Path) -> String {
         .args(["--warnings", "-E", "UTF-8", "-P", "cat", "-l"])
         .arg(page)
         .env("MANWIDTH", "100")
-        .env("MAN_KEEP_FORMATTING", "0")
+        // man-db keeps bold and underline (overstrikes) in a pipe if this is set at all.
+        .env_remove("MAN_KEEP_FORMATTING")
         .output()
         .expect("man (package man-db) is installed");
     assert!(

@@ -370,7 +370,8 @@ fn deb_contents() {
         Command::new("man")
             .args(["-E", "UTF-8", "-P", "cat", "-l"])
             .arg(root.path().join("usr/share/man/man8/airlockd.8.gz"))
-            .env("MANWIDTH", "100"),
+            .env("MANWIDTH", "100")
+            .env_remove("MAN_KEEP_FORMATTING"),
     );
     assert!(
         page.contains("--check") && page.contains("(commit "),
