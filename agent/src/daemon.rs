@@ -712,7 +712,7 @@ impl Daemon {
                         job = %rec.id,
                         processes_killed = report.processes_killed,
                         leftovers = %report.leftovers.join("; "),
-                        millis = report.millis,
+                        millis = u64::try_from(report.millis).unwrap_or(u64::MAX),
                         "job start failed; its sandbox was wiped"
                     );
                 }
@@ -1012,7 +1012,7 @@ impl Daemon {
         if report.leftovers.is_empty() {
             tracing::info!(
                 job,
-                ms = report.millis,
+                ms = u64::try_from(report.millis).unwrap_or(u64::MAX),
                 killed = report.processes_killed,
                 "job wiped"
             );

@@ -256,17 +256,8 @@ fn strings<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
     }
 }
 
-#[test]
-fn the_json_log_holds_plain_values_and_leaves_out_what_is_absent() {
-    let stack = Stack::start_with(|o| o.log_format("json"));
-    let prod = stack.job(&GithubJob::production());
-    assert!(prod.refused.is_none(), "{:?}", prod.raw);
-    let feature = stack.job(&GithubJob::feature_branch());
-    assert!(feature.refused.is_some(), "{:?}", feature.raw);
-    // A bad token: refused before it is a job, with no runner named.
-    assert!(stack.agent.start_job("not-a-token").is_err());
-
-    let log = stack.agent.log();
+/// Every line of an agent's log as JSON, none holding a Debug-printed `Option`.
+fn json_lines(log: &str) -> Vec<Value> {
     let mut records = Vec::new();
     for line in log.lines().filter(|l| !l.trim().is_empty()) {
         let v: Value = serde_json::from_str(line)
@@ -281,6 +272,45 @@ fn the_json_log_holds_plain_values_and_leaves_out_what_is_absent() {
         }
         records.push(v);
     }
+    records
+}
+
+#[test]
+fn the_json_log_of_a_sandboxed_job_holds_numbers_as_numbers() {
+    airlock_tests::prereq::require_root_and("the sandboxed JSON log test", &[("nft", "nftables")]);
+    let stack = Stack::sandboxed_then("", |o| o.log_format("json"));
+    let out = stack.run_sh(&GithubJob::production().token(), "true");
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    // The wipe is logged once the job has ended; `airlock run` returns after that.
+    let log = stack.agent.log();
+    let records = json_lines(&log);
+    let started = records
+        .iter()
+        .find(|r| r["message"] == "job started")
+        .unwrap_or_else(|| panic!("no \"job started\":\n{log}"));
+    assert_eq!(started["sandboxed"], true, "{started}");
+    assert_eq!(started["rule"], "web-production", "{started}");
+    let wiped = records
+        .iter()
+        .find(|r| r["message"] == "job wiped")
+        .unwrap_or_else(|| panic!("no \"job wiped\":\n{log}"));
+    assert!(wiped["ms"].is_u64(), "{wiped}");
+    assert!(wiped["killed"].is_u64(), "{wiped}");
+    assert_eq!(wiped["job"], started["job"], "{wiped}");
+}
+
+#[test]
+fn the_json_log_holds_plain_values_and_leaves_out_what_is_absent() {
+    let stack = Stack::start_with(|o| o.log_format("json"));
+    let prod = stack.job(&GithubJob::production());
+    assert!(prod.refused.is_none(), "{:?}", prod.raw);
+    let feature = stack.job(&GithubJob::feature_branch());
+    assert!(feature.refused.is_some(), "{:?}", feature.raw);
+    // A bad token: refused before it is a job, with no runner named.
+    assert!(stack.agent.start_job("not-a-token").is_err());
+
+    let log = stack.agent.log();
+    let records = json_lines(&log);
     let started = |job: &str| -> &Value {
         records
             .iter()
