@@ -14,7 +14,9 @@ bin="${CARGO_TARGET_DIR:-$repo/target}/debug"
 [[ "$bin" = /* ]] || bin="$repo/$bin"
 moto_port=45123 admin_port=45124 jwks_port=45125
 
-step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+# Bold headings on a terminal only: no escapes in a pipe, a file or a log, nor with NO_COLOR.
+if [[ -t 1 && -z "${NO_COLOR:-}" ]]; then bold=$'\033[1m' plain=$'\033[0m'; else bold='' plain=''; fi
+step() { printf '\n%s==> %s%s\n' "$bold" "$*" "$plain"; }
 note() { printf '    %s\n' "$*"; }
 die() { printf 'demo: error: %s\n' "$*" >&2; exit 1; }
 
@@ -53,9 +55,10 @@ http_ok() { "$venv/bin/python" -c 'import sys, urllib.request; urllib.request.ur
 
 step "Starting moto_server (the STS stand-in) on 127.0.0.1:$moto_port"
 # moto lets the bootstrap's IAM calls through unsigned, then checks SigV4 signatures and IAM
-# permissions on every later request, as AWS would.
+# permissions on every later request, as AWS would; moto_stand_in.py has it take an unsigned
+# AssumeRoleWithWebIdentity as AWS does (the production rule's "readonly" grant).
 boot_actions="$(cd "$repo/scripts" && "$venv/bin/python" -c 'import moto_bootstrap; print(moto_bootstrap.BOOTSTRAP_ACTIONS)')"
-INITIAL_NO_AUTH_ACTION_COUNT="$boot_actions" "$venv/bin/moto_server" -H 127.0.0.1 -p "$moto_port" \
+INITIAL_NO_AUTH_ACTION_COUNT="$boot_actions" "$venv/bin/python" "$repo/scripts/moto_stand_in.py" -H 127.0.0.1 -p "$moto_port" \
     >"$work/moto.log" 2>&1 &
 pids+=($!)
 wait_for "moto_server" http_ok "http://127.0.0.1:$moto_port/moto-api/"
@@ -126,7 +129,13 @@ try:
 except Exception:
     sys.exit(0)
 for k in ("job_id", "identity", "rule", "grants", "refused"):
-    print("    %-9s %s" % (k + ":", j.get(k)))'
+    v = j.get(k)
+    # Only what the job has: a refused job has no rule and no grants.
+    if v is None or v == [] or v == {}:
+        continue
+    if isinstance(v, list):
+        v = ", ".join(g.get("alias", str(g)) if isinstance(g, dict) else str(g) for g in v)
+    print("    %-9s %s" % (k + ":", v))'
 cat job2.err
 refusal="$("$venv/bin/python" -c '
 import json, sys
@@ -147,9 +156,18 @@ if [[ -n "$job2_id" ]]; then
     set +e
     PATH="$venv/bin:$PATH" AWS_MAX_ATTEMPTS=1 AWS_METADATA_SERVICE_NUM_ATTEMPTS=1 \
         airlock run --oidc-token-file feature.jwt -- \
-        aws sts get-caller-identity --endpoint-url "http://127.0.0.1:$moto_port" --output json
-    note "(exit $?: the job's SDK gets no credentials at all)"
+        aws sts get-caller-identity --endpoint-url "http://127.0.0.1:$moto_port" --output json \
+        >job2-sdk.out 2>job2-sdk.err
+    sdk_rc=$?
     set -e
+    # The refusal is the expected outcome here: show what the job's endpoint told its SDK,
+    # not the SDK's error report.
+    [[ $sdk_rc -ne 0 ]] || die "job 2's SDK got credentials: $(cat job2-sdk.out)"
+    endpoint_said="$(grep -o '"Code":"[^"]*","Message":"[^"]*"' job2-sdk.err | head -1 |
+        sed 's/"Code":"\([^"]*\)","Message":"\([^"]*\)"/\1: \2/')"
+    [[ -n "$endpoint_said" ]] || die "job 2's SDK failed for another reason: $(cat job2-sdk.err)"
+    note "(exit $sdk_rc: the job's SDK gets no credentials at all; its endpoint answered"
+    note " $endpoint_said)"
     airlock job end "$job2_id" >/dev/null 2>&1 || true
 fi
 
@@ -199,11 +217,10 @@ for line in sys.stdin:
 }
 note "\$ airlock audit query --repository acme/web   (summarised)"
 airlock audit query --repository acme/web | summarise
-if airlock audit query --repository acme/web --event sts_error | grep -q readonly; then
-    note "(The sts_error is the production rule's second grant, \"readonly\", which uses"
-    note " AssumeRoleWithWebIdentity: moto 5.2.1 answers that unsigned call with HTTP 500 while it"
-    note " checks signatures. Real STS accepts it; the job's default role is unaffected.)"
-fi
+# Every grant of the demo's jobs was issued: an STS error here is the demo failing.
+sts_errors="$(airlock audit query --event sts_error)"
+[[ -z "$sts_errors" ]] || die "STS refused or failed a call (see $work/moto.log):
+$sts_errors"
 note "\$ airlock audit query --repository other-org/tool   (summarised)"
 airlock audit query --repository other-org/tool | summarise
 note "\$ airlock audit verify"

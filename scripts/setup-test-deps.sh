@@ -84,6 +84,20 @@ else
     say "warning: no C++ compiler: the fuzz targets need one (Debian: apt-get install g++, as root)"
 fi
 
+# --- man ---------------------------------------------------------------------------------
+# tests/tests/cli_surface.rs and packaging.rs render the generated man pages with `man -l`
+# (Debian package man-db).
+if command -v man >/dev/null; then
+    say "man found: $(command -v man)"
+elif [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "installing man-db with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends man-db >/dev/null
+    say "installed $(man --version | head -1)"
+else
+    say "warning: man not found: the man page tests need it (Debian: apt-get install man-db, as root)"
+fi
+
 # --- Python venv -------------------------------------------------------------------------
 command -v "$py" >/dev/null || die "python3 not found: install it (Debian: apt-get install python3 python3-venv)"
 want="$(hash_of "$reqs")-$("$py" -c 'import sys; print("%d.%d %s" % (sys.version_info[:2] + (sys.base_prefix,)))')"

@@ -400,7 +400,11 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, group: O
             Err(_) => continue,
         };
         if !peer_allowed(&peer, group, &procs) {
-            tracing::warn!(uid = peer.uid, pid = ?peer.pid, "control connection refused: not root or the control group");
+            tracing::warn!(
+                uid = peer.uid,
+                pid = peer.pid,
+                "control connection refused: not root or the control group"
+            );
             continue;
         }
         let handler = handler.clone();

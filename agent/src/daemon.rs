@@ -603,7 +603,7 @@ impl Daemon {
             {
                 Ok(id) => Some(id),
                 Err(e) => {
-                    tracing::warn!(runner = ?req.runner, "job refused: {}", e.message);
+                    tracing::warn!(runner = req.runner.as_deref(), "job refused: {}", e.message);
                     audit_best_effort(
                         &self.audit,
                         &self.metrics,
@@ -717,7 +717,13 @@ impl Daemon {
                 if let Some(sb) = &self.sandboxes {
                     drop(prepared);
                     let report = sb.wipe(&rec.id, rec.sandbox_slot).await;
-                    tracing::warn!(job = %rec.id, ?report, "job start failed; its sandbox was wiped");
+                    tracing::warn!(
+                        job = %rec.id,
+                        processes_killed = report.processes_killed,
+                        leftovers = %report.leftovers.join("; "),
+                        millis = u64::try_from(report.millis).unwrap_or(u64::MAX),
+                        "job start failed; its sandbox was wiped"
+                    );
                 }
                 let _ = self.store.remove(&rec.id);
                 return Err(e);
@@ -735,7 +741,16 @@ impl Daemon {
         if req.endpoint_bind {
             ep.open_bind();
         }
-        tracing::info!(job = %rec.id, identity = ?rec.identity.as_ref().map(JobIdentity::summary), rule = ?rec.rule, refused = ?rec.refused, sandboxed = rec.sandbox_slot.is_some(), "job started");
+        // Optional fields only when present, as plain strings (`Option<T: Value>` records
+        // nothing for `None`): never `Some("…")` or `None` in a JSON log.
+        tracing::info!(
+            job = %rec.id,
+            identity = rec.identity.as_ref().map(JobIdentity::summary).as_deref(),
+            rule = rec.rule.as_deref(),
+            refused = rec.refused.as_deref(),
+            sandboxed = rec.sandbox_slot.is_some(),
+            "job started"
+        );
         let shown_token_file = token_file.clone().unwrap_or_else(|| JOB_TOKEN_FILE.into());
         let exec = prepared
             .as_ref()
@@ -1006,12 +1021,12 @@ impl Daemon {
         if report.leftovers.is_empty() {
             tracing::info!(
                 job,
-                ms = report.millis,
+                ms = u64::try_from(report.millis).unwrap_or(u64::MAX),
                 killed = report.processes_killed,
                 "job wiped"
             );
         } else {
-            tracing::error!(job, leftovers = ?report.leftovers, "the job's wipe left something behind; its slot is tainted");
+            tracing::error!(job, leftovers = %report.leftovers.join("; "), "the job's wipe left something behind; its slot is tainted");
             audit_best_effort(
                 &self.audit,
                 &self.metrics,
@@ -1181,7 +1196,7 @@ impl Daemon {
                 lock(&self.jobs).keys().cloned().collect();
             let reaped = sb.reap_orphans(&live).await;
             if !reaped.is_empty() {
-                tracing::warn!(?reaped, "reaped orphaned sandbox objects");
+                tracing::warn!(reaped = %reaped.join("; "), "reaped orphaned sandbox objects");
                 audit_best_effort(
                     &self.audit,
                     &self.metrics,

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod broker;
 pub mod buildkite;
 pub mod childenv;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -98,6 +98,8 @@ pub struct AgentOptions {
     /// for tests whose jobs never run a command (the sandbox's mounts stay in that
     /// namespace too), such as a job the agent must refuse.
     pub nft_stub: Option<String>,
+    /// `--log-format` for the daemon (`plain` when `None`).
+    pub log_format: Option<String>,
 }
 
 impl AgentOptions {
@@ -115,6 +117,7 @@ impl AgentOptions {
             audit_path: None,
             audit_config: String::new(),
             nft_stub: None,
+            log_format: None,
         }
     }
 
@@ -155,6 +158,12 @@ impl AgentOptions {
 
     pub fn log_filter(mut self, filter: &str) -> Self {
         self.log_filter = Some(filter.to_owned());
+        self
+    }
+
+    /// The daemon's `--log-format` (`plain` or `json`).
+    pub fn log_format(mut self, format: &str) -> Self {
+        self.log_format = Some(format.to_owned());
         self
     }
 }
@@ -371,6 +380,9 @@ impl Agent {
             }
         };
         cmd.arg("--config").arg(&self.config);
+        if let Some(f) = &self.opts.log_format {
+            cmd.arg("--log-format").arg(f);
+        }
         for v in HOST_AWS_VARS {
             cmd.env_remove(v);
         }

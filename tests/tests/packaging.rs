@@ -192,6 +192,96 @@ fn files_under(top: &str) -> Vec<(String, bool)> {
     out
 }
 
+/// Every file under an absolute directory (relative path, executable?).
+fn files_under_path(base: &Path) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    let mut todo = vec![base.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for e in std::fs::read_dir(&dir).expect("read dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let mode = std::fs::metadata(&p).expect("stat").permissions().mode();
+                let rel = p.strip_prefix(base).expect("prefix");
+                out.push((rel.to_string_lossy().into_owned(), mode & 0o111 != 0));
+            }
+        }
+    }
+    out
+}
+
+/// The man pages and completions the binaries under test generate (`__generate`), as the
+/// packages must install them: (path in the package without the rpm/deb difference, i.e.
+/// zsh's directory given as `ZSH/`).
+fn generated_docs() -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for b in ["airlock", "airlockd"] {
+        run(Command::new(paths::bin(b))
+            .arg("__generate")
+            .arg(dir.path()));
+    }
+    let mut out = Vec::new();
+    for (rel, _) in files_under_path(dir.path()) {
+        let name = rel.rsplit('/').next().expect("name").to_string();
+        out.push(match rel.split('/').next() {
+            Some("man") if name.ends_with(".8") => format!("/usr/share/man/man8/{name}.gz"),
+            Some("man") => format!("/usr/share/man/man1/{name}.gz"),
+            _ if rel.starts_with("completions/bash/") => {
+                format!("/usr/share/bash-completion/completions/{name}")
+            }
+            _ if rel.starts_with("completions/zsh/") => format!("ZSH/{name}"),
+            _ if rel.starts_with("completions/fish/") => {
+                format!("/usr/share/fish/vendor_completions.d/{name}")
+            }
+            _ => panic!("unexpected generated file {rel}"),
+        });
+    }
+    for must in [
+        "/usr/share/man/man1/airlock.1.gz",
+        "/usr/share/man/man1/airlock-job-start.1.gz",
+        "/usr/share/man/man8/airlockd.8.gz",
+        "/usr/share/bash-completion/completions/airlock",
+        "ZSH/_airlock",
+        "/usr/share/fish/vendor_completions.d/airlock.fish",
+    ] {
+        assert!(
+            out.iter().any(|p| p == must),
+            "{must} not generated: {out:#?}"
+        );
+    }
+    out
+}
+
+/// Every `/usr/share/doc/airlock/…` path that the shipped configuration and units name: the
+/// package must hold what it points its reader to.
+fn doc_references() -> Vec<String> {
+    let mut refs = Vec::new();
+    for f in [
+        "config/airlock.toml",
+        "config/github-runners.toml",
+        "packaging/systemd/airlockd.service",
+        "packaging/systemd/airlock-github-runners.service",
+    ] {
+        let text = std::fs::read_to_string(paths::repo_root().join(f)).expect(f);
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("/usr/share/doc/airlock/") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || "/._-".contains(c)))
+                .unwrap_or(tail.len());
+            refs.push(tail[..end].trim_end_matches('.').to_string());
+            rest = &tail[end..];
+        }
+    }
+    assert!(
+        refs.iter()
+            .any(|r| r == "/usr/share/doc/airlock/configuration.md"),
+        "config/airlock.toml points at configuration.md: {refs:?}"
+    );
+    refs
+}
+
 /// `dpkg-deb -c` lines as (path without the leading `.`, mode string).
 fn deb_listing(deb: &Path) -> Vec<(String, String)> {
     stdout(Command::new("dpkg-deb").arg("-c").arg(deb))
@@ -243,6 +333,51 @@ fn deb_contents() {
             "integrations/{rel}: mode {m} in the deb"
         );
     }
+    // The documentation: all of docs/, what the config and units point to, and the man
+    // pages and completions the packaged binaries generate (one page per subcommand).
+    for (rel, _) in files_under("docs") {
+        assert_eq!(
+            mode(&format!("/usr/share/doc/airlock/{rel}")),
+            "-rw-r--r--",
+            "docs/{rel}"
+        );
+    }
+    for r in doc_references() {
+        mode(&r);
+    }
+    let generated = generated_docs();
+    for g in &generated {
+        let g = g.replace("ZSH/", "/usr/share/zsh/vendor-completions/");
+        assert_eq!(mode(&g), "-rw-r--r--", "{g}");
+    }
+    let man_pages = |l: &Vec<(String, String)>| -> usize {
+        l.iter()
+            .filter(|(p, _)| p.starts_with("/usr/share/man/") && p.ends_with(".gz"))
+            .count()
+    };
+    assert_eq!(
+        man_pages(&list),
+        generated.iter().filter(|g| g.ends_with(".gz")).count(),
+        "the deb's man pages are the ones the binaries generate"
+    );
+    // The installed page renders: the package's, gzipped, through man.
+    let root = tempfile::tempdir().expect("tempdir");
+    run(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&p.deb)
+        .arg(root.path()));
+    let page = stdout(
+        Command::new("man")
+            .args(["-E", "UTF-8", "-P", "cat", "-l"])
+            .arg(root.path().join("usr/share/man/man8/airlockd.8.gz"))
+            .env("MANWIDTH", "100")
+            .env_remove("MAN_KEEP_FORMATTING"),
+    );
+    assert!(
+        page.contains("--check") && page.contains("(commit "),
+        "{page}"
+    );
+
     // A fresh install grants nothing: no policy file is shipped where the agent loads them,
     // and the shim is not on PATH.
     assert!(
@@ -314,6 +449,18 @@ fn rpm_contents() {
     assert!(!files
         .iter()
         .any(|f| f.starts_with("/etc/airlock/policies/")));
+    // The documentation, as in the deb; zsh's directory is the Fedora/RHEL one.
+    for (rel, _) in files_under("docs") {
+        let f = format!("/usr/share/doc/airlock/{rel}");
+        assert!(files.contains(&f.as_str()), "{f} not in the rpm");
+    }
+    for r in doc_references() {
+        assert!(files.contains(&r.as_str()), "{r} not in the rpm");
+    }
+    for g in generated_docs() {
+        let g = g.replace("ZSH/", "/usr/share/zsh/site-functions/");
+        assert!(files.contains(&g.as_str()), "{g} not in the rpm");
+    }
 
     let info = stdout(Command::new("rpm").arg("-qpi").arg(&p.rpm));
     let value = |key: &str| -> String {

@@ -1,6 +1,6 @@
 //! `airlock`: the operator CLI. See `airlock --help`.
 
-use clap::{Args as ClapArgs, Parser, Subcommand};
+use clap::{Args as ClapArgs, CommandFactory, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -12,7 +12,7 @@ use airlock::secret::Secret;
 /// Operate airlock: run jobs with job-scoped credentials, check and explain policies,
 /// verify and query the audit log.
 #[derive(Debug, Parser)]
-#[command(version, propagate_version = true)]
+#[command(name = "airlock", version = airlock::cli::VERSION, propagate_version = true)]
 struct Cli {
     /// Agent configuration (for the socket, policy and audit paths). A flag only, never an
     /// environment variable: the CI integrations run with variables a pipeline sets.
@@ -262,7 +262,13 @@ fn control_fail(e: ControlError) -> Fail {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    if let Some(code) = airlock::cli::generate_if_asked(Cli::command(), "1") {
+        return code;
+    }
+    let cli = match airlock::cli::parse::<Cli>() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     airlock::logging::init(airlock::logging::LogFormat::Plain);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,6 +1,6 @@
 //! `airlockd`: the airlock agent daemon (root). See `airlockd --help`.
 
-use clap::Parser;
+use clap::CommandFactory;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -20,8 +20,8 @@ use airlock::metrics::Metrics;
 /// Verifies each job's CI identity, decides from the policies what it may have, mints
 /// short-lived AWS credentials for that job alone and serves them on the job's own
 /// endpoint. Every decision goes to the hash-chained audit log.
-#[derive(Debug, Parser)]
-#[command(version, after_help = SIGNALS)]
+#[derive(Debug, clap::Parser)]
+#[command(name = "airlockd", version = airlock::cli::VERSION, after_help = SIGNALS)]
 struct Args {
     /// Configuration file.
     #[arg(long, short, env = "AIRLOCK_CONFIG", default_value = airlock::config::DEFAULT_PATH)]
@@ -54,7 +54,14 @@ fn fail(code: i32, msg: impl std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    // An administrator's program: its page goes to section 8.
+    if let Some(code) = airlock::cli::generate_if_asked(Args::command(), "8") {
+        return code;
+    }
+    let args = match airlock::cli::parse::<Args>() {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     logging::init(args.log_format);
     let cfg = match Config::load(&args.config) {
         Ok(c) => c,
@@ -180,7 +187,7 @@ async fn serve(
             .collect();
         if !with_egress.is_empty() {
             tracing::warn!(
-                rules = ?with_egress,
+                rules = %with_egress.join(", "),
                 "[rule.egress] has no effect with [sandbox] disabled: these rules' jobs reach whatever the host reaches"
             );
         }

@@ -137,7 +137,12 @@ impl Daemon {
         if self.may_act_on(&live.record, peer) {
             return Ok(());
         }
-        tracing::warn!(job, uid = peer.uid, pid = ?peer.pid, "control request refused: the caller does not own the job");
+        tracing::warn!(
+            job,
+            uid = peer.uid,
+            pid = peer.pid,
+            "control request refused: the caller does not own the job"
+        );
         Err(ApiError::new(
             403,
             "NotOwner",

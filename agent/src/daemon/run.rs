@@ -96,7 +96,13 @@ impl Daemon {
         })?;
         st.running += 1;
         drop(st);
-        tracing::info!(job, run = name, uid = peer.uid, pid = ?peer.pid, "run starting");
+        tracing::info!(
+            job,
+            run = name,
+            uid = peer.uid,
+            pid = peer.pid,
+            "run starting"
+        );
         Ok(RunPlan {
             job: job.to_string(),
             name: name.to_string(),

@@ -471,7 +471,7 @@ async fn audit_events(
             ev = log_rx.recv(), if log_open => match ev {
                 None => log_open = false,
                 Some(ev) => {
-                    tracing::debug!(job = %job, prefix = %ev.prefix, dst = %ev.dst, port = ?ev.dport, proto = %ev.proto, "packet logged by the job's firewall");
+                    tracing::debug!(job = %job, prefix = %ev.prefix, dst = %ev.dst, port = ev.dport, proto = %ev.proto, "packet logged by the job's firewall");
                     let event = if ev.prefix == firewall::LOG_CONNECT {
                         "egress_connect"
                     } else {

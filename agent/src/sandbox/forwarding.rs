@@ -137,7 +137,7 @@ pub fn apply_host_table_and_forward(
     if ipv6 {
         if let Some(kept) = firewall::enable_forwarding6(proc_dir)? {
             tracing::info!(
-                accept_ra_2 = ?kept,
+                accept_ra_2 = %kept.join(","),
                 drop_other_forwarding = drop.ipv6,
                 "turned on IPv6 forwarding (net.ipv6.conf.all.forwarding=1) for jobs with IPv6; it stays on. \
                  Interfaces that took router advertisements still do (accept_ra=2)"

@@ -810,7 +810,7 @@ impl Sandboxes {
                     }
                     Ok(left) => tracing::error!(
                         dir = %dir.display(),
-                        mounts = ?left,
+                        mounts = %left.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
                         "an orphaned job directory keeps mounts that cannot be detached; left in place"
                     ),
                     Err(e) => {

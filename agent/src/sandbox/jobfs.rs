@@ -142,7 +142,7 @@ pub fn release_runtime_dir(dir: &Path) {
             }
         }
         Ok(m) => {
-            tracing::debug!(dir = %dir.display(), mounts = ?m, "runtime directory stays mounted: jobs' filesystems are still in it")
+            tracing::debug!(dir = %dir.display(), mounts = %m.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "), "runtime directory stays mounted: jobs' filesystems are still in it")
         }
         Err(e) => tracing::debug!(dir = %dir.display(), "runtime directory not unmounted: {e}"),
     }
