@@ -136,6 +136,16 @@ fn ignored_with_warning(name: &str) -> bool {
 /// files are warned about (see [`ignored_with_warning`]); subdirectories are not. Every
 /// error of every file is reported, in file order.
 pub fn load_dir_with(dir: &Path, issuers: &[TrustedIssuer]) -> Result<PolicySet, PolicyError> {
+    load_dir_configured(dir, issuers, None)
+}
+
+/// [`load_dir_with`], with the issuers read from the configuration file `config`: the
+/// advice to add an `[[issuer]]` names that file.
+pub fn load_dir_configured(
+    dir: &Path,
+    issuers: &[TrustedIssuer],
+    config: Option<&Path>,
+) -> Result<PolicySet, PolicyError> {
     let read_dir_err = |source| PolicyError::ReadDir {
         dir: dir.to_owned(),
         source,
@@ -157,6 +167,9 @@ pub fn load_dir_with(dir: &Path, issuers: &[TrustedIssuer]) -> Result<PolicySet,
     files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
     skipped.sort();
     let mut loader = Loader::new(issuers);
+    if let Some(c) = config {
+        loader.config = c.display().to_string();
+    }
     for path in skipped {
         loader.set.warnings.push(format!(
             "{}: not loaded: only *.toml files in the policy directory are policies; rename it to \
@@ -367,6 +380,8 @@ struct Loader {
     issuers: Vec<TrustedIssuer>,
     /// Every error so far, in file order.
     errors: Vec<PolicyError>,
+    /// The configuration the issuers came from, as messages name it.
+    config: String,
 }
 
 /// One file being checked: turns spans into origins.
@@ -400,6 +415,7 @@ impl Loader {
             names: HashMap::new(),
             issuers: issuers.to_vec(),
             errors: Vec::new(),
+            config: "the agent's airlock.toml".into(),
         }
     }
 
@@ -583,8 +599,9 @@ impl Loader {
             let p = rule.scope.provider;
             self.set.warnings.push(format!(
                 "{at}: rule {name:?} matches only runner-attested {p} identities: no {p} issuer is \
-                 configured, so no token can match it; add an [[issuer]] for {p} to airlock.toml \
-                 if its jobs have OIDC tokens"
+                 configured, so no token can match it; add an [[issuer]] for {p} to {} \
+                 if its jobs have OIDC tokens",
+                self.config
             ));
         }
         if rule
@@ -692,7 +709,8 @@ impl Loader {
                     &p.value,
                     format!(
                         "rule {name:?}: issuer {iss:?} is not configured, so this rule could never match{hint}; \
-                         configured: {configured}; add an [[issuer]] for it to airlock.toml or name one of those"
+                         configured: {configured}; add an [[issuer]] for it to {} or name one of those",
+                        self.config
                     ),
                 );
             };
@@ -769,7 +787,8 @@ impl Loader {
                 format!(
                     "rule {name:?}: provider = {wanted:?} names no configured issuer, so this rule could never \
                      match (configured: {configured}); add an [[issuer]] with provider = {wanted:?} to \
-                     airlock.toml, or write issuer = \"<one of the configured>\""
+                     {}, or write issuer = \"<one of the configured>\"",
+                    self.config
                 ),
             ),
             many => {

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 
 pub use decide::{Decision, Explanation, RuleVerdict};
 pub use egress::{EgressAllow, EgressMode, EgressPolicy, EgressTarget, RuleEgress};
-pub use load::{load_dir_with, load_str, load_str_with, PolicyError};
+pub use load::{load_dir_configured, load_dir_with, load_str, load_str_with, PolicyError};
 
 /// An OIDC issuer the agent trusts, as the policy loader sees it: its exact `iss` and the
 /// provider whose claim shape its tokens are read in.
