@@ -10,6 +10,7 @@
 //! agent's configured issuers): names alike from two issuers — a Buildkite organisation or a
 //! GitLab group called like a GitHub organisation — never match one rule.
 
+pub mod cases;
 pub mod decide;
 pub mod egress;
 pub mod load;
