@@ -45,7 +45,12 @@ fn invalid_lines(path: &Path, errors: &[(usize, usize, String)]) -> String {
 /// A TOML document with the place of every key and value: what the checks after parsing
 /// use to point at the value they refuse (the typed [`Config`] keeps no places).
 enum Placed {
-    Table(Vec<(serde_spanned::Spanned<String>, serde_spanned::Spanned<Placed>)>),
+    Table(
+        Vec<(
+            serde_spanned::Spanned<String>,
+            serde_spanned::Spanned<Placed>,
+        )>,
+    ),
     Array(Vec<serde_spanned::Spanned<Placed>>),
     Leaf,
 }
@@ -885,7 +890,10 @@ impl Config {
                     ),
                 );
             }
-            let urls = [("issuer", Some(&iss.issuer)), ("jwks_url", iss.jwks_url.as_ref())];
+            let urls = [
+                ("issuer", Some(&iss.issuer)),
+                ("jwks_url", iss.jwks_url.as_ref()),
+            ];
             for (key, u) in urls {
                 let Some(u) = u else { continue };
                 if u.starts_with("http://") && !iss.allow_http {
@@ -1032,7 +1040,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a loopback address"), "{err}");
-        assert!(err.starts_with("config a.toml:2:8: "), "names the value's place: {err}");
+        assert!(
+            err.starts_with("config a.toml:2:8: "),
+            "names the value's place: {err}"
+        );
         Config::parse(Path::new("a.toml"), "[endpoint]\nbind = \"::1\"\n").unwrap();
     }
 
@@ -1055,7 +1066,10 @@ mod tests {
         ];
         assert_eq!(lines.len(), expect.len(), "{err}");
         for (line, (at, what)) in lines.iter().zip(expect) {
-            assert!(line.starts_with(at) && line.contains(what), "{line:?}: {err}");
+            assert!(
+                line.starts_with(at) && line.contains(what),
+                "{line:?}: {err}"
+            );
         }
     }
 

@@ -58,8 +58,8 @@ fn a_pull_request_gets_only_the_pull_request_role_whatever_workflow_it_names() {
         !page.contains("a PR cannot swap in a workflow of its own"),
         "the cookbook must not claim a pull request runs the base branch's workflow"
     );
-    let pr = std::fs::read_to_string(root.join("policies/cookbook/pull-requests/policy.toml"))
-        .unwrap();
+    let pr =
+        std::fs::read_to_string(root.join("policies/cookbook/pull-requests/policy.toml")).unwrap();
     assert!(
         !pr.contains("workflow_ref = "),
         "pinning a workflow path trusts nothing for pull_request: {pr}"
@@ -94,7 +94,10 @@ fn a_pull_request_gets_only_the_pull_request_role_whatever_workflow_it_names() {
     ] {
         assert!(t.contains(case), "{case:?} in:\n{t}");
     }
-    assert!(!t.contains("web-deploy"), "no deploy role for a pull request:\n{t}");
+    assert!(
+        !t.contains("web-deploy"),
+        "no deploy role for a pull request:\n{t}"
+    );
 
     // The deploy workflow under refs/pull, explained one by one: never the deploy rule.
     let claims = serde_json::json!({
@@ -111,7 +114,14 @@ fn a_pull_request_gets_only_the_pull_request_role_whatever_workflow_it_names() {
     let out = Command::new(paths::bin("airlock"))
         .arg("--config")
         .arg(root.join("config/airlock.toml"))
-        .args(["policy", "explain", "--json", "--as-verified", "github", "--expect"])
+        .args([
+            "policy",
+            "explain",
+            "--json",
+            "--as-verified",
+            "github",
+            "--expect",
+        ])
         .arg("web-pull-requests")
         .arg("--claims-file")
         .arg(&file)
@@ -129,7 +139,11 @@ fn a_pull_request_gets_only_the_pull_request_role_whatever_workflow_it_names() {
         .iter()
         .filter_map(|g| g["role_arn"].as_str())
         .collect();
-    assert_eq!(roles, ["arn:aws:iam::222222222222:role/web-pr-readonly"], "{v}");
+    assert_eq!(
+        roles,
+        ["arn:aws:iam::222222222222:role/web-pr-readonly"],
+        "{v}"
+    );
 
     let quoted = std::fs::read_to_string(&cases).unwrap();
     assert!(

@@ -71,7 +71,8 @@ fn claims_decided_as_if_verified_are_marked_as_a_what_if_and_expect_sets_the_sta
     assert!(t.contains("decision: rule web-production grants:"), "{t}");
 
     let json = airlock(&shipped_config(), &[&base[..], &["--json"]].concat());
-    let v: Value = serde_json::from_slice(&json.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&json)));
+    let v: Value =
+        serde_json::from_slice(&json.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&json)));
     assert_eq!(v["what_if"], true, "{v}");
     assert_eq!(v["decision"]["rule"], "web-production", "{v}");
 
@@ -113,7 +114,10 @@ fn claims_decided_as_if_verified_are_marked_as_a_what_if_and_expect_sets_the_sta
     );
     let t = text(&out);
     assert_eq!(out.status.code(), Some(64), "{t}");
-    assert!(t.contains("is not configured") && t.contains("config/airlock.toml"), "{t}");
+    assert!(
+        t.contains("is not configured") && t.contains("config/airlock.toml"),
+        "{t}"
+    );
 }
 
 /// A configuration whose issuer's keys would be fetched from a host that does not resolve
@@ -188,7 +192,12 @@ fn explaining_a_token_makes_no_network_call_unless_asked() {
     let f2 = write(d.path(), "token2", &other);
     let out = airlock(
         &config,
-        &["policy", "explain", "--oidc-token-file", &f2.to_string_lossy()],
+        &[
+            "policy",
+            "explain",
+            "--oidc-token-file",
+            &f2.to_string_lossy(),
+        ],
     );
     let t = text(&out);
     assert_eq!(out.status.code(), Some(65), "{t}");
@@ -213,7 +222,10 @@ fn policy_test_runs_the_shipped_cases_and_reports_failures_with_their_place() {
     assert!(t.starts_with("WHAT-IF: "), "{t}");
     let ok = t.lines().filter(|l| l.starts_with("ok    ")).count();
     assert!(ok >= 5, "{t}");
-    assert!(t.contains(&format!("{ok} case(s): {ok} passed, 0 failed")), "{t}");
+    assert!(
+        t.contains(&format!("{ok} case(s): {ok} passed, 0 failed")),
+        "{t}"
+    );
 
     // A failing case: exit 1, its place and what differs.
     let d = tempfile::tempdir().unwrap();
@@ -232,13 +244,24 @@ fn policy_test_runs_the_shipped_cases_and_reports_failures_with_their_place() {
     );
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
-    assert!(t.contains(&format!("FAIL  pr ({}:1:1)", bad.display())), "{t}");
     assert!(
-        t.contains("expected rule web-production to grant, got rule acme-ci-readonly granting readonly"),
+        t.contains(&format!("FAIL  pr ({}:1:1)", bad.display())),
         "{t}"
     );
-    assert!(t.contains("expected grants not granted: [\"deploy\"]"), "{t}");
-    assert!(t.contains("granted but not expected: [\"readonly\"]"), "{t}");
+    assert!(
+        t.contains(
+            "expected rule web-production to grant, got rule acme-ci-readonly granting readonly"
+        ),
+        "{t}"
+    );
+    assert!(
+        t.contains("expected grants not granted: [\"deploy\"]"),
+        "{t}"
+    );
+    assert!(
+        t.contains("granted but not expected: [\"readonly\"]"),
+        "{t}"
+    );
     assert!(t.contains("2 case(s): 0 passed, 2 failed"), "{t}");
 
     // Errors in the cases file: every one, at its line, exit 65.
@@ -254,8 +277,14 @@ fn policy_test_runs_the_shipped_cases_and_reports_failures_with_their_place() {
     );
     let t = text(&out);
     assert_eq!(out.status.code(), Some(65), "{t}");
-    assert!(t.contains(&format!("{}:3:10: case \"a\"", broken.display())), "{t}");
-    assert!(t.contains(&format!("{}:12:6: case \"b\"", broken.display())), "{t}");
+    assert!(
+        t.contains(&format!("{}:3:10: case \"a\"", broken.display())),
+        "{t}"
+    );
+    assert!(
+        t.contains(&format!("{}:12:6: case \"b\"", broken.display())),
+        "{t}"
+    );
 }
 
 #[test]
@@ -303,7 +332,11 @@ fn every_policy_and_config_error_is_reported_once_at_its_place() {
         .expect("run airlockd (cargo build --bins)");
     let t = text(&daemon);
     assert_eq!(daemon.status.code(), Some(65), "{t}");
-    for needle in ["unknown match field \"repo\"", "bad role_arn", "duration 60 s"] {
+    for needle in [
+        "unknown match field \"repo\"",
+        "bad role_arn",
+        "duration 60 s",
+    ] {
         assert_eq!(t.matches(needle).count(), 1, "{needle:?} once in:\n{t}");
     }
 
@@ -318,7 +351,10 @@ fn every_policy_and_config_error_is_reported_once_at_its_place() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(
-        t.contains(&format!("warning: {}: not loaded", policies.join("policy.tml").display())),
+        t.contains(&format!(
+            "warning: {}: not loaded",
+            policies.join("policy.tml").display()
+        )),
         "{t}"
     );
     // With the agent's own credentials from the environment (the default) nothing is said;

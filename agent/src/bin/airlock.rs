@@ -154,7 +154,7 @@ enum PolicyCmd {
         as_verified: Option<String>,
         /// Verify --oidc-token-file's signature, times and audience against its issuer's
         /// keys, fetching its jwks_url if the issuer has one (network).
-        #[arg(long, requires = "oidc_token_file")]
+        #[arg(long)]
         verify: bool,
         /// Exit 1 unless RULE grants the job (or, with "refused", unless it is refused).
         #[arg(long, value_name = "RULE|refused")]
@@ -338,7 +338,12 @@ fn load_policies(
             if lines.len() == 1 {
                 lines.join("")
             } else {
-                format!("{} errors in {}:\n{}", lines.len(), dir.display(), lines.join("\n"))
+                format!(
+                    "{} errors in {}:\n{}",
+                    lines.len(),
+                    dir.display(),
+                    lines.join("\n")
+                )
             },
         )
     })
@@ -807,6 +812,12 @@ async fn explain(
     how: ExplainHow,
 ) -> Result<i32, Fail> {
     use airlock::policy::cases;
+    if how.verify && id.oidc_token_file.is_none() {
+        return Err(Fail(
+            exit::USAGE,
+            "--verify verifies a token: give it with --oidc-token-file (claims have no signature to verify)".into(),
+        ));
+    }
     let cfg = policy_config(cfg_path)?;
     let dir = dir.unwrap_or(cfg.policy.dir.clone());
     let policies = load_policies(&cfg, cfg_path, &dir)?;
@@ -816,7 +827,10 @@ async fn explain(
         (None, Some(claims)) => match &how.as_verified {
             Some(wanted) => {
                 let iss = cases::resolve_issuer(&trusted, wanted).map_err(|e| {
-                    Fail(exit::USAGE, format!("--as-verified: {e} (from {})", cfg_path.display()))
+                    Fail(
+                        exit::USAGE,
+                        format!("--as-verified: {e} (from {})", cfg_path.display()),
+                    )
                 })?;
                 let why = format!(
                     "claims not verified: decided as if {} had signed them (--as-verified)",
@@ -894,7 +908,11 @@ async fn explain_token(
         let configured = if trusted.is_empty() {
             "none".to_string()
         } else {
-            trusted.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            trusted
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         let shown: String = iss.chars().take(200).collect();
         return Err(Fail(
@@ -922,7 +940,10 @@ async fn explain_token(
             ),
             t.issuer
         );
-        return Ok((airlock::policy::cases::as_verified(t, claims), Basis::WhatIf(why)));
+        return Ok((
+            airlock::policy::cases::as_verified(t, claims),
+            Basis::WhatIf(why),
+        ));
     }
     let http = airlock::http_client::HttpClient::new().map_err(|e| (exit::SOFTWARE, e))?;
     let v = airlock::identity::Verifier::new(&cfg.issuers, http).map_err(|e| (exit::CONFIG, e))?;
@@ -936,10 +957,7 @@ async fn explain_token(
     Ok((id, Basis::Verified))
 }
 
-fn print_explanation(
-    identity: &airlock::identity::JobIdentity,
-    ex: &airlock::policy::Explanation,
-) {
+fn print_explanation(identity: &airlock::identity::JobIdentity, ex: &airlock::policy::Explanation) {
     let from = match identity.source {
         airlock::identity::IdentitySource::Oidc => format!("token of {}", identity.issuer),
         airlock::identity::IdentitySource::Attested => {

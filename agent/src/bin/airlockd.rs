@@ -55,14 +55,11 @@ fn main() -> ExitCode {
     };
     // Rules are checked against the issuers this agent trusts: each must name exactly one.
     let issuers = airlock::policy::TrustedIssuer::from_config(&cfg.issuers);
-    let policies = match airlock::policy::load_dir_configured(
-        &cfg.policy.dir,
-        &issuers,
-        Some(&args.config),
-    ) {
-        Ok(p) => p,
-        Err(e) => return fail(exit::DATAERR, format!("policy error, not starting: {e}")),
-    };
+    let policies =
+        match airlock::policy::load_dir_configured(&cfg.policy.dir, &issuers, Some(&args.config)) {
+            Ok(p) => p,
+            Err(e) => return fail(exit::DATAERR, format!("policy error, not starting: {e}")),
+        };
     for w in policies.warnings() {
         tracing::warn!("policy: {w}");
     }

@@ -205,11 +205,7 @@ pub fn parse_cases(
             (None, true) => match identity::from_attested(claims) {
                 Ok(id) => id,
                 Err(e) => {
-                    errors.push(format!(
-                        "{}: case {:?}: {e}",
-                        at(c.claims.span()),
-                        c.name
-                    ));
+                    errors.push(format!("{}: case {:?}: {e}", at(c.claims.span()), c.name));
                     continue;
                 }
             },
@@ -324,7 +320,8 @@ pub fn run_cases<'a>(
             }
             if let Some(want) = &case.grants {
                 if !d.is_refused() {
-                    let named = |w: &String| d.grants.iter().any(|g| &g.alias == w || &g.role_arn == w);
+                    let named =
+                        |w: &String| d.grants.iter().any(|g| &g.alias == w || &g.role_arn == w);
                     let missing: Vec<&String> = want.iter().filter(|w| !named(w)).collect();
                     let extra: Vec<&str> = d
                         .grants
@@ -385,7 +382,10 @@ role_arn = "arn:aws:iam::123456789012:role/deploy"
             "https://gitlab.com"
         );
         let e = resolve_issuer(&i, "https://evil.example").unwrap_err();
-        assert!(e.contains("not configured") && e.contains("gitlab.com"), "{e}");
+        assert!(
+            e.contains("not configured") && e.contains("gitlab.com"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -424,7 +424,8 @@ claims = { repository = "acme/web", ref = "refs/heads/main" }
         );
         assert_eq!(results[2].case.origin, "c.toml:16:1");
 
-        let bad = "[[case]]\nname = \"x\"\nissuer = \"https://nope\"\nexpect = \"deploy\"\nclaims = {}\n\
+        let bad =
+            "[[case]]\nname = \"x\"\nissuer = \"https://nope\"\nexpect = \"deploy\"\nclaims = {}\n\
                    [[case]]\nname = \"y\"\nexpect = \"deploy\"\nclaims = {}\n";
         let errs = parse_cases(Path::new("c.toml"), bad, &issuers()).unwrap_err();
         assert_eq!(errs.len(), 2, "{errs:?}");

@@ -538,7 +538,14 @@ impl Loader {
             Some(ow) => ow.into_inner(),
             None => OutsideWindow::Refuse,
         };
-        let grants = grants(cx, &name, &span, raw.grant, errs, &mut self.set.grant_origins);
+        let grants = grants(
+            cx,
+            &name,
+            &span,
+            raw.grant,
+            errs,
+            &mut self.set.grant_origins,
+        );
         let egress = match raw.egress {
             Some(e) => {
                 let r = self.egress(cx, &name, e, raw.sandbox.as_ref(), errs);
@@ -920,29 +927,29 @@ fn match_key(
     value: Spanned<RawMatch>,
     out: &mut Vec<Parsed>,
 ) -> Result<(), PolicyError> {
-        let field = key.get_ref().as_str();
-        if field == "claims" {
-            let span = value.span();
-            let RawMatch::Table(claims) = value.into_inner() else {
-                return cx.err(
-                    &span,
-                    "`claims` must be a table of claim name = glob(s), e.g. [rule.match.claims]",
-                );
-            };
-            for (claim, v) in claims.0 {
-                let field = format!("claims.{}", claim.get_ref());
-                out.push(matcher(cx, claim.span(), field, v, false)?);
-            }
-        } else if FIELDS.contains(&field) {
-            out.push(matcher(cx, key.span(), field.to_string(), value, false)?);
-        } else if is_id_claim(field) {
-            out.push(matcher(cx, key.span(), field.to_string(), value, true)?);
-        } else {
-            let ids: Vec<&str> = PROVIDERS
-                .iter()
-                .flat_map(|p| id_claims(*p).iter().copied())
-                .collect();
+    let field = key.get_ref().as_str();
+    if field == "claims" {
+        let span = value.span();
+        let RawMatch::Table(claims) = value.into_inner() else {
             return cx.err(
+                &span,
+                "`claims` must be a table of claim name = glob(s), e.g. [rule.match.claims]",
+            );
+        };
+        for (claim, v) in claims.0 {
+            let field = format!("claims.{}", claim.get_ref());
+            out.push(matcher(cx, claim.span(), field, v, false)?);
+        }
+    } else if FIELDS.contains(&field) {
+        out.push(matcher(cx, key.span(), field.to_string(), value, false)?);
+    } else if is_id_claim(field) {
+        out.push(matcher(cx, key.span(), field.to_string(), value, true)?);
+    } else {
+        let ids: Vec<&str> = PROVIDERS
+            .iter()
+            .flat_map(|p| id_claims(*p).iter().copied())
+            .collect();
+        return cx.err(
                 &key.span(),
                 format!(
                     "unknown match field {field:?}; use one of {}, an id pin ({}) or a raw claim under [rule.match.claims]",
@@ -950,7 +957,7 @@ fn match_key(
                     ids.join(", ")
                 ),
             );
-        }
+    }
     Ok(())
 }
 
@@ -2179,8 +2186,14 @@ mod tests {
         let set = load(&text).unwrap();
         let w = set.chained_session_warnings(3600, "source = \"imds\"");
         assert_eq!(w.len(), 1, "only the assume-role grant over an hour: {w:?}");
-        assert!(w[0].starts_with("p.toml:9:12: "), "at the duration value: {w:?}");
-        assert!(w[0].contains("\"long\"") && w[0].contains("7200 s"), "{w:?}");
+        assert!(
+            w[0].starts_with("p.toml:9:12: "),
+            "at the duration value: {w:?}"
+        );
+        assert!(
+            w[0].contains("\"long\"") && w[0].contains("7200 s"),
+            "{w:?}"
+        );
         assert!(w[0].contains("source = \"imds\""), "{w:?}");
     }
 
