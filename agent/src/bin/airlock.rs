@@ -879,7 +879,7 @@ async fn explain(
         if let Basis::WhatIf(why) = &basis {
             println!("WHAT-IF: {why}");
         }
-        print_explanation(&identity, &ex);
+        print_explanation(&identity, &ex, matches!(basis, Basis::WhatIf(_)));
     }
     match expectation {
         Some(Err(diff)) => {
@@ -957,8 +957,18 @@ async fn explain_token(
     Ok((id, Basis::Verified))
 }
 
-fn print_explanation(identity: &airlock::identity::JobIdentity, ex: &airlock::policy::Explanation) {
+fn print_explanation(
+    identity: &airlock::identity::JobIdentity,
+    ex: &airlock::policy::Explanation,
+    what_if: bool,
+) {
     let from = match identity.source {
+        airlock::identity::IdentitySource::Oidc if what_if => {
+            format!(
+                "what-if: unverified claims as if from a token of {}",
+                identity.issuer
+            )
+        }
         airlock::identity::IdentitySource::Oidc => format!("token of {}", identity.issuer),
         airlock::identity::IdentitySource::Attested => {
             format!("runner-attested {} claims", identity.provider)
