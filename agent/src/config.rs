@@ -4,7 +4,7 @@
 //! privileged happens. Every path is a parameter so tests can point the agent at a
 //! temporary tree.
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,6 +24,106 @@ pub enum ConfigError {
     },
     #[error("config {0}: {1}")]
     Invalid(PathBuf, String),
+    /// Every value the checks after parsing refused, each at its key's line and column
+    /// (or the file's start for a setting that was not written), one per line.
+    #[error("{}", invalid_lines(path, errors))]
+    Checks {
+        path: PathBuf,
+        /// `(line, column, message)`, in the order of the file.
+        errors: Vec<(usize, usize, String)>,
+    },
+}
+
+fn invalid_lines(path: &Path, errors: &[(usize, usize, String)]) -> String {
+    errors
+        .iter()
+        .map(|(l, c, m)| format!("config {}:{l}:{c}: {m}", path.display()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A TOML document with the place of every key and value: what the checks after parsing
+/// use to point at the value they refuse (the typed [`Config`] keeps no places).
+enum Placed {
+    Table(
+        Vec<(
+            serde_spanned::Spanned<String>,
+            serde_spanned::Spanned<Placed>,
+        )>,
+    ),
+    Array(Vec<serde_spanned::Spanned<Placed>>),
+    Leaf,
+}
+
+impl<'de> Deserialize<'de> for Placed {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{MapAccess, SeqAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Placed;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a TOML value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Placed, E> {
+                Ok(Placed::Leaf)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Placed, E> {
+                Ok(Placed::Leaf)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Placed, E> {
+                Ok(Placed::Leaf)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Placed, E> {
+                Ok(Placed::Leaf)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Placed, E> {
+                Ok(Placed::Leaf)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Placed, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = seq.next_element()? {
+                    out.push(v);
+                }
+                Ok(Placed::Array(out))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Placed, A::Error> {
+                let mut out = Vec::new();
+                while let Some(k) = map.next_key::<serde_spanned::Spanned<String>>()? {
+                    let v = map.next_value()?;
+                    out.push((k, v));
+                }
+                Ok(Placed::Table(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Where `key` (a path such as `["endpoint", "bind"]`, or `["issuer", "1", "jwks_url"]`)
+/// was written in `text`: the byte offset of its value, of the deepest part of the path
+/// that was written, or `None` when not even its first part was.
+fn place_of(text: &str, key: &[&str]) -> Option<usize> {
+    let root: serde_spanned::Spanned<Placed> = toml::from_str(text).ok()?;
+    let mut here = &root;
+    let mut found = None;
+    for part in key {
+        let next = match here.get_ref() {
+            Placed::Table(entries) => entries
+                .iter()
+                .find(|(k, _)| k.get_ref() == part)
+                .map(|(_, v)| v),
+            Placed::Array(items) => part.parse::<usize>().ok().and_then(|i| items.get(i)),
+            Placed::Leaf => None,
+        };
+        match next {
+            Some(v) => {
+                found = Some(v.span().start);
+                here = v;
+            }
+            None => break,
+        }
+    }
+    found
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -667,23 +767,56 @@ impl Config {
             }
         })?;
         cfg.endpoint.imds = cfg.endpoint.imds_setting.unwrap_or(cfg.sandbox.enabled);
-        cfg.validate(path)?;
+        cfg.validate(path, text)?;
         Ok(cfg)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(path.to_owned(), m));
+    /// Every check after parsing; all of them run, and each refusal names the place of its
+    /// key in `text`.
+    fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let mut found: Vec<(Vec<String>, String)> = Vec::new();
+        self.checks(&mut |key: &[&str], m: String| {
+            found.push((key.iter().map(ToString::to_string).collect(), m));
+        });
+        if found.is_empty() {
+            return Ok(());
+        }
+        let mut errors: Vec<(usize, usize, String)> = found
+            .into_iter()
+            .map(|(key, m)| {
+                let key: Vec<&str> = key.iter().map(String::as_str).collect();
+                let (l, c) = place_of(text, &key).map_or((1, 1), |o| line_col(text, o));
+                (l, c, m)
+            })
+            .collect();
+        errors.sort_by_key(|(l, c, _)| (*l, *c));
+        Err(ConfigError::Checks {
+            path: path.to_owned(),
+            errors,
+        })
+    }
+
+    fn checks(&self, bad: &mut dyn FnMut(&[&str], String)) {
         if let Err(m) = self.audit.check() {
-            return bad(m);
+            // The message names the key; the place is its section's.
+            let key = m
+                .strip_prefix("[audit] ")
+                .and_then(|r| r.split([' ', ':']).next())
+                .unwrap_or("")
+                .to_string();
+            bad(&["audit", &key], m);
         }
         let sts = self.sts.endpoint_url();
         if sts.starts_with("http://") && !self.sts.allow_http {
-            return bad(format!(
+            bad(&["sts", "endpoint"], format!(
                 "[sts] endpoint {sts:?} is plain http; set allow_http = true only for a local test stand-in"
             ));
         }
         if !sts.starts_with("http://") && !sts.starts_with("https://") {
-            return bad(format!("[sts] endpoint {sts:?} must be an https:// URL"));
+            bad(
+                &["sts", "endpoint"],
+                format!("[sts] endpoint {sts:?} must be an https:// URL"),
+            );
         }
         if self.sandbox.enabled {
             if let Err(e) = self
@@ -691,63 +824,94 @@ impl Config {
                 .address_pool
                 .parse::<crate::sandbox::addr_pool::Cidr>()
             {
-                return bad(format!("[sandbox] address_pool: {e}"));
+                bad(
+                    &["sandbox", "address_pool"],
+                    format!("[sandbox] address_pool: {e}"),
+                );
             }
             if let Some(p6) = &self.sandbox.ipv6_address_pool {
                 if let Err(e) = p6.parse::<crate::sandbox::addr_pool::Pool6>() {
-                    return bad(format!("[sandbox] ipv6_address_pool: {e}"));
+                    bad(
+                        &["sandbox", "ipv6_address_pool"],
+                        format!("[sandbox] ipv6_address_pool: {e}"),
+                    );
                 }
             }
             if self.sandbox.tmpfs_size < (1 << 20) {
-                return bad("[sandbox] tmpfs_size must be at least 1 MiB".into());
+                bad(
+                    &["sandbox", "tmpfs_size"],
+                    "[sandbox] tmpfs_size must be at least 1 MiB".into(),
+                );
             }
         }
         if !self.endpoint.bind.is_loopback() {
             // Jobs are not sandboxed yet: a job's listener is only as private as loopback.
-            return bad(format!(
+            bad(&["endpoint", "bind"], format!(
                 "[endpoint] bind = \"{}\" is not a loopback address; job credentials would be reachable from the network",
                 self.endpoint.bind
             ));
         }
         if self.sts.max_attempts == 0 {
-            return bad("[sts] max_attempts must be at least 1".into());
+            bad(
+                &["sts", "max_attempts"],
+                "[sts] max_attempts must be at least 1".into(),
+            );
         }
         if self.credentials.source == CredentialsKind::WebIdentity
             && (self.credentials.web_identity_token_file.is_none()
                 || self.credentials.web_identity_role_arn.is_none())
         {
-            return bad("[credentials] source = \"web-identity\" needs web_identity_token_file and web_identity_role_arn".into());
+            bad(&["credentials", "source"], "[credentials] source = \"web-identity\" needs web_identity_token_file and web_identity_role_arn".into());
         }
         if self.jobs.max_lifetime < Duration::from_secs(60) {
-            return bad("[jobs] max_lifetime must be at least 60s".into());
+            bad(
+                &["jobs", "max_lifetime"],
+                "[jobs] max_lifetime must be at least 60s".into(),
+            );
         }
         for (i, iss) in self.issuers.iter().enumerate() {
+            let n = i.to_string();
             if iss.audiences.is_empty() {
-                return bad(format!(
-                    "[[issuer]] #{} ({}) needs at least one audience",
-                    i + 1,
-                    iss.issuer
-                ));
+                bad(
+                    &["issuer", &n, "audiences"],
+                    format!(
+                        "[[issuer]] #{} ({}) needs at least one audience",
+                        i + 1,
+                        iss.issuer
+                    ),
+                );
             }
             if iss.jwks_url.is_some() && iss.jwks_file.is_some() {
-                return bad(format!(
-                    "[[issuer]] {}: set jwks_url or jwks_file, not both",
-                    iss.issuer
-                ));
+                bad(
+                    &["issuer", &n, "jwks_file"],
+                    format!(
+                        "[[issuer]] {}: set jwks_url or jwks_file, not both",
+                        iss.issuer
+                    ),
+                );
             }
-            let urls = [Some(&iss.issuer), iss.jwks_url.as_ref()];
-            for u in urls.into_iter().flatten() {
+            let urls = [
+                ("issuer", Some(&iss.issuer)),
+                ("jwks_url", iss.jwks_url.as_ref()),
+            ];
+            for (key, u) in urls {
+                let Some(u) = u else { continue };
                 if u.starts_with("http://") && !iss.allow_http {
-                    return bad(format!(
-                        "[[issuer]] {u:?} is plain http; set allow_http = true only for tests"
-                    ));
+                    bad(
+                        &["issuer", &n, key],
+                        format!(
+                            "[[issuer]] {u:?} is plain http; set allow_http = true only for tests"
+                        ),
+                    );
                 }
             }
             if self.issuers[..i].iter().any(|o| o.issuer == iss.issuer) {
-                return bad(format!("[[issuer]] {} is listed twice", iss.issuer));
+                bad(
+                    &["issuer", &n, "issuer"],
+                    format!("[[issuer]] {} is listed twice", iss.issuer),
+                );
             }
         }
-        Ok(())
     }
 }
 
@@ -876,7 +1040,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a loopback address"), "{err}");
+        assert!(
+            err.starts_with("config a.toml:2:8: "),
+            "names the value's place: {err}"
+        );
         Config::parse(Path::new("a.toml"), "[endpoint]\nbind = \"::1\"\n").unwrap();
+    }
+
+    #[test]
+    fn every_check_after_parsing_names_its_place_and_all_are_reported() {
+        let text = "[jobs]\nmax_lifetime = \"10s\"\n\n[endpoint]\nbind = \"0.0.0.0\"\n\n\
+                    [[issuer]]\nissuer = \"https://a.example\"\naudiences = [\"x\"]\n\n\
+                    [[issuer]]\nissuer = \"http://b.example\"\naudiences = []\n\n\
+                    [sts]\nmax_attempts = 0\n";
+        let err = Config::parse(Path::new("a.toml"), text)
+            .unwrap_err()
+            .to_string();
+        let lines: Vec<&str> = err.lines().collect();
+        let expect = [
+            ("config a.toml:2:16: ", "max_lifetime"),
+            ("config a.toml:5:8: ", "not a loopback"),
+            ("config a.toml:12:10: ", "plain http"),
+            ("config a.toml:13:13: ", "needs at least one audience"),
+            ("config a.toml:16:16: ", "max_attempts"),
+        ];
+        assert_eq!(lines.len(), expect.len(), "{err}");
+        for (line, (at, what)) in lines.iter().zip(expect) {
+            assert!(
+                line.starts_with(at) && line.contains(what),
+                "{line:?}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! sysexits(3) exit codes used by `airlockd` and `airlock`.
 
 pub const OK: i32 = 0;
+/// A test-like command ran and an expectation was not met (`airlock policy explain
+/// --expect`, `airlock policy test`): as `test(1)` and `diff(1)`, not a sysexits code.
+pub const EXPECTATION_FAILED: i32 = 1;
 /// Command line usage error.
 pub const USAGE: i32 = 64;
 /// Input data was incorrect (bad policy, bad token, tampered audit log).

@@ -147,16 +147,38 @@ enum PolicyCmd {
     Check { dir: Option<PathBuf> },
     /// Show which rule matches a job's token or claims, which rules did not and why (first:
     /// whether the job is of the rule's one issuer), each rule's issuer and id pins, and
-    /// what would be granted.
+    /// what would be granted. No network: a token is verified only against keys in a
+    /// jwks_file, or with --verify; otherwise it is explained as a what-if, and says so.
     Explain {
         #[command(flatten)]
         id: IdentityArgs,
+        /// What-if: decide --claims-file's claims (a token payload) as if ISSUER (a configured
+        /// issuer's URL, or a provider only one configured issuer has: github) had signed
+        /// them. Nothing is verified.
+        #[arg(long, value_name = "ISSUER", requires = "claims_file")]
+        as_verified: Option<String>,
+        /// Verify --oidc-token-file's signature, times and audience against its issuer's
+        /// keys, fetching its jwks_url if the issuer has one (network).
+        #[arg(long)]
+        verify: bool,
+        /// Exit 1 unless RULE grants the job (or, with "refused", unless it is refused).
+        #[arg(long, value_name = "RULE|refused")]
+        expect: Option<String>,
         /// Policy directory (default: the configured one).
         #[arg(long)]
         dir: Option<PathBuf>,
         /// JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Run a table of what-if cases (CASES.toml: claims, the issuer, the expected rule or
+    /// "refused", the expected grants) against the policies; one line per case. Exit 0 when
+    /// every case passes, 1 when one fails, 65 on an error in a policy or in CASES.toml.
+    Test {
+        cases: PathBuf,
+        /// Policy directory (default: the configured one).
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Write a [rule.egress] section from what chosen jobs did (run them with
     /// mode = "audit" first): every name and address they connected to, on its port, minus
@@ -311,10 +333,31 @@ fn policy_config(path: &Path) -> Result<Config, Fail> {
     })
 }
 
-/// The policies of `dir`, checked against the issuers of `cfg`.
-fn load_policies(cfg: &Config, dir: &Path) -> Result<airlock::policy::PolicySet, Fail> {
+/// The policies of `dir`, checked against the issuers of `cfg` (read from `cfg_path`). Every
+/// error is reported, one per line, with their count.
+fn load_policies(
+    cfg: &Config,
+    cfg_path: &Path,
+    dir: &Path,
+) -> Result<airlock::policy::PolicySet, Fail> {
     let issuers = airlock::policy::TrustedIssuer::from_config(&cfg.issuers);
-    airlock::policy::load_dir_with(dir, &issuers).map_err(|e| Fail(exit::DATAERR, e.to_string()))
+    airlock::policy::load_dir_configured(dir, &issuers, Some(cfg_path)).map_err(|e| {
+        let errors = e.errors();
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        Fail(
+            exit::DATAERR,
+            if lines.len() == 1 {
+                lines.join("")
+            } else {
+                format!(
+                    "{} errors in {}:\n{}",
+                    lines.len(),
+                    dir.display(),
+                    lines.join("\n")
+                )
+            },
+        )
+    })
 }
 
 fn read_input(path: &Path, what: &str) -> Result<String, Fail> {
@@ -536,7 +579,7 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
         Cmd::Policy(PolicyCmd::Check { dir }) => {
             let cfg = policy_config(&cli.config)?;
             let dir = dir.unwrap_or(cfg.policy.dir.clone());
-            let p = load_policies(&cfg, &dir)?;
+            let p = load_policies(&cfg, &cli.config, &dir)?;
             let issuers: Vec<String> = airlock::policy::TrustedIssuer::from_config(&cfg.issuers)
                 .iter()
                 .map(ToString::to_string)
@@ -553,12 +596,39 @@ async fn run(cli: Cli) -> Result<i32, Fail> {
             for w in p.warnings() {
                 println!("warning: {w}");
             }
+            // Own credentials that are a session make every AssumeRole a role chain.
+            use airlock::config::CredentialsKind;
+            let chained = match cfg.credentials.source {
+                CredentialsKind::Imds => Some("source = \"imds\""),
+                CredentialsKind::WebIdentity => Some("source = \"web-identity\""),
+                CredentialsKind::Env | CredentialsKind::None => None,
+            };
+            if let Some(source) = chained {
+                let cap = airlock::broker::CHAINED_MAX_DURATION_SECS;
+                for w in p.chained_session_warnings(cap, source) {
+                    println!("warning: {w}");
+                }
+            }
             println!("{}: {} rule(s), valid", dir.display(), p.len());
             Ok(exit::OK)
         }
-        Cmd::Policy(PolicyCmd::Explain { id, dir, json }) => {
-            explain(&cli.config, id, dir, json).await
+        Cmd::Policy(PolicyCmd::Explain {
+            id,
+            as_verified,
+            verify,
+            expect,
+            dir,
+            json,
+        }) => {
+            let how = ExplainHow {
+                as_verified,
+                verify,
+                expect,
+                json,
+            };
+            explain(&cli.config, id, dir, how).await
         }
+        Cmd::Policy(PolicyCmd::Test { cases, dir }) => policy_test(&cli.config, &cases, dir),
         Cmd::Policy(PolicyCmd::Suggest {
             audit,
             dir,
@@ -738,26 +808,59 @@ fn verify_audit(
     Ok(exit::OK)
 }
 
+/// How `policy explain` evaluates and reports.
+struct ExplainHow {
+    as_verified: Option<String>,
+    verify: bool,
+    expect: Option<String>,
+    json: bool,
+}
+
+/// How an explained identity was established: verified, or a what-if and why.
+enum Basis {
+    Verified,
+    WhatIf(String),
+}
+
 async fn explain(
     cfg_path: &Path,
     id: IdentityArgs,
     dir: Option<PathBuf>,
-    json: bool,
+    how: ExplainHow,
 ) -> Result<i32, Fail> {
+    use airlock::policy::cases;
+    if how.verify && id.oidc_token_file.is_none() {
+        return Err(Fail(
+            exit::USAGE,
+            "--verify verifies a token: give it with --oidc-token-file (claims have no signature to verify)".into(),
+        ));
+    }
     let cfg = policy_config(cfg_path)?;
     let dir = dir.unwrap_or(cfg.policy.dir.clone());
-    let policies = load_policies(&cfg, &dir)?;
-    let identity = match identity_input(&id)? {
-        (Some(token), None) => {
-            let http = airlock::http_client::HttpClient::new().map_err(|e| (exit::SOFTWARE, e))?;
-            let v = airlock::identity::Verifier::new(&cfg.issuers, http)
-                .map_err(|e| (exit::CONFIG, e))?;
-            v.verify(token.expose())
-                .await
-                .map_err(|e| Fail(exit::DATAERR, format!("identity token refused: {e}")))?
-        }
-        (None, Some(claims)) => airlock::identity::from_attested(claims)
-            .map_err(|e| Fail(exit::DATAERR, format!("attested claims refused: {e}")))?,
+    let policies = load_policies(&cfg, cfg_path, &dir)?;
+    let trusted = airlock::policy::TrustedIssuer::from_config(&cfg.issuers);
+    let (identity, basis) = match identity_input(&id)? {
+        (Some(token), None) => explain_token(cfg_path, &cfg, &trusted, &token, how.verify).await?,
+        (None, Some(claims)) => match &how.as_verified {
+            Some(wanted) => {
+                let iss = cases::resolve_issuer(&trusted, wanted).map_err(|e| {
+                    Fail(
+                        exit::USAGE,
+                        format!("--as-verified: {e} (from {})", cfg_path.display()),
+                    )
+                })?;
+                let why = format!(
+                    "claims not verified: decided as if {} had signed them (--as-verified)",
+                    iss.issuer
+                );
+                (cases::as_verified(iss, claims), Basis::WhatIf(why))
+            }
+            None => (
+                airlock::identity::from_attested(claims)
+                    .map_err(|e| Fail(exit::DATAERR, format!("attested claims refused: {e}")))?,
+                Basis::Verified,
+            ),
+        },
         _ => {
             return Err(Fail(
                 exit::USAGE,
@@ -766,10 +869,123 @@ async fn explain(
         }
     };
     let ex = policies.explain(&identity, time::OffsetDateTime::now_utc());
-    if json {
-        return print_json(&ex);
+    let expectation = how
+        .expect
+        .as_deref()
+        .map(|e| cases::check_expect(&ex.decision, e));
+    if how.json {
+        let mut v = serde_json::to_value(&ex).map_err(|e| (exit::SOFTWARE, e))?;
+        if let serde_json::Value::Object(m) = &mut v {
+            let (what_if, why) = match &basis {
+                Basis::Verified => (false, None),
+                Basis::WhatIf(why) => (true, Some(why.clone())),
+            };
+            m.insert("what_if".into(), what_if.into());
+            if let Some(why) = why {
+                m.insert("what_if_reason".into(), why.into());
+            }
+            if let (Some(e), Some(r)) = (&how.expect, &expectation) {
+                m.insert(
+                    "expect".into(),
+                    serde_json::json!({"expected": e, "met": r.is_ok()}),
+                );
+            }
+        }
+        print_json(&v)?;
+    } else {
+        if let Basis::WhatIf(why) = &basis {
+            println!("WHAT-IF: {why}");
+        }
+        print_explanation(&identity, &ex, matches!(basis, Basis::WhatIf(_)));
     }
+    match expectation {
+        Some(Err(diff)) => {
+            eprintln!("airlock: --expect not met: {diff}");
+            Ok(exit::EXPECTATION_FAILED)
+        }
+        _ => Ok(exit::OK),
+    }
+}
+
+/// A token's identity for `policy explain`. Verified when its issuer's keys are local
+/// (jwks_file) or --verify asks for the network; otherwise decoded unverified, as a what-if
+/// that says so. Never a DNS lookup unless asked.
+async fn explain_token(
+    cfg_path: &Path,
+    cfg: &Config,
+    trusted: &[airlock::policy::TrustedIssuer],
+    token: &Secret<String>,
+    verify: bool,
+) -> Result<(airlock::identity::JobIdentity, Basis), Fail> {
+    use airlock::identity::IdentityError;
+    let claims = airlock::identity::oidc::unverified_claims(token.expose())
+        .map_err(|e| Fail(exit::DATAERR, format!("identity token refused: {e}")))?;
+    let iss = claims.get("iss").and_then(|v| v.as_str()).unwrap_or("");
+    let Some(issuer) = cfg.issuers.iter().find(|i| i.issuer == iss) else {
+        let configured = if trusted.is_empty() {
+            "none".to_string()
+        } else {
+            trusted
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let shown: String = iss.chars().take(200).collect();
+        return Err(Fail(
+            exit::DATAERR,
+            format!(
+                "identity token refused: its issuer {shown:?} is not configured in {} (configured: {configured}), \
+                 so no token of it can be verified and no rule can match it; add an [[issuer]] with this exact \
+                 issuer to {} to trust it, or use --claims-file with --as-verified for a what-if",
+                cfg_path.display(),
+                cfg_path.display()
+            ),
+        ));
+    };
+    if !verify && issuer.jwks_file.is_none() {
+        let t = trusted
+            .iter()
+            .find(|t| t.issuer == iss)
+            .ok_or_else(|| Fail(exit::SOFTWARE, "configured issuer not trusted".into()))?;
+        let why = format!(
+            "token not verified: its signature, times and audience were not checked, since {} would \
+             be fetched over the network (give --verify to fetch the keys and verify it); decided as if {} had signed it",
+            issuer.jwks_url.as_deref().map_or_else(
+                || format!("the keys of {iss} (its OIDC discovery document)"),
+                |u| format!("its keys at {u}")
+            ),
+            t.issuer
+        );
+        return Ok((
+            airlock::policy::cases::as_verified(t, claims),
+            Basis::WhatIf(why),
+        ));
+    }
+    let http = airlock::http_client::HttpClient::new().map_err(|e| (exit::SOFTWARE, e))?;
+    let v = airlock::identity::Verifier::new(&cfg.issuers, http).map_err(|e| (exit::CONFIG, e))?;
+    let id = v.verify(token.expose()).await.map_err(|e| match e {
+        IdentityError::UnknownIssuer(_) => Fail(
+            exit::DATAERR,
+            format!("identity token refused: {e} ({})", cfg_path.display()),
+        ),
+        e => Fail(exit::DATAERR, format!("identity token refused: {e}")),
+    })?;
+    Ok((id, Basis::Verified))
+}
+
+fn print_explanation(
+    identity: &airlock::identity::JobIdentity,
+    ex: &airlock::policy::Explanation,
+    what_if: bool,
+) {
     let from = match identity.source {
+        airlock::identity::IdentitySource::Oidc if what_if => {
+            format!(
+                "what-if: unverified claims as if from a token of {}",
+                identity.issuer
+            )
+        }
         airlock::identity::IdentitySource::Oidc => format!("token of {}", identity.issuer),
         airlock::identity::IdentitySource::Attested => {
             format!("runner-attested {} claims", identity.provider)
@@ -835,7 +1051,61 @@ async fn explain(
             println!("    {a}{from}");
         }
     }
-    Ok(exit::OK)
+}
+
+/// `airlock policy test CASES.toml`: every case's decision against what it expects.
+fn policy_test(cfg_path: &Path, cases_path: &Path, dir: Option<PathBuf>) -> Result<i32, Fail> {
+    use airlock::policy::cases;
+    let cfg = policy_config(cfg_path)?;
+    let dir = dir.unwrap_or(cfg.policy.dir.clone());
+    let policies = load_policies(&cfg, cfg_path, &dir)?;
+    let trusted = airlock::policy::TrustedIssuer::from_config(&cfg.issuers);
+    let text = std::fs::read_to_string(cases_path).map_err(|e| {
+        Fail(
+            exit::NOINPUT,
+            format!("cannot read the cases file {}: {e}", cases_path.display()),
+        )
+    })?;
+    let list = cases::parse_cases(cases_path, &text, &trusted).map_err(|errors| {
+        Fail(
+            exit::DATAERR,
+            format!(
+                "{} error(s) in the cases file:\n{}",
+                errors.len(),
+                errors.join("\n")
+            ),
+        )
+    })?;
+    println!(
+        "WHAT-IF: {} case(s) of {}, decided against {} as if their issuers had signed the claims (nothing is verified)",
+        list.len(),
+        cases_path.display(),
+        dir.display()
+    );
+    let results = cases::run_cases(&policies, &list, time::OffsetDateTime::now_utc());
+    let mut failed = 0;
+    for r in &results {
+        match &r.outcome {
+            Ok(got) => println!("ok    {}: {got}", r.case.name),
+            Err(diffs) => {
+                failed += 1;
+                println!("FAIL  {} ({})", r.case.name, r.case.origin);
+                for d in diffs {
+                    println!("        {d}");
+                }
+            }
+        }
+    }
+    println!(
+        "{} case(s): {} passed, {failed} failed",
+        results.len(),
+        results.len() - failed
+    );
+    Ok(if failed == 0 {
+        exit::OK
+    } else {
+        exit::EXPECTATION_FAILED
+    })
 }
 
 /// `airlock policy suggest`: the selected jobs' egress from the audit log, as a section to
@@ -856,7 +1126,7 @@ fn suggest(
     let cfg = policy_config(cfg_path)?;
     let audit = audit.unwrap_or(cfg.audit.path.clone());
     let dir = dir.unwrap_or(cfg.policy.dir.clone());
-    let policies = load_policies(&cfg, &dir)?;
+    let policies = load_policies(&cfg, cfg_path, &dir)?;
     let file = std::fs::File::open(&audit).map_err(|e| {
         Fail(
             exit::NOINPUT,

@@ -63,30 +63,22 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     logging::init(args.log_format);
+    if args.check {
+        return check(&args);
+    }
     let cfg = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => return fail(exit::CONFIG, e),
     };
     // Rules are checked against the issuers this agent trusts: each must name exactly one.
     let issuers = airlock::policy::TrustedIssuer::from_config(&cfg.issuers);
-    let policies = match airlock::policy::load_dir_with(&cfg.policy.dir, &issuers) {
-        Ok(p) => p,
-        Err(e) => return fail(exit::DATAERR, format!("policy error, not starting: {e}")),
-    };
+    let policies =
+        match airlock::policy::load_dir_configured(&cfg.policy.dir, &issuers, Some(&args.config)) {
+            Ok(p) => p,
+            Err(e) => return fail(exit::DATAERR, format!("policy error, not starting: {e}")),
+        };
     for w in policies.warnings() {
         tracing::warn!("policy: {w}");
-    }
-    if args.check {
-        println!(
-            "configuration {} is valid; {} policy rule(s) loaded from {}",
-            args.config.display(),
-            policies.len(),
-            cfg.policy.dir.display()
-        );
-        for w in policies.warnings() {
-            println!("warning: {w}");
-        }
-        return ExitCode::SUCCESS;
     }
     // Before any thread exists: the endpoints' connection budget is derived from it.
     match airlock::fd_budget::raise_nofile() {
@@ -111,6 +103,47 @@ fn main() -> ExitCode {
         Err(e) => return fail(exit::OSERR, format!("cannot start the runtime: {e}")),
     };
     rt.block_on(run(args, cfg, policies))
+}
+
+/// `airlockd --check`: every error and warning once, on stderr and stdout (not also through
+/// the log, which goes to stderr too).
+fn check(args: &Args) -> ExitCode {
+    let cfg = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                eprintln!("airlockd: {line}");
+            }
+            return ExitCode::from(exit::CONFIG as u8);
+        }
+    };
+    let issuers = airlock::policy::TrustedIssuer::from_config(&cfg.issuers);
+    match airlock::policy::load_dir_configured(&cfg.policy.dir, &issuers, Some(&args.config)) {
+        Ok(policies) => {
+            println!(
+                "configuration {} is valid; {} policy rule(s) loaded from {}",
+                args.config.display(),
+                policies.len(),
+                cfg.policy.dir.display()
+            );
+            for w in policies.warnings() {
+                println!("warning: {w}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let errors = e.errors();
+            for e in &errors {
+                eprintln!("airlockd: policy error: {e}");
+            }
+            eprintln!(
+                "airlockd: {} policy error(s) in {}",
+                errors.len(),
+                cfg.policy.dir.display()
+            );
+            ExitCode::from(exit::DATAERR as u8)
+        }
+    }
 }
 
 async fn run(args: Args, cfg: Config, policies: airlock::policy::PolicySet) -> ExitCode {

@@ -576,6 +576,14 @@ impl<'a> Parsed<'a> {
     }
 }
 
+/// A token's claims, read WITHOUT verifying anything: its form is checked as for
+/// verification (three parts, a supported asymmetric `alg`, JSON objects), its signature,
+/// times and audience are not. Only for what-ifs that say so (`airlock policy explain`
+/// without `--verify`); never for deciding what a job gets.
+pub fn unverified_claims(token: &str) -> Result<Map<String, Value>, IdentityError> {
+    Parsed::new(token).map(|p| p.claims)
+}
+
 fn decode_json_object(part: &str, what: &str) -> Result<Map<String, Value>, IdentityError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(part)

@@ -3,7 +3,9 @@
 //! This module owns the policy file format and every load-time check; each error names the
 //! file, line and column. It reads files only here, at load time (including
 //! `session_policy_file`), so that deciding never does I/O. It must never return a partly
-//! checked set: one error refuses the whole directory (the caller keeps its old set).
+//! checked set: one error refuses the whole directory (the caller keeps its old set). It
+//! checks on past an error, so that one run reports every error of every file (a TOML
+//! syntax or unknown-key error ends its own file only), each once.
 //!
 //! Rules are checked against the issuers the agent trusts ([`TrustedIssuer`]): every rule
 //! must resolve to exactly one of them (its `issuer`, or a `provider` that only one of them
@@ -64,37 +66,127 @@ pub enum PolicyError {
     /// Anything wrong inside a policy file, at the place it is wrong.
     #[error("{origin}: {message}")]
     Invalid { origin: Origin, message: String },
+    /// More than one error, in file order; each is shown on a line of its own.
+    #[error("{}", Several(errors))]
+    Several { errors: Vec<PolicyError> },
+}
+
+impl PolicyError {
+    /// Every error this one stands for: itself, or each of [`PolicyError::Several`].
+    pub fn errors(&self) -> Vec<&PolicyError> {
+        match self {
+            PolicyError::Several { errors } => errors.iter().flat_map(|e| e.errors()).collect(),
+            e => vec![e],
+        }
+    }
+
+    /// One error for `errors` (none: `None`; one: itself).
+    fn from_all(mut errors: Vec<PolicyError>) -> Option<PolicyError> {
+        match errors.len() {
+            0 => None,
+            1 => errors.pop(),
+            _ => Some(PolicyError::Several { errors }),
+        }
+    }
+}
+
+struct Several<'a>(&'a [PolicyError]);
+
+impl fmt::Display for Several<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        write!(f, "\n{} errors", self.0.len())
+    }
+}
+
+/// Keeps the value of `r`, or its error in `errs` (so checking goes on past it).
+fn keep<T>(errs: &mut Vec<PolicyError>, r: Result<T, PolicyError>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(PolicyError::Several { errors }) => {
+            errs.extend(errors);
+            None
+        }
+        Err(e) => {
+            errs.push(e);
+            None
+        }
+    }
+}
+
+/// A file in the policy directory that is not loaded but is worth a warning: not `*.toml`
+/// (a `policy.tml` or `policy.toml.bak` would otherwise be skipped in silence). Hidden files,
+/// editor backups ending in `~`, editor swap files and the session policy JSON files rules
+/// name are expected there and not reported.
+fn ignored_with_warning(name: &str) -> bool {
+    let quiet_suffix = [".json", "~", ".swp", ".swo", ".swx"];
+    !(name.starts_with('.')
+        || name.starts_with('#')
+        || quiet_suffix.iter().any(|s| name.ends_with(s)))
 }
 
 /// Every `*.toml` file directly in `dir` (not recursive; names starting with `.` are
 /// skipped, as editors leave such files behind), in file-name order, checked against the
-/// issuers the agent trusts (`TrustedIssuer::from_config` of its `[[issuer]]`s).
+/// issuers the agent trusts (`TrustedIssuer::from_config` of its `[[issuer]]`s). Other
+/// files are warned about (see [`ignored_with_warning`]); subdirectories are not. Every
+/// error of every file is reported, in file order.
 pub fn load_dir_with(dir: &Path, issuers: &[TrustedIssuer]) -> Result<PolicySet, PolicyError> {
+    load_dir_configured(dir, issuers, None)
+}
+
+/// [`load_dir_with`], with the issuers read from the configuration file `config`: the
+/// advice to add an `[[issuer]]` names that file.
+pub fn load_dir_configured(
+    dir: &Path,
+    issuers: &[TrustedIssuer],
+    config: Option<&Path>,
+) -> Result<PolicySet, PolicyError> {
     let read_dir_err = |source| PolicyError::ReadDir {
         dir: dir.to_owned(),
         source,
     };
     let mut files = Vec::new();
+    let mut skipped = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(read_dir_err)? {
         let path = entry.map_err(read_dir_err)?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.starts_with('.') || path.extension().and_then(|e| e.to_str()) != Some("toml") {
+        if !path.is_file() || name.starts_with('.') {
             continue;
         }
-        if path.is_file() {
+        if path.extension().and_then(|e| e.to_str()) == Some("toml") {
             files.push(path);
+        } else if ignored_with_warning(name) {
+            skipped.push(path);
         }
     }
     files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    skipped.sort();
     let mut loader = Loader::new(issuers);
-    for path in files {
-        let text = std::fs::read_to_string(&path).map_err(|source| PolicyError::ReadFile {
-            path: path.clone(),
-            source,
-        })?;
-        loader.file(&path, &text)?;
+    if let Some(c) = config {
+        loader.config = c.display().to_string();
     }
-    Ok(loader.set)
+    for path in skipped {
+        loader.set.warnings.push(format!(
+            "{}: not loaded: only *.toml files in the policy directory are policies; rename it to \
+             end in .toml if it is one, or move it out of the directory",
+            path.display()
+        ));
+    }
+    for path in files {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => loader.file(&path, &text),
+            Err(source) => loader.errors.push(PolicyError::ReadFile {
+                path: path.clone(),
+                source,
+            }),
+        }
+    }
+    loader.finish()
 }
 
 /// One policy file's text, as if it were the only file in its directory, checked against
@@ -105,8 +197,8 @@ pub fn load_str_with(
     issuers: &[TrustedIssuer],
 ) -> Result<PolicySet, PolicyError> {
     let mut loader = Loader::new(issuers);
-    loader.file(path, text)?;
-    Ok(loader.set)
+    loader.file(path, text);
+    loader.finish()
 }
 
 /// [`load_str_with`] against [`TrustedIssuer::well_known`] (GitHub Actions, GitLab.com,
@@ -286,6 +378,10 @@ struct Loader {
     set: PolicySet,
     names: HashMap<String, Origin>,
     issuers: Vec<TrustedIssuer>,
+    /// Every error so far, in file order.
+    errors: Vec<PolicyError>,
+    /// The configuration the issuers came from, as messages name it.
+    config: String,
 }
 
 /// One file being checked: turns spans into origins.
@@ -318,17 +414,35 @@ impl Loader {
             set: PolicySet::default(),
             names: HashMap::new(),
             issuers: issuers.to_vec(),
+            errors: Vec::new(),
+            config: "the agent's airlock.toml".into(),
         }
     }
 
-    fn file(&mut self, path: &Path, text: &str) -> Result<(), PolicyError> {
+    /// The set, or every error found.
+    fn finish(self) -> Result<PolicySet, PolicyError> {
+        match PolicyError::from_all(self.errors) {
+            Some(e) => Err(e),
+            None => Ok(self.set),
+        }
+    }
+
+    /// One file; its errors go to `self.errors`. A TOML error ends the file (the parser
+    /// cannot go on past it); any other error ends only its rule, or its baseline entry.
+    fn file(&mut self, path: &Path, text: &str) {
         let cx = FileCtx { path, text };
-        let raw: RawFile = toml::from_str(text).map_err(|e| PolicyError::Invalid {
-            origin: cx.origin(&e.span().unwrap_or(0..0)),
-            message: toml_message(&e),
-        })?;
+        let raw: RawFile = match toml::from_str(text) {
+            Ok(r) => r,
+            Err(e) => {
+                self.errors.push(PolicyError::Invalid {
+                    origin: cx.origin(&e.span().unwrap_or(0..0)),
+                    message: toml_message(&e),
+                });
+                return;
+            }
+        };
         if let Some(b) = raw.egress {
-            for e in entries(&cx, "[egress] baseline", b.baseline, true)? {
+            for e in entries(&cx, "[egress] baseline", b.baseline, true, &mut self.errors) {
                 if !self.set.baseline.iter().any(|have| have.same_entry(&e)) {
                     self.set.baseline.push(e);
                 }
@@ -336,18 +450,44 @@ impl Loader {
         }
         for raw_rule in raw.rule {
             let span = raw_rule.span();
-            let rule = self.rule(&cx, span, raw_rule.into_inner())?;
-            self.set.rules.push(rule);
+            let mut errs = Vec::new();
+            let rule = self.rule(&cx, span, raw_rule.into_inner(), &mut errs);
+            // A rule's errors in the order of its lines.
+            errs.sort_by_key(|e| match e {
+                PolicyError::Invalid { origin, .. } => (origin.line, origin.column),
+                _ => (0, 0),
+            });
+            match rule {
+                Some(rule) if errs.is_empty() => self.set.rules.push(rule),
+                _ => self.errors.append(&mut errs),
+            }
         }
-        Ok(())
     }
 
+    /// One rule, or `None` with its errors in `errs` (every independent part of the rule is
+    /// checked, so one rule can report several errors).
     fn rule(
         &mut self,
         cx: &FileCtx,
         span: Range<usize>,
         raw: RawRule,
-    ) -> Result<Rule, PolicyError> {
+        errs: &mut Vec<PolicyError>,
+    ) -> Option<Rule> {
+        let r = self.rule_checked(cx, span, raw, errs);
+        match r {
+            Ok(Some(rule)) if errs.is_empty() => Some(rule),
+            Ok(_) => None,
+            Err(e) => keep::<Rule>(errs, Err(e)),
+        }
+    }
+
+    fn rule_checked(
+        &mut self,
+        cx: &FileCtx,
+        span: Range<usize>,
+        raw: RawRule,
+        errs: &mut Vec<PolicyError>,
+    ) -> Result<Option<Rule>, PolicyError> {
         let name = raw.name.get_ref().clone();
         if name.trim().is_empty() {
             return cx.err(
@@ -372,29 +512,53 @@ impl Loader {
             );
         };
         let match_span = raw_match.span();
-        let mut parsed = matchers(cx, raw_match.into_inner())?;
-        let scope = self.scope(cx, &name, &span, raw.require_oidc, &mut parsed)?;
-        check_id_pins(cx, &name, &scope, raw.require_oidc, &parsed)?;
-        let matchers = parsed.into_iter().map(|p| p.matcher).collect();
-        let windows = raw
+        // The match keys, the scope and the id pins build on each other: the first error
+        // of the three ends them. Windows, grants, egress and sandbox are checked apart.
+        let matched = (|| {
+            let mut parsed = matchers(cx, raw_match.into_inner())?;
+            let scope = self.scope(cx, &name, &span, raw.require_oidc, &mut parsed)?;
+            check_id_pins(cx, &name, &scope, raw.require_oidc, &parsed)?;
+            Ok((scope, parsed))
+        })();
+        let matched = keep(errs, matched);
+        let had_windows = !raw.window.is_empty();
+        let windows: Vec<Window> = raw
             .window
             .into_iter()
-            .map(|w| window(cx, w))
-            .collect::<Result<Vec<_>, _>>()?;
+            .filter_map(|w| keep(errs, window(cx, w)))
+            .collect();
         let outside_window = match raw.outside_window {
-            Some(ow) if windows.is_empty() => return cx.err(
-                &ow.span(),
-                "outside_window has no effect without a [[rule.window]]; add a window or remove it",
-            ),
+            Some(ow) if !had_windows => {
+                errs.push(PolicyError::Invalid {
+                    origin: cx.origin(&ow.span()),
+                    message: "outside_window has no effect without a [[rule.window]]; add a window or remove it".into(),
+                });
+                OutsideWindow::Refuse
+            }
             Some(ow) => ow.into_inner(),
             None => OutsideWindow::Refuse,
         };
-        let grants = grants(cx, &name, &span, raw.grant)?;
+        let grants = grants(
+            cx,
+            &name,
+            &span,
+            raw.grant,
+            errs,
+            &mut self.set.grant_origins,
+        );
         let egress = match raw.egress {
-            Some(e) => Some(self.egress(cx, &name, e, raw.sandbox.as_ref())?),
+            Some(e) => {
+                let r = self.egress(cx, &name, e, raw.sandbox.as_ref(), errs);
+                keep(errs, r)
+            }
             None => None,
         };
-        let mut sandbox = raw.sandbox.map(|s| sandbox(cx, s)).transpose()?;
+        let sandbox = raw.sandbox.map(|s| sandbox(cx, s));
+        let mut sandbox = sandbox.and_then(|s| keep(errs, s));
+        let Some((scope, parsed)) = matched else {
+            return Ok(None);
+        };
+        let matchers = parsed.into_iter().map(|p| p.matcher).collect();
         if egress.is_some() {
             // The allowlist narrows outbound; without a network key the job would stay
             // endpoint-only and the list would mean nothing.
@@ -418,7 +582,7 @@ impl Loader {
             sandbox: sandbox.filter(|s| !s.is_empty()),
         };
         self.warn(cx, &rule, &match_span);
-        Ok(rule)
+        Ok(Some(rule))
     }
 
     fn warn(&mut self, cx: &FileCtx, rule: &Rule, match_span: &Range<usize>) {
@@ -442,8 +606,9 @@ impl Loader {
             let p = rule.scope.provider;
             self.set.warnings.push(format!(
                 "{at}: rule {name:?} matches only runner-attested {p} identities: no {p} issuer is \
-                 configured, so no token can match it; add an [[issuer]] for {p} to airlock.toml \
-                 if its jobs have OIDC tokens"
+                 configured, so no token can match it; add an [[issuer]] for {p} to {} \
+                 if its jobs have OIDC tokens",
+                self.config
             ));
         }
         if rule
@@ -551,7 +716,8 @@ impl Loader {
                     &p.value,
                     format!(
                         "rule {name:?}: issuer {iss:?} is not configured, so this rule could never match{hint}; \
-                         configured: {configured}; add an [[issuer]] for it to airlock.toml or name one of those"
+                         configured: {configured}; add an [[issuer]] for it to {} or name one of those",
+                        self.config
                     ),
                 );
             };
@@ -628,7 +794,8 @@ impl Loader {
                 format!(
                     "rule {name:?}: provider = {wanted:?} names no configured issuer, so this rule could never \
                      match (configured: {configured}); add an [[issuer]] with provider = {wanted:?} to \
-                     airlock.toml, or write issuer = \"<one of the configured>\""
+                     {}, or write issuer = \"<one of the configured>\"",
+                    self.config
                 ),
             ),
             many => {
@@ -656,6 +823,7 @@ impl Loader {
         rule: &str,
         raw: Spanned<RawEgress>,
         sandbox: Option<&RawSandbox>,
+        errs: &mut Vec<PolicyError>,
     ) -> Result<RuleEgress, PolicyError> {
         let table = cx.origin(&raw.span());
         let raw = raw.into_inner();
@@ -688,7 +856,7 @@ impl Loader {
             },
         };
         let mut allow: Vec<EgressAllow> = Vec::new();
-        for e in entries(cx, "[rule.egress] allow", raw.allow, false)? {
+        for e in entries(cx, "[rule.egress] allow", raw.allow, false, errs) {
             match allow.iter().find(|have| have.same_entry(&e)) {
                 Some(first) => self.set.warnings.push(format!(
                     "{}: rule {rule:?}: [rule.egress] allow lists {e} again (first at {}); the duplicate is ignored",
@@ -708,9 +876,11 @@ fn entries(
     what: &str,
     raw: Vec<Spanned<String>>,
     baseline: bool,
-) -> Result<Vec<EgressAllow>, PolicyError> {
-    raw.into_iter()
-        .map(|text| match egress::parse_entry(text.get_ref()) {
+    errs: &mut Vec<PolicyError>,
+) -> Vec<EgressAllow> {
+    let mut out = Vec::new();
+    for text in raw {
+        let entry = match egress::parse_entry(text.get_ref()) {
             Ok((target, port)) => Ok(EgressAllow {
                 target,
                 port,
@@ -721,8 +891,10 @@ fn entries(
                 &text.span(),
                 format!("{what} entry {:?} {why}", text.get_ref()),
             ),
-        })
-        .collect()
+        };
+        out.extend(keep(errs, entry));
+    }
+    out
 }
 
 /// One `[rule.match]` key as parsed, with its places for the checks that need the rule's
@@ -733,32 +905,51 @@ struct Parsed {
     value: Range<usize>,
 }
 
+/// Every key of a `[rule.match]` table; an error names the first bad key, and the others
+/// are still checked (a second error is appended to the first).
 fn matchers(cx: &FileCtx, table: Ordered<RawMatch>) -> Result<Vec<Parsed>, PolicyError> {
+    let mut errs = Vec::new();
     let mut out = Vec::new();
     for (key, value) in table.0 {
-        let field = key.get_ref().as_str();
-        if field == "claims" {
-            let span = value.span();
-            let RawMatch::Table(claims) = value.into_inner() else {
-                return cx.err(
-                    &span,
-                    "`claims` must be a table of claim name = glob(s), e.g. [rule.match.claims]",
-                );
-            };
-            for (claim, v) in claims.0 {
-                let field = format!("claims.{}", claim.get_ref());
-                out.push(matcher(cx, claim.span(), field, v, false)?);
-            }
-        } else if FIELDS.contains(&field) {
-            out.push(matcher(cx, key.span(), field.to_string(), value, false)?);
-        } else if is_id_claim(field) {
-            out.push(matcher(cx, key.span(), field.to_string(), value, true)?);
-        } else {
-            let ids: Vec<&str> = PROVIDERS
-                .iter()
-                .flat_map(|p| id_claims(*p).iter().copied())
-                .collect();
+        if let Err(e) = match_key(cx, key, value, &mut out) {
+            errs.push(e);
+        }
+    }
+    match PolicyError::from_all(errs) {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+fn match_key(
+    cx: &FileCtx,
+    key: Spanned<String>,
+    value: Spanned<RawMatch>,
+    out: &mut Vec<Parsed>,
+) -> Result<(), PolicyError> {
+    let field = key.get_ref().as_str();
+    if field == "claims" {
+        let span = value.span();
+        let RawMatch::Table(claims) = value.into_inner() else {
             return cx.err(
+                &span,
+                "`claims` must be a table of claim name = glob(s), e.g. [rule.match.claims]",
+            );
+        };
+        for (claim, v) in claims.0 {
+            let field = format!("claims.{}", claim.get_ref());
+            out.push(matcher(cx, claim.span(), field, v, false)?);
+        }
+    } else if FIELDS.contains(&field) {
+        out.push(matcher(cx, key.span(), field.to_string(), value, false)?);
+    } else if is_id_claim(field) {
+        out.push(matcher(cx, key.span(), field.to_string(), value, true)?);
+    } else {
+        let ids: Vec<&str> = PROVIDERS
+            .iter()
+            .flat_map(|p| id_claims(*p).iter().copied())
+            .collect();
+        return cx.err(
                 &key.span(),
                 format!(
                     "unknown match field {field:?}; use one of {}, an id pin ({}) or a raw claim under [rule.match.claims]",
@@ -766,9 +957,8 @@ fn matchers(cx: &FileCtx, table: Ordered<RawMatch>) -> Result<Vec<Parsed>, Polic
                     ids.join(", ")
                 ),
             );
-        }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Whether `name` is an immutable-id claim of some provider.
@@ -1008,49 +1198,116 @@ fn parse_offset(s: &str) -> Option<time::UtcOffset> {
     time::UtcOffset::from_hms(sign * h, sign * m, 0).ok()
 }
 
+/// A rule's grants; every grant is checked, each error goes to `errs`. Where each grant's
+/// duration was written (or the grant, without one) goes to `origins`.
 fn grants(
     cx: &FileCtx,
     rule: &str,
     rule_span: &Range<usize>,
     raw: Vec<Spanned<RawGrant>>,
-) -> Result<Vec<Grant>, PolicyError> {
+    errs: &mut Vec<PolicyError>,
+    origins: &mut Vec<super::GrantOrigin>,
+) -> Vec<Grant> {
     if raw.is_empty() {
-        return cx.err(
-            rule_span,
-            format!(
-                "rule {rule:?} has no [[rule.grant]]; add one (exactly one default grant per rule)"
+        keep::<()>(
+            errs,
+            cx.err(
+                rule_span,
+                format!(
+                    "rule {rule:?} has no [[rule.grant]]; add one (exactly one default grant per rule)"
+                ),
             ),
         );
+        return Vec::new();
     }
     let single = raw.len() == 1;
+    let before = errs.len();
     let mut out: Vec<Grant> = Vec::new();
     let mut aliases: HashMap<String, Origin> = HashMap::new();
     for g in raw {
-        let g = g.into_inner();
-        let alias = g.alias.get_ref().clone();
-        if !valid_alias(&alias) {
-            return cx.err(
+        let at = g.span();
+        if let Some(grant) = keep(errs, grant(cx, rule, single, g, &mut aliases)) {
+            let (grant, duration_at) = grant;
+            origins.push(super::GrantOrigin {
+                rule: rule.to_string(),
+                alias: grant.alias.clone(),
+                duration: cx.origin(&duration_at.unwrap_or(at)),
+            });
+            out.push(grant);
+        }
+    }
+    if errs.len() > before {
+        return out;
+    }
+    let defaults = out.iter().filter(|g| g.default).count();
+    if defaults != 1 {
+        keep::<()>(
+            errs,
+            cx.err(
+                rule_span,
+                format!(
+                    "rule {rule:?} has {defaults} default grants; mark exactly one [[rule.grant]] with default = true"
+                ),
+            ),
+        );
+    }
+    // The default grant first: callers serve `grants[0]` at the default path.
+    out.sort_by_key(|g| !g.default);
+    out
+}
+
+/// One `[[rule.grant]]`, with the place of its `duration` when written. Its independent
+/// checks all run; their errors come back together.
+fn grant(
+    cx: &FileCtx,
+    rule: &str,
+    single: bool,
+    g: Spanned<RawGrant>,
+    aliases: &mut HashMap<String, Origin>,
+) -> Result<(Grant, Option<Range<usize>>), PolicyError> {
+    let g = g.into_inner();
+    let mut errs = Vec::new();
+    let alias = g.alias.get_ref().clone();
+    if !valid_alias(&alias) {
+        keep::<()>(
+            &mut errs,
+            cx.err(
                 &g.alias.span(),
                 format!("bad alias {alias:?}; use 1-64 characters of a-z A-Z 0-9 _ . -"),
-            );
-        }
-        if let Some(first) = aliases.get(&alias) {
-            return cx.err(&g.alias.span(), format!("alias {alias:?} is already used in rule {rule:?} at {first}; aliases must be unique within a rule"));
-        }
+            ),
+        );
+    } else if let Some(first) = aliases.get(&alias) {
+        keep::<()>(&mut errs, cx.err(&g.alias.span(), format!("alias {alias:?} is already used in rule {rule:?} at {first}; aliases must be unique within a rule")));
+    } else {
         aliases.insert(alias.clone(), cx.origin(&g.alias.span()));
-        let default = match &g.default {
-            None => single,
-            Some(d) if single && !*d.get_ref() => {
-                return cx.err(&d.span(), format!("grant {alias:?} is the only grant of rule {rule:?}, so it is the default; remove default = false"));
-            }
-            Some(d) => *d.get_ref(),
-        };
-        check_role_arn(cx, &g.role_arn)?;
-        let duration_secs = duration(cx, g.duration.as_ref())?;
-        let session_policy = session_policy(cx, g.session_policy, g.session_policy_file)?;
-        let policy_arns = policy_arns(cx, g.policy_arns)?;
-        let session_tags = session_tags(cx, g.session_tags)?;
-        out.push(Grant {
+    }
+    let default = match &g.default {
+        None => single,
+        Some(d) if single && !*d.get_ref() => {
+            keep::<()>(&mut errs, cx.err(&d.span(), format!("grant {alias:?} is the only grant of rule {rule:?}, so it is the default; remove default = false")));
+            true
+        }
+        Some(d) => *d.get_ref(),
+    };
+    keep(&mut errs, check_role_arn(cx, &g.role_arn));
+    let duration_at = g.duration.as_ref().map(Spanned::span);
+    let duration_secs = keep(&mut errs, duration(cx, g.duration.as_ref()));
+    let session_policy = keep(
+        &mut errs,
+        session_policy(cx, g.session_policy, g.session_policy_file),
+    );
+    let policy_arns = keep(&mut errs, policy_arns(cx, g.policy_arns));
+    let session_tags = keep(&mut errs, session_tags(cx, g.session_tags));
+    if let Some(e) = PolicyError::from_all(errs) {
+        return Err(e);
+    }
+    let (Some(duration_secs), Some(session_policy), Some(policy_arns), Some(session_tags)) =
+        (duration_secs, session_policy, policy_arns, session_tags)
+    else {
+        unreachable!("every check that gave no value left an error");
+    };
+    Ok((
+        Grant {
             alias,
             default,
             role_arn: g.role_arn.into_inner(),
@@ -1059,20 +1316,9 @@ fn grants(
             session_policy,
             policy_arns,
             session_tags,
-        });
-    }
-    let defaults = out.iter().filter(|g| g.default).count();
-    if defaults != 1 {
-        return cx.err(
-            rule_span,
-            format!(
-                "rule {rule:?} has {defaults} default grants; mark exactly one [[rule.grant]] with default = true"
-            ),
-        );
-    }
-    // The default grant first: callers serve `grants[0]` at the default path.
-    out.sort_by_key(|g| !g.default);
-    Ok(out)
+        },
+        duration_at,
+    ))
 }
 
 fn valid_alias(s: &str) -> bool {
@@ -1875,6 +2121,83 @@ mod tests {
     }
 
     #[test]
+    fn every_error_of_every_rule_and_file_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        // Rule "a": a bad alias and a bad duration in one grant, and a bad window day.
+        let a = rule(
+            "[[rule.window]]\ndays = [\"mon\", \"funday\"]\nstart = \"09:00\"\nend = \"17:00\"\n\
+             [[rule.grant]]\nalias = \"no spaces\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\nduration = 60\n",
+        );
+        // Rule "b" is fine; rule "c" has an unknown match field and a bad role ARN.
+        let b = rule(GRANT).replace("\"r\"", "\"b\"");
+        let c = rule(
+            "repo = \"acme/web\"\n[[rule.grant]]\nalias = \"x\"\nrole_arn = \"arn:aws:iam::12345:role/r\"\n",
+        )
+        .replace("\"r\"\n[rule.match]", "\"c\"\n[rule.match]");
+        std::fs::write(
+            dir.path().join("10-a.toml"),
+            format!("{}{b}{c}", a.replace("\"r\"", "\"a\"")),
+        )
+        .unwrap();
+        // A second file with a syntax error: reported too, at its place.
+        std::fs::write(dir.path().join("20-b.toml"), "[[rule]\n").unwrap();
+        let e = load_dir_with(dir.path(), &TrustedIssuer::well_known()).unwrap_err();
+        let all: Vec<String> = e.errors().iter().map(ToString::to_string).collect();
+        let text = e.to_string();
+        for needle in [
+            "unknown day \"funday\"",
+            "bad alias \"no spaces\"",
+            "duration 60 s is outside the STS limits",
+            "unknown match field \"repo\"",
+            "bad role_arn",
+            "20-b.toml:1:",
+        ] {
+            let n = all.iter().filter(|m| m.contains(needle)).count();
+            assert_eq!(n, 1, "{needle:?} should be reported once in {all:#?}");
+            assert_eq!(text.matches(needle).count(), 1, "{text}");
+        }
+        assert_eq!(all.len(), 6, "{all:#?}");
+        assert!(text.ends_with("6 errors"), "{text}");
+        assert!(
+            all.iter().all(|m| m.contains(".toml:")),
+            "every error names its file and line: {all:#?}"
+        );
+        // The errors of one file come in the order of their lines.
+        let lines: Vec<usize> = e
+            .errors()
+            .iter()
+            .filter_map(|e| match e {
+                PolicyError::Invalid { origin, .. } if origin.file.ends_with("10-a.toml") => {
+                    Some(origin.line)
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(lines.windows(2).all(|w| w[0] <= w[1]), "{lines:?}");
+    }
+
+    #[test]
+    fn grants_longer_than_a_chained_session_are_warned_at_their_duration() {
+        let text = rule(
+            "[[rule.grant]]\nalias = \"long\"\ndefault = true\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\nduration = \"2h\"\n\
+             [[rule.grant]]\nalias = \"hour\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\nduration = 3600\n\
+             [[rule.grant]]\nalias = \"wi\"\nvia = \"web-identity\"\nrole_arn = \"arn:aws:iam::123456789012:role/r\"\nduration = \"3h\"\n",
+        );
+        let set = load(&text).unwrap();
+        let w = set.chained_session_warnings(3600, "source = \"imds\"");
+        assert_eq!(w.len(), 1, "only the assume-role grant over an hour: {w:?}");
+        assert!(
+            w[0].starts_with("p.toml:9:12: "),
+            "at the duration value: {w:?}"
+        );
+        assert!(
+            w[0].contains("\"long\"") && w[0].contains("7200 s"),
+            "{w:?}"
+        );
+        assert!(w[0].contains("source = \"imds\""), "{w:?}");
+    }
+
+    #[test]
     fn directory_order_and_missing_or_empty_directory() {
         let dir = tempfile::tempdir().unwrap();
         assert!(
@@ -1901,6 +2224,15 @@ mod tests {
                 .rule_names(),
             ["a1", "a2", "b1", "b2"]
         );
+
+        let set = load_dir_with(dir.path(), &TrustedIssuer::well_known()).unwrap();
+        let skipped: Vec<&String> = set
+            .warnings()
+            .iter()
+            .filter(|w| w.contains("not loaded"))
+            .collect();
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(skipped[0].contains("notes.txt"), "{skipped:?}");
 
         let missing = dir.path().join("nope");
         let e = load_dir_with(&missing, &TrustedIssuer::well_known()).unwrap_err();

@@ -10,6 +10,7 @@
 //! agent's configured issuers): names alike from two issuers — a Buildkite organisation or a
 //! GitLab group called like a GitHub organisation — never match one rule.
 
+pub mod cases;
 pub mod decide;
 pub mod egress;
 pub mod load;
@@ -21,7 +22,7 @@ use std::path::PathBuf;
 
 pub use decide::{Decision, Explanation, RuleVerdict};
 pub use egress::{EgressAllow, EgressMode, EgressPolicy, EgressTarget, RuleEgress};
-pub use load::{load_dir_with, load_str, load_str_with, PolicyError};
+pub use load::{load_dir_configured, load_dir_with, load_str, load_str_with, PolicyError};
 
 /// An OIDC issuer the agent trusts, as the policy loader sees it: its exact `iss` and the
 /// provider whose claim shape its tokens are read in.
@@ -148,6 +149,17 @@ pub struct PolicySet {
     pub(crate) warnings: Vec<String>,
     /// Every file's `[egress] baseline`, in file order, each target and port once.
     pub(crate) baseline: Vec<EgressAllow>,
+    /// Where each grant's duration was written, for warnings that depend on the agent's
+    /// configuration (`airlock policy check`).
+    pub(crate) grant_origins: Vec<GrantOrigin>,
+}
+
+/// Where a grant's `duration` was written (or the grant itself, when it has none).
+#[derive(Debug, Clone)]
+pub(crate) struct GrantOrigin {
+    pub(crate) rule: String,
+    pub(crate) alias: String,
+    pub(crate) duration: Origin,
 }
 
 impl PolicySet {
@@ -206,6 +218,35 @@ impl PolicySet {
     /// the agent logs these and `airlock policy check` prints them.
     pub fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+
+    /// One warning (`<file>:<line>:<column>: …`, at the grant's `duration`) for every
+    /// `assume-role` grant longer than `cap_secs`: what STS allows a session whose caller is
+    /// itself a role session (role chaining, at most one hour; the broker clamps to it). `source` names the agent's
+    /// credential source for the message. `web-identity` grants are not chained (the job's
+    /// own token signs them) and are not reported.
+    pub fn chained_session_warnings(&self, cap_secs: u32, source: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for rule in &self.rules {
+            for g in &rule.grants {
+                if g.method != Method::AssumeRole || g.duration_secs <= cap_secs {
+                    continue;
+                }
+                let at = self
+                    .grant_origins
+                    .iter()
+                    .find(|o| o.rule == rule.name && o.alias == g.alias)
+                    .map_or_else(|| rule.origin.clone(), |o| o.duration.clone());
+                out.push(format!(
+                    "{at}: rule {:?} grant {:?}: duration {} s is longer than the {cap_secs} s STS allows a \
+                     chained role session: the agent's own credentials ({source}) are themselves a role \
+                     session, so jobs get {cap_secs} s sessions; write duration = \"1h\" or less, or give \
+                     the agent credentials that are not a session",
+                    rule.name, g.alias, g.duration_secs
+                ));
+            }
+        }
+        out
     }
 }
 
