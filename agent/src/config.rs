@@ -54,6 +54,10 @@ pub struct Config {
     /// Egress-controlled jobs: where their resolver (the agent) forwards allowed names.
     #[serde(default)]
     pub egress: EgressSection,
+    /// The file this configuration was read from (named in messages that say where to
+    /// change something); not a key of the file.
+    #[serde(skip)]
+    pub source: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -627,6 +631,9 @@ impl Config {
             .and_then(|p| p.parent().map(Path::to_path_buf))
             .unwrap_or_default();
         cfg.absolutize(&base);
+        if let Ok(abs) = std::path::absolute(path) {
+            cfg.source = abs;
+        }
         Ok(cfg)
     }
 
@@ -667,6 +674,7 @@ impl Config {
             }
         })?;
         cfg.endpoint.imds = cfg.endpoint.imds_setting.unwrap_or(cfg.sandbox.enabled);
+        cfg.source = path.to_owned();
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -726,6 +734,17 @@ impl Config {
                 return bad(format!(
                     "[[issuer]] #{} ({}) needs at least one audience",
                     i + 1,
+                    iss.issuer
+                ));
+            }
+            // An audience travels into a runner's `.env` and a query string: one plain word.
+            if let Some(a) = iss
+                .audiences
+                .iter()
+                .find(|a| a.is_empty() || a.chars().any(|c| c.is_whitespace() || c.is_control()))
+            {
+                return bad(format!(
+                    "[[issuer]] {}: audience {a:?} is empty or holds a space or a control character",
                     iss.issuer
                 ));
             }

@@ -98,6 +98,12 @@ pub struct AgentOptions {
     /// for tests whose jobs never run a command (the sandbox's mounts stay in that
     /// namespace too), such as a job the agent must refuse.
     pub nft_stub: Option<String>,
+    /// A whole configuration file instead of the generated one (see
+    /// [`crate::packaged`]): `{{ROOT}}` stands for the agent's temporary tree (where the
+    /// harness expects `state/`, `control.sock`, `audit.jsonl`, `policies/`), `{{ADMIN}}` for
+    /// the admin listener's address and `{{STS}}` for the STS endpoint, each as a TOML
+    /// string's contents.
+    pub config_template: Option<String>,
 }
 
 impl AgentOptions {
@@ -115,6 +121,7 @@ impl AgentOptions {
             audit_path: None,
             audit_config: String::new(),
             nft_stub: None,
+            config_template: None,
         }
     }
 
@@ -713,6 +720,16 @@ fn toml_escape(s: &str) -> String {
 }
 
 fn render_config(root: &Path, admin: SocketAddr, opts: &AgentOptions) -> String {
+    if let Some(t) = &opts.config_template {
+        let inner = |s: &str| {
+            let q = toml_str(s);
+            q[1..q.len() - 1].to_string()
+        };
+        return t
+            .replace("{{ROOT}}", &inner(&root.to_string_lossy()))
+            .replace("{{ADMIN}}", &admin.to_string())
+            .replace("{{STS}}", &inner(&opts.sts_endpoint));
+    }
     let p = |name: &str| toml_str(&root.join(name).to_string_lossy());
     format!(
         r#"# Written by the airlock end-to-end harness.

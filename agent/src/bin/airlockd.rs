@@ -43,6 +43,45 @@ fn fail(code: i32, msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code as u8)
 }
 
+/// The audiences the runner integrations will request, checked against the trusted
+/// issuers; with the GitHub supervisor's `audience` when its file is beside this one
+/// (airlockd reads nothing else of that file).
+fn check_audiences(cfg: &Config, config: &std::path::Path) -> airlock::audience::Findings {
+    let answer = airlock::audience::IssuersAnswer::from_config(cfg);
+    let runners = config
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join(RUNNERS_FILE);
+    let mut warnings = Vec::new();
+    let supervisor = match std::fs::read_to_string(&runners) {
+        Err(_) => None,
+        Ok(text) => match text.parse::<toml::Table>() {
+            Ok(t) => t
+                .get("github")
+                .and_then(|g| g.get("audience"))
+                .and_then(|a| a.as_str())
+                .map(String::from),
+            Err(e) => {
+                warnings.push(format!(
+                    "{}: not checked, it does not parse: {}",
+                    runners.display(),
+                    e.message()
+                ));
+                None
+            }
+        },
+    };
+    let mut f = airlock::audience::check(
+        &answer,
+        supervisor.as_deref().map(|a| (a, runners.as_path())),
+    );
+    f.warnings.extend(warnings);
+    f
+}
+
+/// The GitHub supervisor's file, looked for beside airlockd's (`/etc/airlock/`).
+const RUNNERS_FILE: &str = "github-runners.toml";
+
 fn main() -> ExitCode {
     let args = Args::parse();
     logging::init(args.log_format);
@@ -59,7 +98,12 @@ fn main() -> ExitCode {
     for w in policies.warnings() {
         tracing::warn!("policy: {w}");
     }
+    let audiences = check_audiences(&cfg, &args.config);
     if args.check {
+        if !audiences.errors.is_empty() {
+            let all: Vec<String> = audiences.errors.iter().map(|e| e.to_string()).collect();
+            return fail(exit::CONFIG, all.join("\n"));
+        }
         println!(
             "configuration {} is valid; {} policy rule(s) loaded from {}",
             args.config.display(),
@@ -69,7 +113,17 @@ fn main() -> ExitCode {
         for w in policies.warnings() {
             println!("warning: {w}");
         }
+        for w in &audiences.warnings {
+            println!("warning: {w}");
+        }
         return ExitCode::SUCCESS;
+    }
+    // Running: a hook refused for its audience says so itself; the operator hears it here.
+    for e in &audiences.errors {
+        tracing::warn!("{e}");
+    }
+    for w in &audiences.warnings {
+        tracing::warn!("{w}");
     }
     // Before any thread exists: the endpoints' connection budget is derived from it.
     match airlock::fd_budget::raise_nofile() {
