@@ -231,7 +231,12 @@ mod tests {
     fn an_explicit_audience_must_be_trusted_and_the_refusal_says_where_to_change_it() {
         let a = answer(&[(GH, Provider::Github, &["airlock"])]);
         assert_eq!(
-            choose(&a, Provider::Github, Some(("airlock", "AIRLOCK_OIDC_AUDIENCE"))).unwrap(),
+            choose(
+                &a,
+                Provider::Github,
+                Some(("airlock", "AIRLOCK_OIDC_AUDIENCE"))
+            )
+            .unwrap(),
             "airlock"
         );
         let e = choose(
@@ -251,21 +256,34 @@ mod tests {
     fn issuers_of_one_provider_must_share_an_audience() {
         let a = answer(&[
             (GH, Provider::Github, &["a", "b"]),
-            ("https://ghes.example.com/_services/token", Provider::Github, &["b"]),
+            (
+                "https://ghes.example.com/_services/token",
+                Provider::Github,
+                &["b"],
+            ),
         ]);
         assert_eq!(choose(&a, Provider::Github, None).unwrap(), "b");
         let a = answer(&[
             (GH, Provider::Github, &["a"]),
-            ("https://ghes.example.com/_services/token", Provider::Github, &["b"]),
+            (
+                "https://ghes.example.com/_services/token",
+                Provider::Github,
+                &["b"],
+            ),
         ]);
         let m = choose(&a, Provider::Github, None).unwrap_err().to_string();
-        assert!(m.contains("share no audience") && m.contains("ghes.example.com"), "{m}");
+        assert!(
+            m.contains("share no audience") && m.contains("ghes.example.com"),
+            "{m}"
+        );
     }
 
     #[test]
     fn no_issuer_of_the_provider_is_an_error_naming_the_file() {
         let a = answer(&[(GH, Provider::Github, &["airlock"])]);
-        let m = choose(&a, Provider::Buildkite, None).unwrap_err().to_string();
+        let m = choose(&a, Provider::Buildkite, None)
+            .unwrap_err()
+            .to_string();
         assert!(m.contains("no buildkite issuer"), "{m}");
         assert!(m.contains("/etc/airlock/airlock.toml"), "{m}");
     }
@@ -293,7 +311,11 @@ mod tests {
         let f = check(&a, None);
         assert!(f.errors.is_empty());
         assert_eq!(f.warnings.len(), 1);
-        assert!(f.warnings[0].contains("docs/identity.md"), "{}", f.warnings[0]);
+        assert!(
+            f.warnings[0].contains("docs/identity.md"),
+            "{}",
+            f.warnings[0]
+        );
     }
 
     #[test]
@@ -301,7 +323,10 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/airlock.toml");
         let cfg = Config::load(&path).unwrap();
         let a = IssuersAnswer::from_config(&cfg);
-        assert_eq!(choose(&a, Provider::Github, None).unwrap(), DEFAULT_AUDIENCE);
+        assert_eq!(
+            choose(&a, Provider::Github, None).unwrap(),
+            DEFAULT_AUDIENCE
+        );
         let f = check(&a, None);
         assert!(f.errors.is_empty() && f.warnings.is_empty(), "{f:?}");
         assert!(a

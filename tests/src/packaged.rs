@@ -118,18 +118,32 @@ mod tests {
     #[test]
     fn every_substitution_matches_the_shipped_file_once_and_the_audience_is_untouched() {
         let text = std::fs::read_to_string(shipped_path()).unwrap();
-        let subs = test_host(Path::new("/k.json"), Path::new("/shim"), "cg", "10.0.0.0/16");
+        let subs = test_host(
+            Path::new("/k.json"),
+            Path::new("/shim"),
+            "cg",
+            "10.0.0.0/16",
+        );
         let out = apply(&text, &subs).unwrap();
         assert!(out.contains("audiences = [\"airlock\"]"), "{out}");
         assert!(out.contains("issuer = \"https://token.actions.githubusercontent.com\""));
         assert!(out.contains("runtime_dir = \"{{ROOT}}/jobs\""), "{out}");
-        assert!(!out.contains("/var/lib/airlock") && !out.contains("9469"), "{out}");
+        assert!(
+            !out.contains("/var/lib/airlock") && !out.contains("9469"),
+            "{out}"
+        );
     }
 
     #[test]
     fn a_missing_line_is_an_error_naming_it() {
-        let e = apply("[agent]\n", &test_host(Path::new("/k"), Path::new("/s"), "c", "p"))
-            .unwrap_err();
-        assert!(e.contains("source = \\\"imds\\\"") && e.contains("0 lines"), "{e}");
+        let e = apply(
+            "[agent]\n",
+            &test_host(Path::new("/k"), Path::new("/s"), "c", "p"),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("source = \\\"imds\\\"") && e.contains("0 lines"),
+            "{e}"
+        );
     }
 }

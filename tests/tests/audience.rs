@@ -181,8 +181,11 @@ fn supervisor_file(dir: &Path, audience: Option<&str>) -> std::path::PathBuf {
     let runner = dir.join("runner");
     std::fs::create_dir_all(&runner).unwrap();
     std::fs::write(runner.join("run.sh"), "#!/bin/sh\nexit 0\n").unwrap();
-    std::fs::set_permissions(runner.join("run.sh"), std::fs::Permissions::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(
+        runner.join("run.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     let file = dir.join("github-runners.toml");
     let mut t = format!(
         "[github]\nrunner_dir = \"{}\"\njitconfig_command = [\"/bin/false\"]\nmax_jobs_per_slot = 1\nrestart_delay = \"1s\"\n",
@@ -362,7 +365,10 @@ fn packaged_configuration_with_packaged_hooks_gives_a_job_credentials_and_refuse
     // A token minted for AWS's own federation: refused by the stock configuration.
     let refused = stack.agent.start_job(&aws_token);
     let msg = format!("{:?}", refused.as_ref().map(|j| j.job_id.clone()));
-    assert!(refused.is_err(), "the stock config accepted an AWS token: {msg}");
+    assert!(
+        refused.is_err(),
+        "the stock config accepted an AWS token: {msg}"
+    );
     let msg = refused.err().unwrap().to_string();
     assert!(msg.contains("sts.amazonaws.com"), "{msg}");
     assert!(msg.contains("[\"airlock\"]"), "{msg}");
@@ -375,8 +381,11 @@ fn packaged_configuration_with_packaged_hooks_gives_a_job_credentials_and_refuse
     let runner_dir = dir.path().join("actions-runner");
     std::fs::create_dir_all(&runner_dir).unwrap();
     std::fs::write(runner_dir.join("run.sh"), FAKE_RUNNER).unwrap();
-    std::fs::set_permissions(runner_dir.join("run.sh"), std::fs::Permissions::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(
+        runner_dir.join("run.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     std::fs::write(runner_dir.join(".env"), "LANG=C.UTF-8\n").unwrap();
     let b64 = |s: &str| {
         use base64::Engine;
@@ -407,7 +416,11 @@ fn packaged_configuration_with_packaged_hooks_gives_a_job_credentials_and_refuse
     for e in std::fs::read_dir(paths::repo_root().join("integrations/github")).unwrap() {
         let e = e.unwrap();
         let t = std::fs::read_to_string(e.path()).unwrap();
-        assert!(t.contains("exec /usr/bin/airlock github"), "{}", e.path().display());
+        assert!(
+            t.contains("exec /usr/bin/airlock github"),
+            "{}",
+            e.path().display()
+        );
         let t = t.replace(
             "exec /usr/bin/airlock github",
             &format!("exec {} github", airlock_bin.display()),
@@ -454,8 +467,14 @@ fn packaged_configuration_with_packaged_hooks_gives_a_job_credentials_and_refuse
     let agent_log = stack.agent.log();
     assert!(!agent_log.contains("WrongAudience"), "{agent_log}");
     for t in [&airlock_token, &aws_token] {
-        assert!(!log.contains(t.as_str()), "a token is in the supervisor's output");
-        assert!(!agent_log.contains(t.as_str()), "a token is in the agent's log");
+        assert!(
+            !log.contains(t.as_str()),
+            "a token is in the supervisor's output"
+        );
+        assert!(
+            !agent_log.contains(t.as_str()),
+            "a token is in the agent's log"
+        );
     }
     let bound = stack
         .agent
