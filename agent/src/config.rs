@@ -876,6 +876,23 @@ mod tests {
     }
 
     #[test]
+    fn an_audience_is_one_plain_word() {
+        let with = |aud: &str| {
+            Config::parse(
+                Path::new("a.toml"),
+                &format!(
+                    "[[issuer]]\nissuer = \"https://token.actions.githubusercontent.com\"\naudiences = [{aud:?}]\n"
+                ),
+            )
+        };
+        assert_eq!(with("airlock").unwrap().source, Path::new("a.toml"));
+        for bad in ["", "air lock", "airlock\nAIRLOCK_X=1"] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("control character"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
     fn relative_paths_are_next_to_the_config_file() {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("airlock.toml");
