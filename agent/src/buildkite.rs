@@ -11,8 +11,10 @@
 //!
 //! - `environment` checks, before anything of the job runs, that the hooks can work: the
 //!   agent's control socket answers and `buildkite-agent` is there.
-//! - `command` replaces Buildkite's command phase: it asks `buildkite-agent oidc
-//!   request-token --audience <audience>` for the job's OIDC token (read from its stdout,
+//! - `command` replaces Buildkite's command phase: it asks airlockd which audiences it
+//!   trusts for the Buildkite issuer (`GET /v1/issuers`; `--audience`, when given, must be
+//!   one of them), then `buildkite-agent oidc request-token --audience <that audience>`
+//!   for the job's OIDC token (read from its stdout,
 //!   held in memory and handed to the agent over the control socket only: never on a
 //!   command line, in a file or in the job's environment), starts an airlock job with it
 //!   that belongs to this Buildkite job's bootstrap process (the nearest ancestor named
@@ -39,9 +41,8 @@ use crate::control::{Client, ControlError, JobCommand, StartRequest};
 use crate::exit;
 use crate::secret::Secret;
 
-/// The audience asked for by default (`--audience`); it must be one of the Buildkite
-/// issuer's `audiences` in `airlock.toml`.
-pub const DEFAULT_AUDIENCE: &str = "airlock";
+/// The audience asked for when airlockd trusts it (see [`crate::audience::choose`]).
+pub use crate::audience::DEFAULT_AUDIENCE;
 /// The issuer every Buildkite organisation shares.
 pub const BUILDKITE_ISSUER: &str = "https://agent.buildkite.com";
 /// The flag of a decision refused because its rule does not pin the organisation.
@@ -100,9 +101,11 @@ fn fail(code: i32, message: impl Into<String>) -> HookError {
 /// from the job's environment, which the pipeline sets (`env:` of a step).
 #[derive(Debug, Clone, clap::Args)]
 pub struct HookArgs {
-    /// Audience of the job's OIDC token (one of the Buildkite issuer's `audiences`).
-    #[arg(long, default_value = DEFAULT_AUDIENCE)]
-    pub audience: String,
+    /// Audience of the job's OIDC token; it must be one of the Buildkite issuer's
+    /// `audiences` in airlockd's configuration. Default: asked of airlockd ("airlock" when
+    /// it trusts that, else the first audience it lists).
+    #[arg(long)]
+    pub audience: Option<String>,
     /// Lifetime asked for the OIDC token, in seconds (`--lifetime` of
     /// `buildkite-agent oidc request-token`); 0: Buildkite's default.
     #[arg(long, default_value_t = 0)]
@@ -198,9 +201,28 @@ fn describe(env: &Env) -> String {
     )
 }
 
+/// The audience to request: `--audience` if airlockd trusts it for the Buildkite issuer,
+/// else the one airlockd prefers. Refused, with what to change, when there is none.
+pub async fn audience(client: &Client, args: &HookArgs) -> Result<String, HookError> {
+    let answer = client
+        .issuers()
+        .await
+        .map_err(|e| fail(exit::UNAVAILABLE, format!("airlock: {}", agent_error(&e))))?;
+    let wanted = args
+        .audience
+        .as_deref()
+        .map(|a| (a, "--audience in the airlock buildkite hook"));
+    crate::audience::choose(&answer, crate::identity::Provider::Buildkite, wanted)
+        .map_err(|e| fail(exit::CONFIG, format!("airlock: {e}")))
+}
+
 /// The job's OIDC token from `buildkite-agent oidc request-token --audience A`
 /// (its stdout; its stderr goes to the job's log).
-pub async fn request_oidc_token(env: &Env, args: &HookArgs) -> Result<Secret<String>, HookError> {
+pub async fn request_oidc_token(
+    env: &Env,
+    args: &HookArgs,
+    audience: &str,
+) -> Result<Secret<String>, HookError> {
     let program = agent_program(args)?;
     let pass: Vec<&str> = AGENT_ENV
         .iter()
@@ -209,7 +231,7 @@ pub async fn request_oidc_token(env: &Env, args: &HookArgs) -> Result<Secret<Str
         .collect();
     let mut cmd = crate::childenv::command(program, &pass, |k| var(env, k).map(String::from))
         .map_err(|e| fail(exit::CONFIG, format!("airlock: --buildkite-agent {e}")))?;
-    cmd.args(["oidc", "request-token", "--audience", &args.audience]);
+    cmd.args(["oidc", "request-token", "--audience", audience]);
     if args.token_lifetime > 0 {
         cmd.args(["--lifetime", &args.token_lifetime.to_string()]);
     }
@@ -241,7 +263,7 @@ pub async fn request_oidc_token(env: &Env, args: &HookArgs) -> Result<Secret<Str
             exit::UNAVAILABLE,
             format!(
                 "airlock: `buildkite-agent oidc request-token --audience {}` failed ({}) for {}: see its message above",
-                args.audience,
+                audience,
                 out.status,
                 describe(env)
             ),
@@ -461,12 +483,15 @@ pub async fn environment(env: &Env, socket: &Path, args: &HookArgs) -> Result<St
     buildkite_job(env)?;
     agent_program(args)?;
     bootstrap()?;
-    Client::new(socket)
+    let client = Client::new(socket);
+    client
         .list()
         .await
         .map_err(|e| fail(exit::UNAVAILABLE, format!("airlock: {}", agent_error(&e))))?;
+    // The audience the command hook will request must be one airlockd trusts.
+    let audience = audience(&client, args).await?;
     Ok(format!(
-        "airlock: ready: {} runs in a sandbox with job-scoped AWS credentials",
+        "airlock: ready: {} runs in a sandbox with job-scoped AWS credentials (OIDC audience {audience:?})",
         describe(env)
     ))
 }
@@ -487,7 +512,8 @@ pub async fn command(env: &Env, socket: &Path, args: &HookArgs) -> Result<i32, H
     end_jobs_of(&client, boot.pid)
         .await
         .map_err(|e| fail(exit::UNAVAILABLE, format!("airlock: {}", agent_error(&e))))?;
-    let token = request_oidc_token(env, args).await?;
+    let audience = audience(&client, args).await?;
+    let token = request_oidc_token(env, args, &audience).await?;
     let lifetime = var(env, "BUILDKITE_TIMEOUT")
         .and_then(|t| t.parse::<u64>().ok())
         .map(|m| m * 60 + LIFETIME_MARGIN_SECS);
@@ -520,7 +546,7 @@ pub async fn command(env: &Env, socket: &Path, args: &HookArgs) -> Result<i32, H
                 format!(
                     "airlock: the job's Buildkite OIDC token was refused ({}): {message}; airlock.toml must trust the issuer {BUILDKITE_ISSUER} with the audience {:?}",
                     describe(env),
-                    args.audience
+                    audience
                 ),
             ),
             _ => fail(exit::UNAVAILABLE, format!("airlock: cannot start the job: {}", agent_error(&e))),

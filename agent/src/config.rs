@@ -154,6 +154,10 @@ pub struct Config {
     /// Egress-controlled jobs: where their resolver (the agent) forwards allowed names.
     #[serde(default)]
     pub egress: EgressSection,
+    /// The file this configuration was read from (named in messages that say where to
+    /// change something); not a key of the file.
+    #[serde(skip)]
+    pub source: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -727,6 +731,9 @@ impl Config {
             .and_then(|p| p.parent().map(Path::to_path_buf))
             .unwrap_or_default();
         cfg.absolutize(&base);
+        if let Ok(abs) = std::path::absolute(path) {
+            cfg.source = abs;
+        }
         Ok(cfg)
     }
 
@@ -767,6 +774,7 @@ impl Config {
             }
         })?;
         cfg.endpoint.imds = cfg.endpoint.imds_setting.unwrap_or(cfg.sandbox.enabled);
+        cfg.source = path.to_owned();
         cfg.validate(path, text)?;
         Ok(cfg)
     }
@@ -877,6 +885,20 @@ impl Config {
                     format!(
                         "[[issuer]] #{} ({}) needs at least one audience",
                         i + 1,
+                        iss.issuer
+                    ),
+                );
+            }
+            // An audience travels into a runner's `.env` and a query string: one plain word.
+            if let Some(a) = iss
+                .audiences
+                .iter()
+                .find(|a| a.is_empty() || a.chars().any(|c| c.is_whitespace() || c.is_control()))
+            {
+                bad(
+                    &["issuer", &n, "audiences"],
+                    format!(
+                        "[[issuer]] {}: audience {a:?} is empty or holds a space or a control character",
                         iss.issuer
                     ),
                 );
@@ -1018,6 +1040,23 @@ mod tests {
             "[sts]\nendpoint = \"http://127.0.0.1:5000\"\nallow_http = true\n",
         )
         .unwrap();
+    }
+
+    #[test]
+    fn an_audience_is_one_plain_word() {
+        let with = |aud: &str| {
+            Config::parse(
+                Path::new("a.toml"),
+                &format!(
+                    "[[issuer]]\nissuer = \"https://token.actions.githubusercontent.com\"\naudiences = [{aud:?}]\n"
+                ),
+            )
+        };
+        assert_eq!(with("airlock").unwrap().source, Path::new("a.toml"));
+        for bad in ["", "air lock", "airlock\nAIRLOCK_X=1"] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("control character"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! | `POST /v1/drain`             | [`DrainRequest`] (root only) | [`DrainStatus`]   |
 //! | `GET /v1/drain`              | — (root only)                | [`DrainStatus`]   |
 //! | `DELETE /v1/drain`           | — (root only)                | [`DrainStatus`]   |
+//! | `GET /v1/issuers`            | —                            | [`IssuersAnswer`](crate::audience::IssuersAnswer) |
 //!
 //! Errors are `{"error": "...", "code": "..."}` with a 4xx/5xx status.
 //!
@@ -334,6 +335,9 @@ pub trait Handler: Send + Sync + 'static {
         let _ = peer;
         Err(ApiError::new(404, "NotFound", "drain is not served here"))
     }
+    /// The trusted issuers and their audiences (nothing secret): what a hook requests its
+    /// job's OIDC token for.
+    fn issuers(&self) -> crate::audience::IssuersAnswer;
     fn clear_slot(&self, slot: u32, peer: Peer) -> Result<TaintedSlot, ApiError>;
     /// Check that `peer` may start the prepared command `run` of `job`, and take it (each
     /// runs once). Answered before the connection is handed over.
@@ -537,6 +541,7 @@ async fn route<H: Handler>(
             Err(e) => Err(e),
         },
         (Method::GET, ["v1", "slots"]) => h.tainted().map(|r| reply(StatusCode::OK, &r)),
+        (Method::GET, ["v1", "issuers"]) => return reply(StatusCode::OK, &h.issuers()),
         (Method::DELETE, ["v1", "slots", n]) => match n.parse::<u32>() {
             Ok(slot) => h.clear_slot(slot, peer).map(|r| reply(StatusCode::OK, &r)),
             Err(_) => Err(ApiError::new(400, "BadRequest", "a slot is a number")),
@@ -699,6 +704,11 @@ impl Client {
     pub async fn clear_slot(&self, slot: u32) -> Result<TaintedSlot, ControlError> {
         self.call(Method::DELETE, &format!("/v1/slots/{slot}"), None)
             .await
+    }
+
+    /// `GET /v1/issuers`: the issuers the agent trusts, with their audiences.
+    pub async fn issuers(&self) -> Result<crate::audience::IssuersAnswer, ControlError> {
+        self.call(Method::GET, "/v1/issuers", None).await
     }
 
     pub async fn list(&self) -> Result<Vec<JobSummary>, ControlError> {

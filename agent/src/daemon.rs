@@ -1267,6 +1267,10 @@ impl Handler for Control {
         self.0.list_jobs(&peer)
     }
 
+    fn issuers(&self) -> crate::audience::IssuersAnswer {
+        crate::audience::IssuersAnswer::from_config(&self.0.cfg)
+    }
+
     async fn exec(
         &self,
         job: &str,

@@ -31,10 +31,11 @@ use crate::policy::{EgressMode, EgressPolicy, PolicySet};
 use crate::sandbox::job::JobSettings;
 use crate::secret::Secret;
 
-/// The audience asked for when the hook requests the job's OIDC token (override with
-/// `AIRLOCK_OIDC_AUDIENCE` in the runner's `.env`; it must be one of the issuer's
-/// `audiences` in `airlock.toml`).
-pub const DEFAULT_AUDIENCE: &str = "airlock";
+/// The audience the hooks request when airlockd trusts it. Which audience is requested is
+/// asked of airlockd ([`crate::audience::choose`]): by the hooks-only hook over the control
+/// socket, and for ephemeral slots by the supervisor, which writes its choice as
+/// `AIRLOCK_OIDC_AUDIENCE` into the slot runner's `.env`.
+pub use crate::audience::DEFAULT_AUDIENCE;
 /// The runner's per-job process: a hooks-only job belongs to it.
 pub const RUNNER_WORKER: &str = "Runner.Worker";
 /// The variables the hook appends to `GITHUB_ENV`, so every later step's SDK finds the
@@ -216,17 +217,41 @@ pub fn attested_claims(env: &Env) -> Result<Map<String, Value>, HookError> {
     Ok(c)
 }
 
+/// Whether GitHub gives this job an OIDC token (`permissions: id-token: write`).
+fn can_request_oidc(env: &Env) -> bool {
+    var(env, "ACTIONS_ID_TOKEN_REQUEST_URL").is_some()
+        && var(env, "ACTIONS_ID_TOKEN_REQUEST_TOKEN").is_some()
+}
+
+/// Where an explicit audience of the hooks-only hook comes from, for messages.
+const AUDIENCE_VAR: &str = "AIRLOCK_OIDC_AUDIENCE (the runner's .env)";
+
+/// The audience a hooks-only hook requests: asked of airlockd over the control socket;
+/// `AIRLOCK_OIDC_AUDIENCE`, when set, must be one it trusts.
+async fn hooks_only_audience(env: &Env, client: &Client) -> Result<String, HookError> {
+    let answer = client.issuers().await.map_err(|e| control_error(env, e))?;
+    let wanted = var(env, "AIRLOCK_OIDC_AUDIENCE").map(|a| (a, AUDIENCE_VAR));
+    crate::audience::choose(&answer, crate::identity::Provider::Github, wanted).map_err(|e| {
+        HookError::new(
+            exit::CONFIG,
+            format!("airlock: no OIDC token requested: {e} (ask your platform team)"),
+        )
+    })
+}
+
 /// The job's OIDC token from GitHub: `GET $ACTIONS_ID_TOKEN_REQUEST_URL&audience=<aud>`
 /// with `Authorization: bearer $ACTIONS_ID_TOKEN_REQUEST_TOKEN`, answer `{"value": ...}`.
 /// `None` when the job has no `id-token: write` (the variables are absent).
-pub async fn request_oidc_token(env: &Env) -> Result<Option<Secret<String>>, HookError> {
+pub async fn request_oidc_token(
+    env: &Env,
+    audience: &str,
+) -> Result<Option<Secret<String>>, HookError> {
     let (Some(url), Some(bearer)) = (
         var(env, "ACTIONS_ID_TOKEN_REQUEST_URL"),
         var(env, "ACTIONS_ID_TOKEN_REQUEST_TOKEN"),
     ) else {
         return Ok(None);
     };
-    let audience = var(env, "AIRLOCK_OIDC_AUDIENCE").unwrap_or(DEFAULT_AUDIENCE);
     let sep = if url.contains('?') { '&' } else { '?' };
     let full = format!(
         "{url}{sep}audience={}",
@@ -381,7 +406,18 @@ pub async fn job_started(env: &Env, socket: &Path) -> Result<String, HookError> 
     } else {
         None
     };
-    let token = request_oidc_token(env).await?;
+    // Ephemeral: the supervisor asked airlockd and wrote its choice into the runner's .env
+    // (the sandbox has no control socket). Hooks-only: ask airlockd now.
+    let audience = if !can_request_oidc(env) {
+        String::new()
+    } else if ticket.is_some() {
+        var(env, "AIRLOCK_OIDC_AUDIENCE")
+            .unwrap_or(DEFAULT_AUDIENCE)
+            .to_string()
+    } else {
+        hooks_only_audience(env, &Client::new(socket)).await?
+    };
+    let token = request_oidc_token(env, &audience).await?;
     let (token, claims, source) = match token {
         Some(t) => (Some(t), None, "OIDC token"),
         None => (
@@ -913,9 +949,11 @@ pub struct SupervisorConfig {
     /// The `airlock` binary the hooks run inside the sandbox.
     #[serde(default = "default_airlock_bin")]
     pub airlock_bin: PathBuf,
-    /// The audience of the job's OIDC token (one of the issuer's `audiences`).
-    #[serde(default = "default_audience")]
-    pub audience: String,
+    /// The audience of the job's OIDC token; it must be one of the GitHub issuer's
+    /// `audiences` in airlockd's configuration. Default: asked of airlockd at start
+    /// ("airlock" when it trusts that, else the first audience it lists).
+    #[serde(default)]
+    pub audience: Option<String>,
     /// `fail` (default): a job no rule grants anything fails at its job-started hook;
     /// `warn`: it runs without AWS credentials.
     #[serde(default = "default_on_refused")]
@@ -929,6 +967,9 @@ pub struct SupervisorConfig {
     /// Stop after this many jobs per slot (tests; 0: never).
     #[serde(default)]
     pub max_jobs_per_slot: u32,
+    /// The file this configuration was read from (for messages).
+    #[serde(skip)]
+    pub source: PathBuf,
 }
 
 fn default_slots() -> u32 {
@@ -942,9 +983,6 @@ fn default_hooks_dir() -> PathBuf {
 }
 fn default_airlock_bin() -> PathBuf {
     "/usr/bin/airlock".into()
-}
-fn default_audience() -> String {
-    DEFAULT_AUDIENCE.into()
 }
 fn default_on_refused() -> String {
     "fail".into()
@@ -977,7 +1015,8 @@ impl SupervisorConfig {
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let f: SupervisorFile =
             toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        let c = f.github;
+        let mut c = f.github;
+        c.source = path.to_path_buf();
         if c.slots == 0 || c.slots > 64 {
             return Err(format!("{}: [github] slots: 1 to 64", path.display()));
         }
@@ -1112,6 +1151,36 @@ fn libc_o_nofollow() -> i32 {
     nix::fcntl::OFlag::O_NOFOLLOW.bits()
 }
 
+/// The audience the slots' hooks request, asked of airlockd before any slot starts: the
+/// file's `audience` if airlockd trusts it for GitHub, else the one airlockd prefers. An
+/// exit code and the message when there is none.
+pub async fn supervisor_audience(
+    cfg: &SupervisorConfig,
+    client: &Client,
+) -> Result<String, (i32, String)> {
+    let answer = client.issuers().await.map_err(|e| {
+        (
+            exit::UNAVAILABLE,
+            format!("cannot ask airlockd which OIDC audiences it trusts: {e}"),
+        )
+    })?;
+    let source = format!("`audience` in {}", cfg.source.display());
+    let wanted = cfg.audience.as_deref().map(|a| (a, source.as_str()));
+    match crate::audience::choose(&answer, crate::identity::Provider::Github, wanted) {
+        Ok(a) => {
+            tracing::info!(audience = %a, "jobs request their OIDC token for this audience");
+            Ok(a)
+        }
+        // Without a GitHub issuer only runner-attested claims can work: not a reason to
+        // stop, unless the operator asked for an audience explicitly.
+        Err(e @ crate::audience::AudienceError::NoIssuer { .. }) if cfg.audience.is_none() => {
+            tracing::warn!("{e}; jobs with `id-token: write` will be refused");
+            Ok(DEFAULT_AUDIENCE.to_string())
+        }
+        Err(e) => Err((exit::CONFIG, format!("not starting: {e}"))),
+    }
+}
+
 /// `airlock github supervise`: keep `slots` runners going, one job each, each in a fresh
 /// sandbox. Returns when every slot stopped (`max_jobs_per_slot`) or on SIGTERM/SIGINT.
 pub async fn supervise(cfg: SupervisorConfig, socket: PathBuf) -> Result<(), String> {
@@ -1195,7 +1264,9 @@ async fn one_job(
         cfg.runner_dir.display().to_string(),
         cfg.hooks_dir.display().to_string(),
         cfg.airlock_bin.display().to_string(),
-        cfg.audience.clone(),
+        cfg.audience
+            .clone()
+            .unwrap_or_else(|| DEFAULT_AUDIENCE.to_string()),
         cfg.on_refused.clone(),
     ];
     let job = client
@@ -1518,6 +1589,15 @@ pub async fn run_cli(cmd: GithubCmd, socket: Option<PathBuf>, config: &Path) -> 
                     return exit::CONFIG;
                 }
             };
+            let mut cfg = cfg;
+            match supervisor_audience(&cfg, &Client::new(&socket)).await {
+                // From here on, the audience every slot's runner requests.
+                Ok(a) => cfg.audience = Some(a),
+                Err((code, msg)) => {
+                    eprintln!("airlock: {msg}");
+                    return code;
+                }
+            }
             return match supervise(cfg, socket).await {
                 Ok(()) => exit::OK,
                 Err(e) => {

@@ -379,7 +379,7 @@ pub async fn prepare(
         .map_err(|e| exits.system(e))?
         .ok_or_else(|| {
             exits.system(format!(
-                "GitLab job {} has no id token {var}: add to the job in .gitlab-ci.yml\n  id_tokens:\n    {var}:\n      aud: <the audience of airlock's [[issuer]] for your GitLab>",
+                "GitLab job {} has no id token {var}: add to the job in .gitlab-ci.yml\n  id_tokens:\n    {var}:\n      aud: airlock   # or another audience of airlock's [[issuer]] for your GitLab",
                 job.id
             ))
         })?;

@@ -5,6 +5,7 @@
 //! everyone writes to and that nothing reads back.
 
 pub mod admin;
+pub mod audience;
 pub mod audit;
 pub mod broker;
 pub mod buildkite;

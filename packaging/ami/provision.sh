@@ -84,6 +84,9 @@ edit '^# control_group = "airlock".*' 'control_group = "airlock"'
 edit '^# runner_uid = .*' "runner_uid = $uid"
 edit '^# runner_gid = .*' "runner_gid = $gid"
 edit '^# hide = \[.*' "hide = [\"$RUNNER_DIR/.credentials\", \"$RUNNER_DIR/.credentials_rsaparams\", \"$RUNNER_DIR/.runner\"]"
+# The shipped config trusts the audience "airlock" for GitHub, which the hooks and the
+# supervisor request (they ask airlockd; docs/identity.md, "Audiences"). --check exits 78 if
+# /etc/airlock/github-runners.toml, once user data writes it, asks for one it does not trust.
 airlockd --check --config "$CONFIG"
 
 # --- nothing of this build instance in the image ---------------------------------------------

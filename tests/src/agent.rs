@@ -100,6 +100,12 @@ pub struct AgentOptions {
     pub nft_stub: Option<String>,
     /// `--log-format` for the daemon (`plain` when `None`).
     pub log_format: Option<String>,
+    /// A whole configuration file instead of the generated one (see
+    /// [`crate::packaged`]): `{{ROOT}}` stands for the agent's temporary tree (where the
+    /// harness expects `state/`, `control.sock`, `audit.jsonl`, `policies/`), `{{ADMIN}}` for
+    /// the admin listener's address and `{{STS}}` for the STS endpoint, each as a TOML
+    /// string's contents.
+    pub config_template: Option<String>,
 }
 
 impl AgentOptions {
@@ -118,6 +124,7 @@ impl AgentOptions {
             audit_config: String::new(),
             nft_stub: None,
             log_format: None,
+            config_template: None,
         }
     }
 
@@ -742,6 +749,16 @@ fn toml_escape(s: &str) -> String {
 }
 
 fn render_config(root: &Path, admin: SocketAddr, opts: &AgentOptions) -> String {
+    if let Some(t) = &opts.config_template {
+        let inner = |s: &str| {
+            let q = toml_str(s);
+            q[1..q.len() - 1].to_string()
+        };
+        return t
+            .replace("{{ROOT}}", &inner(&root.to_string_lossy()))
+            .replace("{{ADMIN}}", &admin.to_string())
+            .replace("{{STS}}", &inner(&opts.sts_endpoint));
+    }
     let p = |name: &str| toml_str(&root.join(name).to_string_lossy());
     format!(
         r#"# Written by the airlock end-to-end harness.

@@ -10,6 +10,7 @@ pub mod internet;
 pub mod jobprobe;
 pub mod moto;
 pub mod oidc;
+pub mod packaged;
 pub mod paths;
 pub mod prereq;
 pub mod stack;

@@ -172,7 +172,7 @@ fn start_moto() -> MotoServer {
 /// parallel test processes with the same pool would give two jobs the same address, and the
 /// host would route one job's replies to the other. A counter in a file, under a lock shared
 /// by every test process, walks 10.128.0.0/9 (32,768 pools) round.
-fn unique_pool() -> String {
+pub(crate) fn unique_pool() -> String {
     use std::io::{Read, Seek, Write};
     let mut f = std::fs::OpenOptions::new()
         .create(true)

@@ -901,3 +901,50 @@ fn environment_hook_fails_early_when_the_agent_is_unreachable() {
     assert!(err.contains("cannot reach airlockd"), "{}", text(&b));
     assert!(err.contains("control_group"), "{}", text(&b));
 }
+
+/// An `--audience` in the hook files that airlockd does not trust for Buildkite's issuer
+/// fails the job at the environment hook, and the command hook never asks Buildkite for a
+/// token: both name the configuration file and the audiences it trusts.
+#[test]
+fn an_audience_the_agent_does_not_trust_fails_the_job_before_a_token_is_requested() {
+    prereqs();
+    let stack = stack();
+    let host = Host::new(&stack);
+    for h in ["environment", "command"] {
+        let p = host.root().join("hooks").join(h);
+        let t = std::fs::read_to_string(&p).unwrap();
+        assert!(t.contains(" --buildkite-agent "), "{t}");
+        let t = t.replace(
+            " --buildkite-agent ",
+            " --audience sts.amazonaws.com --buildkite-agent ",
+        );
+        std::fs::write(&p, t).unwrap();
+    }
+    let checkout = host.checkout("bk-acme", "deploy", &[]);
+    let env = host.env(
+        "bk-acme",
+        "deploy",
+        "0190a1b2-4444-4000-8000-000000000005",
+        "echo STEP RAN",
+        &checkout,
+    );
+    let config = stack.agent.config_path().display().to_string();
+    for hooks in [&["environment"][..], &["command"][..]] {
+        let b = host.bootstrap(hooks, &env, &checkout);
+        let log = text(&b);
+        assert_eq!(b.status.code(), Some(78), "{hooks:?}: {log}");
+        assert!(log.contains("\"sts.amazonaws.com\""), "{log}");
+        assert!(
+            log.contains("--audience in the airlock buildkite hook"),
+            "{log}"
+        );
+        assert!(log.contains("[\"airlock\"]"), "{log}");
+        assert!(log.contains(&config), "{log}");
+        assert!(!log.contains("STEP RAN"), "{log}");
+    }
+    assert!(
+        !host.fake_args().contains("request-token"),
+        "a token was requested: {}",
+        host.fake_args()
+    );
+}

@@ -690,6 +690,13 @@ fn deb_in_debian_stable_root() {
         check.contains("is valid; 0 policy rule(s) loaded from /etc/airlock/policies"),
         "{check}"
     );
+    // It trusts the audience the hooks request, and not AWS's (no warning about it).
+    assert!(!check.contains("warning"), "{check}");
+    let installed = std::fs::read_to_string(root.path("/etc/airlock/airlock.toml")).unwrap();
+    assert!(
+        installed.contains("audiences = [\"airlock\"]") && !installed.contains("sts.amazonaws.com"),
+        "{installed}"
+    );
     // Every shipped directory of example policies loads (the examples and the cookbook's).
     let mut dirs: Vec<String> = files_under("policies")
         .into_iter()

@@ -53,6 +53,45 @@ fn fail(code: i32, msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code as u8)
 }
 
+/// The audiences the runner integrations will request, checked against the trusted
+/// issuers; with the GitHub supervisor's `audience` when its file is beside this one
+/// (airlockd reads nothing else of that file).
+fn check_audiences(cfg: &Config, config: &std::path::Path) -> airlock::audience::Findings {
+    let answer = airlock::audience::IssuersAnswer::from_config(cfg);
+    let runners = config
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join(RUNNERS_FILE);
+    let mut warnings = Vec::new();
+    let supervisor = match std::fs::read_to_string(&runners) {
+        Err(_) => None,
+        Ok(text) => match text.parse::<toml::Table>() {
+            Ok(t) => t
+                .get("github")
+                .and_then(|g| g.get("audience"))
+                .and_then(|a| a.as_str())
+                .map(String::from),
+            Err(e) => {
+                warnings.push(format!(
+                    "{}: not checked, it does not parse: {}",
+                    runners.display(),
+                    e.message()
+                ));
+                None
+            }
+        },
+    };
+    let mut f = airlock::audience::check(
+        &answer,
+        supervisor.as_deref().map(|a| (a, runners.as_path())),
+    );
+    f.warnings.extend(warnings);
+    f
+}
+
+/// The GitHub supervisor's file, looked for beside airlockd's (`/etc/airlock/`).
+const RUNNERS_FILE: &str = "github-runners.toml";
+
 fn main() -> ExitCode {
     // An administrator's program: its page goes to section 8.
     if let Some(code) = airlock::cli::generate_if_asked(Args::command(), "8") {
@@ -79,6 +118,14 @@ fn main() -> ExitCode {
         };
     for w in policies.warnings() {
         tracing::warn!("policy: {w}");
+    }
+    // Running: a hook refused for its audience says so itself; the operator hears it here.
+    let audiences = check_audiences(&cfg, &args.config);
+    for e in &audiences.errors {
+        tracing::warn!("{e}");
+    }
+    for w in &audiences.warnings {
+        tracing::warn!("{w}");
     }
     // Before any thread exists: the endpoints' connection budget is derived from it.
     match airlock::fd_budget::raise_nofile() {
@@ -120,6 +167,16 @@ fn check(args: &Args) -> ExitCode {
     let issuers = airlock::policy::TrustedIssuer::from_config(&cfg.issuers);
     match airlock::policy::load_dir_configured(&cfg.policy.dir, &issuers, Some(&args.config)) {
         Ok(policies) => {
+            // The audiences the hooks will ask for must be trusted (`audience.rs`).
+            let audiences = check_audiences(&cfg, &args.config);
+            if !audiences.errors.is_empty() {
+                for e in &audiences.errors {
+                    for line in e.to_string().lines() {
+                        eprintln!("airlockd: {line}");
+                    }
+                }
+                return ExitCode::from(exit::CONFIG as u8);
+            }
             println!(
                 "configuration {} is valid; {} policy rule(s) loaded from {}",
                 args.config.display(),
@@ -127,6 +184,9 @@ fn check(args: &Args) -> ExitCode {
                 cfg.policy.dir.display()
             );
             for w in policies.warnings() {
+                println!("warning: {w}");
+            }
+            for w in &audiences.warnings {
                 println!("warning: {w}");
             }
             ExitCode::SUCCESS
