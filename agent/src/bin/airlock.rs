@@ -732,7 +732,13 @@ async fn explain(
     let policies = load_policies(&cfg, &dir)?;
     let identity = match identity_input(&id)? {
         (Some(token), None) => {
-            let http = airlock::http_client::HttpClient::new().map_err(|e| (exit::SOFTWARE, e))?;
+            // The JWKS is fetched as the agent would: through its proxy, if it has one.
+            let proxy = cfg
+                .agent
+                .proxy_settings(|k| std::env::var(k).ok())
+                .map_err(|e| Fail(exit::CONFIG, format!("proxy: {e}")))?;
+            let http = airlock::http_client::HttpClient::with_proxy(&proxy)
+                .map_err(|e| (exit::SOFTWARE, e))?;
             let v = airlock::identity::Verifier::new(&cfg.issuers, http)
                 .map_err(|e| (exit::CONFIG, e))?;
             v.verify(token.expose())
