@@ -6,13 +6,13 @@
 //! Every request has a deadline; responses are read whole up to a size cap, so a slow or
 //! hostile server cannot hold a task or grow memory without bound.
 
-use crate::proxy::{ProxySettings, always_direct, redact_userinfo};
+use crate::proxy::{always_direct, redact_userinfo, ProxySettings};
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::future::Future;
@@ -193,7 +193,11 @@ fn with_explicit_port(dst: Uri) -> Uri {
     if dst.port().is_some() {
         return dst;
     }
-    let port = if dst.scheme_str() == Some("http") { 80 } else { 443 };
+    let port = if dst.scheme_str() == Some("http") {
+        80
+    } else {
+        443
+    };
     let Some(host) = dst.host() else {
         return dst;
     };

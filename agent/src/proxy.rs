@@ -185,11 +185,9 @@ impl ProxySettings {
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<ProxySettings, String> {
         let env = |names: &[&'static str]| {
-            names.iter().find_map(|n| {
-                lookup(n)
-                    .filter(|v| !v.trim().is_empty())
-                    .map(|v| (*n, v))
-            })
+            names
+                .iter()
+                .find_map(|n| lookup(n).filter(|v| !v.trim().is_empty()).map(|v| (*n, v)))
         };
         let url = |key: &str,
                    conf: Option<&str>,
@@ -219,7 +217,10 @@ impl ProxySettings {
             &["HTTP_PROXY", "http_proxy"],
         )?;
         let (no_proxy, no_proxy_source) = match configured.no_proxy {
-            Some(list) => (clean_no_proxy(list.iter().map(String::as_str)), Source::Config),
+            Some(list) => (
+                clean_no_proxy(list.iter().map(String::as_str)),
+                Source::Config,
+            ),
             None => match env(&["NO_PROXY", "no_proxy"]) {
                 Some((name, v)) => (clean_no_proxy(v.split(',')), Source::Env(name)),
                 None => (Vec::new(), Source::Unset),
@@ -261,7 +262,11 @@ impl ProxySettings {
             if self.no_proxy.is_empty() {
                 String::new()
             } else {
-                format!(" and {} (from {})", self.no_proxy.join(","), self.no_proxy_source)
+                format!(
+                    " and {} (from {})",
+                    self.no_proxy.join(","),
+                    self.no_proxy_source
+                )
             }
         )
     }
@@ -370,7 +375,10 @@ mod tests {
         ] {
             let e = ProxyUrl::parse(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
-            assert!(!e.contains("s3cret"), "{bad}: the error shows the password: {e}");
+            assert!(
+                !e.contains("s3cret"),
+                "{bad}: the error shows the password: {e}"
+            );
             assert!(!e.contains("user"), "{bad}: the error shows the user: {e}");
         }
     }
@@ -406,7 +414,10 @@ mod tests {
         let s = ProxySettings::resolve(&conf, &vars).unwrap();
         assert_eq!(s.https.as_ref().unwrap().host_port(), "conf-proxy:3128");
         assert_eq!(s.https_source, Source::Config);
-        assert!(s.http.is_none(), "an empty key turns the environment's proxy off");
+        assert!(
+            s.http.is_none(),
+            "an empty key turns the environment's proxy off"
+        );
         assert_eq!(s.no_proxy, ["only.corp"]);
         assert!(s.describe().contains("turned off in airlock.toml"));
     }
@@ -439,7 +450,10 @@ mod tests {
             env(&[
                 ("HTTPS_PROXY", "http://proxy:3128"),
                 ("HTTP_PROXY", "http://proxy:3128"),
-                ("NO_PROXY", "corp.example, .vpce.amazonaws.com,10.0.0.0/8,2001:db8::/32"),
+                (
+                    "NO_PROXY",
+                    "corp.example, .vpce.amazonaws.com,10.0.0.0/8,2001:db8::/32",
+                ),
             ]),
         )
         .unwrap();
@@ -450,7 +464,10 @@ mod tests {
         assert_eq!(via("https://corp.example/jwks"), None);
         assert_eq!(via("https://git.corp.example/jwks"), None);
         assert_eq!(via("https://notcorp.example/jwks"), proxy);
-        assert_eq!(via("https://vpce-1.sts.eu-west-1.vpce.amazonaws.com/"), None);
+        assert_eq!(
+            via("https://vpce-1.sts.eu-west-1.vpce.amazonaws.com/"),
+            None
+        );
         assert_eq!(via("https://10.1.2.3/"), None);
         assert_eq!(via("https://11.1.2.3/"), proxy);
         assert_eq!(via("https://[2001:db8::5]/"), None);

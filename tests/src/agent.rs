@@ -781,7 +781,10 @@ provider = "github"
         aud = toml_str(crate::oidc::TEST_AUDIENCE),
         jwks = match &opts.jwks_url {
             Some(url) => format!("jwks_url = {}\nallow_http = true", toml_str(url)),
-            None => format!("jwks_file = {}", toml_str(&opts.jwks_file.to_string_lossy())),
+            None => format!(
+                "jwks_file = {}",
+                toml_str(&opts.jwks_file.to_string_lossy())
+            ),
         },
         imds = opts
             .imds

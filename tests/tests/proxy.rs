@@ -6,7 +6,7 @@
 //! through the proxy. tinyproxy runs on its own configuration with basic auth, and its log
 //! shows each `CONNECT` it was asked for.
 
-use airlock_tests::agent::{Agent, AgentOptions, free_port};
+use airlock_tests::agent::{free_port, Agent, AgentOptions};
 use airlock_tests::internet::Internet;
 use airlock_tests::moto::MotoServer;
 use airlock_tests::oidc::GithubJob;
@@ -14,8 +14,8 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const TINYPROXY: &str = "/usr/bin/tinyproxy";
@@ -55,7 +55,10 @@ impl Drop for Daemon {
 fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !ok() {
-        assert!(Instant::now() < deadline, "{what} not ready after {limit:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{what} not ready after {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -237,6 +240,7 @@ fn behind_a_proxy_jobs_get_credentials_only_through_it() {
     // (b) No proxy: the same job cannot even be verified (the JWKS is out of reach).
     let direct = w.agent(|o| o);
     let out = job_start(&direct);
+    eprintln!("without a proxy: {}", text(&out));
     assert!(
         !out.status.success(),
         "a job started without the proxy: {}",
@@ -266,7 +270,11 @@ fn behind_a_proxy_jobs_get_credentials_only_through_it() {
         o
     });
     let out = job_start(&bypass);
-    assert!(!out.status.success(), "NO_PROXY was ignored: {}", text(&out));
+    assert!(
+        !out.status.success(),
+        "NO_PROXY was ignored: {}",
+        text(&out)
+    );
     drop(bypass);
     assert!(w.proxy.connects().is_empty(), "{:?}", w.proxy.connects());
 
@@ -277,20 +285,21 @@ fn behind_a_proxy_jobs_get_credentials_only_through_it() {
         o.log_filter = Some("debug".into());
         o
     });
-    let job = agent.start_job(&GithubJob::production().token()).unwrap_or_else(|e| {
-        panic!(
-            "a job through the proxy: {e}\nagent log:\n{}\ntinyproxy log:\n{}",
-            agent.log(),
-            w.proxy.log()
-        )
-    });
+    let job = agent
+        .start_job(&GithubJob::production().token())
+        .unwrap_or_else(|e| {
+            panic!(
+                "a job through the proxy: {e}\nagent log:\n{}\ntinyproxy log:\n{}",
+                agent.log(),
+                w.proxy.log()
+            )
+        });
     assert_eq!(job.rule.as_deref(), Some("web-production"), "{:?}", job.raw);
     let j = job.clone();
-    let (status, creds) = airlock::sandbox::netns::run_in_netns(&w.net.path(), move || {
-        j.credentials()
-    })
-    .expect("the agent's namespace")
-    .expect("the job's endpoint answers");
+    let (status, creds) =
+        airlock::sandbox::netns::run_in_netns(&w.net.path(), move || j.credentials())
+            .expect("the agent's namespace")
+            .expect("the job's endpoint answers");
     assert_eq!(status, 200, "{creds}\nagent log:\n{}", agent.log());
     assert!(
         creds["AccessKeyId"].as_str().is_some_and(|k| !k.is_empty()),
@@ -304,11 +313,15 @@ fn behind_a_proxy_jobs_get_credentials_only_through_it() {
     // (d) The proxy's password is never in the agent's output, not even at debug level;
     // the startup line names the proxy with the password as ***.
     let log = agent.log();
-    assert!(!log.contains(PROXY_PASSWORD), "the proxy password is logged:\n{log}");
+    assert!(
+        !log.contains(PROXY_PASSWORD),
+        "the proxy password is logged:\n{log}"
+    );
     let shown = format!("http://***@{}:{}", w.proxy.listen, w.proxy.port);
     assert!(
-        log.lines()
-            .any(|l| l.contains("outbound proxy") && l.contains(&shown) && l.contains("$HTTPS_PROXY")),
+        log.lines().any(|l| l.contains("outbound proxy")
+            && l.contains(&shown)
+            && l.contains("$HTTPS_PROXY")),
         "no startup line naming {shown}:\n{log}"
     );
     drop(agent);
@@ -327,12 +340,19 @@ fn behind_a_proxy_jobs_get_credentials_only_through_it() {
     });
     let out = job_start(&keyed);
     let said = text(&out);
-    assert!(!out.status.success(), "a wrong proxy password worked: {said}");
+    eprintln!("with a wrong proxy password: {said}");
+    assert!(
+        !out.status.success(),
+        "a wrong proxy password worked: {said}"
+    );
     assert!(
         said.contains(&format!("through proxy {shown}")),
         "the error names the proxy: {said}"
     );
-    assert!(!said.contains(wrong), "the error shows the password: {said}");
+    assert!(
+        !said.contains(wrong),
+        "the error shows the password: {said}"
+    );
     let log = keyed.log();
     assert!(!log.contains(wrong), "the agent logs the password:\n{log}");
     assert!(log.contains("airlock.toml [agent]"), "{log}");
@@ -355,6 +375,7 @@ fn a_bad_proxy_setting_stops_the_agent_naming_it_without_the_password() {
     o.env = env(&[("HTTPS_PROXY", "socks5://user:S3cret-pw@proxy.corp:1080")]);
     let err = Agent::start(o).expect_err("airlockd refuses a socks proxy");
     let said = err.to_string();
+    eprintln!("a socks proxy: {said}");
     assert!(said.contains("HTTPS_PROXY"), "{said}");
     assert!(!said.contains("S3cret-pw"), "{said}");
 }
