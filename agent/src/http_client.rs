@@ -182,10 +182,24 @@ impl tower_service::Service<Uri> for ProxyConnector {
         Box::pin(async move {
             let io = tunnel.call(dst).await.map_err(|e| ProxyConnectError {
                 proxy: shown,
-                reason: error_chain(&e),
+                reason: with_hint(error_chain(&e)),
             })?;
             Ok(io)
         })
+    }
+}
+
+/// hyper-util's tunnel errors say little (its error type is private): say what to check.
+fn with_hint(reason: String) -> String {
+    if reason.ends_with("unsuccessful") {
+        format!(
+            "{reason} (the proxy refused the CONNECT: a wrong user or password in the proxy \
+             URL, or a target port it does not allow)"
+        )
+    } else if reason.ends_with("proxy authorization required") {
+        format!("{reason} (put the proxy's user and password in its URL)")
+    } else {
+        reason
     }
 }
 
@@ -236,6 +250,120 @@ mod tests {
         assert_eq!(redact_url("https://x/y?token=abc"), "https://x/y?…");
         assert_eq!(redact_url("https://x/y"), "https://x/y");
         assert_eq!(redact_url("http://u:pw@x:1/y?t=1"), "http://***@x:1/y?…");
+    }
+
+    use crate::proxy::{ConfiguredProxy, ProxySettings};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    fn proxied(url: &str) -> HttpClient {
+        let s = ProxySettings::resolve(
+            &ConfiguredProxy {
+                https_proxy: Some(url),
+                http_proxy: Some(url),
+                no_proxy: None,
+            },
+            |_| None,
+        )
+        .unwrap();
+        HttpClient::with_proxy(&s).unwrap()
+    }
+
+    /// A one-connection CONNECT proxy: reads the request head, hands it to the test, and
+    /// either answers `status` and stops, or answers 200 and relays to `127.0.0.1:<port>`.
+    async fn fake_proxy(status: u16) -> (u16, tokio::sync::oneshot::Receiver<String>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                c.read_exact(&mut b).await.unwrap();
+                head.push(b[0]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            let target = head.split_whitespace().nth(1).unwrap().to_owned();
+            let _ = tx.send(head);
+            if status != 200 {
+                let msg = format!("HTTP/1.1 {status} No\r\nContent-Length: 0\r\n\r\n");
+                c.write_all(msg.as_bytes()).await.unwrap();
+                return;
+            }
+            let port = target.rsplit(':').next().unwrap();
+            let mut up = TcpStream::connect(format!("127.0.0.1:{port}"))
+                .await
+                .unwrap();
+            c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await
+                .unwrap();
+            let _ = tokio::io::copy_bidirectional(&mut c, &mut up).await;
+        });
+        (port, rx)
+    }
+
+    #[tokio::test]
+    async fn a_target_is_reached_through_the_proxys_tunnel_with_its_credentials() {
+        let origin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin_port = origin.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut c, _) = origin.accept().await.unwrap();
+            let mut b = [0u8; 1024];
+            let _ = c.read(&mut b).await.unwrap();
+            c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\norigin")
+                .await
+                .unwrap();
+        });
+        let (proxy_port, head) = fake_proxy(200).await;
+        let client = proxied(&format!("http://me:pa%40ss@127.0.0.1:{proxy_port}"));
+        // A name, so the loopback rule does not send it direct; the fake proxy relays it
+        // to the origin's port on loopback.
+        let url = format!("http://origin.test:{origin_port}/x");
+        let req = Request::get(&url).body(Full::new(Bytes::new())).unwrap();
+        let resp = client.send(req, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(resp.body.as_ref(), b"origin");
+        let head = tokio::time::timeout(Duration::from_secs(5), head)
+            .await
+            .expect("the proxy was asked")
+            .unwrap();
+        assert!(
+            head.starts_with(&format!("CONNECT origin.test:{origin_port} HTTP/1.1\r\n")),
+            "{head}"
+        );
+        // base64("me:pa@ss")
+        assert!(
+            head.contains("Proxy-Authorization: Basic bWU6cGFAc3M=\r\n"),
+            "{head}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_tunnel_names_the_proxy_but_not_its_password() {
+        let (proxy_port, head) = fake_proxy(403).await;
+        let client = proxied(&format!("http://me:hunter2@127.0.0.1:{proxy_port}"));
+        let req = Request::get("https://sts.example.test/")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let e = client
+            .send(req, Duration::from_secs(5))
+            .await
+            .unwrap_err()
+            .to_string();
+        let head = tokio::time::timeout(Duration::from_secs(5), head)
+            .await
+            .expect("the proxy was asked")
+            .unwrap();
+        assert!(
+            head.starts_with("CONNECT sts.example.test:443 "),
+            "the default https port is asked for"
+        );
+        assert!(
+            e.contains(&format!("through proxy http://***@127.0.0.1:{proxy_port}")),
+            "{e}"
+        );
+        assert!(e.contains("the proxy refused the CONNECT"), "{e}");
+        assert!(!e.contains("hunter2") && !e.contains("me:"), "{e}");
     }
 
     #[test]
