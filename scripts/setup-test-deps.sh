@@ -7,6 +7,7 @@
 #   - nftables (`nft`), as root on Debian, for the outbound sandbox tests;
 #   - rsyslog (the audit anchor test's syslog receiver) and systemd's journald (its journal),
 #     as root on Debian.
+#   - tinyproxy (the proxy test's HTTP proxy), as root on Debian.
 #   - a C++ compiler (g++), as root on Debian, for libFuzzer in the fuzz targets.
 # Idempotent: a stamp holding the hash of the pins makes a second run a no-op.
 # Needs python3 (with venv), node >= 20 and npm. As root on Debian it installs python3-venv
@@ -67,6 +68,22 @@ elif [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null
 else
     say "warning: systemd-journald not found: the audit anchor test needs it (Debian: apt-get install systemd)"
+fi
+
+# --- tinyproxy ---------------------------------------------------------------------------
+# The proxy test (tests/tests/proxy.rs) runs a real tinyproxy in the foreground on its own
+# configuration. Only the binary package: `tinyproxy` would also install and start a system
+# service. Pinned to bookworm's upstream release 1.11.1 (any Debian revision of it).
+tinyproxy_version='1.11.1-*'
+if [[ -x /usr/bin/tinyproxy ]]; then
+    say "tinyproxy found: $(/usr/bin/tinyproxy -v 2>&1 | head -1)"
+elif [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "installing tinyproxy-bin=$tinyproxy_version with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "tinyproxy-bin=$tinyproxy_version" >/dev/null
+    say "installed $(/usr/bin/tinyproxy -v 2>&1 | head -1)"
+else
+    say "warning: tinyproxy not found: the proxy test needs it (Debian: apt-get install tinyproxy-bin, as root)"
 fi
 
 # --- C++ compiler ------------------------------------------------------------------------

@@ -170,6 +170,17 @@ pub struct AgentSection {
     /// Group (name) allowed to use the control socket besides root; none by default.
     #[serde(default)]
     pub control_group: Option<String>,
+    /// The proxy of the agent's own https calls (STS, issuers, GitHub); wins over
+    /// `HTTPS_PROXY`. `""` turns the environment's off. Checked as it is parsed, so an
+    /// error names its line and column (`proxy.rs`).
+    #[serde(default, deserialize_with = "proxy_url_setting")]
+    pub https_proxy: Option<String>,
+    /// The same for plain-http targets (test stand-ins); wins over `HTTP_PROXY`.
+    #[serde(default, deserialize_with = "proxy_url_setting")]
+    pub http_proxy: Option<String>,
+    /// Hosts, domains and CIDR ranges reached without a proxy; wins over `NO_PROXY`.
+    #[serde(default)]
+    pub no_proxy: Option<Vec<String>>,
 }
 
 impl Default for AgentSection {
@@ -178,8 +189,38 @@ impl Default for AgentSection {
             state_dir: default_state_dir(),
             control_socket: default_control_socket(),
             control_group: None,
+            https_proxy: None,
+            http_proxy: None,
+            no_proxy: None,
         }
     }
+}
+
+impl AgentSection {
+    /// The agent's proxies: these keys, and for each one left out the environment
+    /// (`lookup`). The error names the variable, never a password.
+    pub fn proxy_settings(
+        &self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<crate::proxy::ProxySettings, String> {
+        crate::proxy::ProxySettings::resolve(
+            &crate::proxy::ConfiguredProxy {
+                https_proxy: self.https_proxy.as_deref(),
+                http_proxy: self.http_proxy.as_deref(),
+                no_proxy: self.no_proxy.as_deref(),
+            },
+            lookup,
+        )
+    }
+}
+
+/// A proxy URL key: checked while parsing (an empty string is allowed: no proxy).
+fn proxy_url_setting<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let v = String::deserialize(d)?;
+    if !v.trim().is_empty() {
+        crate::proxy::ProxyUrl::parse(&v).map_err(serde::de::Error::custom)?;
+    }
+    Ok(Some(v))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1024,6 +1065,32 @@ mod tests {
             c.audit.job_records_burst,
             crate::audit::JobLimit::default().burst
         );
+    }
+
+    #[test]
+    fn proxy_keys_are_checked_where_they_are_written() {
+        let c = Config::parse(
+            Path::new("a.toml"),
+            "[agent]\nhttps_proxy = \"http://u:pw@proxy.corp:3128\"\nhttp_proxy = \"\"\nno_proxy = [\"corp.example\"]\n",
+        )
+        .unwrap();
+        let s = c
+            .agent
+            .proxy_settings(|k| (k == "HTTP_PROXY").then(|| "http://env:1".to_owned()))
+            .unwrap();
+        assert_eq!(s.https.unwrap().to_string(), "http://***@proxy.corp:3128");
+        assert!(s.http.is_none());
+        assert_eq!(s.no_proxy, ["corp.example"]);
+
+        let err = Config::parse(
+            Path::new("a.toml"),
+            "[agent]\nstate_dir = \"/x\"\nhttps_proxy = \"https://u:pw@proxy.corp:3128\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("config a.toml:3:"), "{err}");
+        assert!(err.contains("TLS to the proxy itself"), "{err}");
+        assert!(!err.contains("pw"), "{err}");
     }
 
     #[test]

@@ -257,7 +257,11 @@ pub async fn request_oidc_token(
         "{url}{sep}audience={}",
         form_urlencoded::byte_serialize(audience.as_bytes()).collect::<String>()
     );
-    let client = crate::http_client::HttpClient::new()
+    // GitHub's token service, through the runner's proxy when it has one (the supervisor
+    // passes `childenv::PROXY` to the runner, and the runner to its hooks).
+    let proxy = crate::proxy::ProxySettings::from_env()
+        .map_err(|e| HookError::new(exit::CONFIG, format!("airlock: proxy: {e}")))?;
+    let client = crate::http_client::HttpClient::with_proxy(&proxy)
         .map_err(|e| HookError::new(exit::SOFTWARE, format!("airlock: {e}")))?;
     let mut last = String::new();
     for attempt in 0..3u32 {

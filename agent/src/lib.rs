@@ -31,6 +31,7 @@ pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod procs;
+pub mod proxy;
 pub mod sandbox;
 pub mod secret;
 pub mod shim_run;

@@ -90,6 +90,8 @@ pub struct AgentOptions {
     pub netns: Option<PathBuf>,
     /// The audit log's path (default: `audit.jsonl` in the agent's tree).
     pub audit_path: Option<PathBuf>,
+    /// TOML keys added to the `[agent]` table (its proxy keys, say).
+    pub agent_config: String,
     /// TOML keys added to the `[audit]` table (anchors, job limits).
     pub audit_config: String,
     /// A shell script that stands in for `/usr/sbin/nft` for this agent alone (fault
@@ -106,6 +108,12 @@ pub struct AgentOptions {
     /// the admin listener's address and `{{STS}}` for the STS endpoint, each as a TOML
     /// string's contents.
     pub config_template: Option<String>,
+    /// The test issuer's JWKS fetched from this URL (`jwks_url`, plain http allowed)
+    /// instead of read from [`AgentOptions::jwks_file`].
+    pub jwks_url: Option<String>,
+    /// Variables set in the daemon's environment (`HTTPS_PROXY`, …). The proxy variables of
+    /// the test's own environment never reach the daemon.
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentOptions {
@@ -122,9 +130,12 @@ impl AgentOptions {
             netns: None,
             audit_path: None,
             audit_config: String::new(),
+            agent_config: String::new(),
             nft_stub: None,
             log_format: None,
             config_template: None,
+            jwks_url: None,
+            env: Vec::new(),
         }
     }
 
@@ -394,6 +405,10 @@ impl Agent {
             cmd.env_remove(v);
         }
         // The agent's own credentials exist only in the daemon's environment.
+        for v in airlock::childenv::PROXY {
+            cmd.env_remove(v);
+        }
+        cmd.envs(self.opts.env.iter().map(|(k, v)| (k, v)));
         cmd.env("AWS_ACCESS_KEY_ID", &self.opts.access_key)
             .env("AWS_SECRET_ACCESS_KEY", &self.opts.secret_key)
             .stdin(Stdio::null())
@@ -765,6 +780,7 @@ fn render_config(root: &Path, admin: SocketAddr, opts: &AgentOptions) -> String 
 [agent]
 state_dir = {state}
 control_socket = {socket}
+{agent_config}
 
 [audit]
 path = {audit}
@@ -794,7 +810,7 @@ source = "env"
 issuer = {issuer}
 audiences = [{aud}]
 provider = "github"
-jwks_file = {jwks}
+{jwks}
 
 {sandbox}{extra}"#,
         state = p("state"),
@@ -804,11 +820,18 @@ jwks_file = {jwks}
             None => p("audit.jsonl"),
         },
         audit_config = opts.audit_config,
+        agent_config = opts.agent_config,
         policies = p("policies"),
         sts = toml_str(&opts.sts_endpoint),
         issuer = toml_str(crate::oidc::GITHUB_ISSUER),
         aud = toml_str(crate::oidc::TEST_AUDIENCE),
-        jwks = toml_str(&opts.jwks_file.to_string_lossy()),
+        jwks = match &opts.jwks_url {
+            Some(url) => format!("jwks_url = {}\nallow_http = true", toml_str(url)),
+            None => format!(
+                "jwks_file = {}",
+                toml_str(&opts.jwks_file.to_string_lossy())
+            ),
+        },
         imds = opts
             .imds
             .map_or(String::new(), |on| format!("imds = {on}\n")),

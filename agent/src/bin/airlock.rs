@@ -962,7 +962,13 @@ async fn explain_token(
             Basis::WhatIf(why),
         ));
     }
-    let http = airlock::http_client::HttpClient::new().map_err(|e| (exit::SOFTWARE, e))?;
+    // The keys are fetched as the agent would: through its proxy, if it has one.
+    let proxy = cfg
+        .agent
+        .proxy_settings(|k| std::env::var(k).ok())
+        .map_err(|e| Fail(exit::CONFIG, format!("proxy: {e}")))?;
+    let http =
+        airlock::http_client::HttpClient::with_proxy(&proxy).map_err(|e| (exit::SOFTWARE, e))?;
     let v = airlock::identity::Verifier::new(&cfg.issuers, http).map_err(|e| (exit::CONFIG, e))?;
     let id = v.verify(token.expose()).await.map_err(|e| match e {
         IdentityError::UnknownIssuer(_) => Fail(

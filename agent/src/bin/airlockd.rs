@@ -14,6 +14,7 @@ use airlock::http_client::HttpClient;
 use airlock::identity::Verifier;
 use airlock::logging::{self, LogFormat};
 use airlock::metrics::Metrics;
+use airlock::proxy::ProxySettings;
 
 /// The airlock agent: job-scoped cloud credentials for self-hosted CI runners.
 ///
@@ -127,6 +128,11 @@ fn main() -> ExitCode {
     for w in &audiences.warnings {
         tracing::warn!("{w}");
     }
+    // The agent's own outbound proxy: [agent] keys, else HTTPS_PROXY/HTTP_PROXY/NO_PROXY.
+    let proxy = match cfg.agent.proxy_settings(|k| std::env::var(k).ok()) {
+        Ok(p) => p,
+        Err(e) => return fail(exit::CONFIG, format!("proxy: {e}")),
+    };
     // Before any thread exists: the endpoints' connection budget is derived from it.
     match airlock::fd_budget::raise_nofile() {
         Ok(r) => tracing::info!(
@@ -149,7 +155,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(exit::OSERR, format!("cannot start the runtime: {e}")),
     };
-    rt.block_on(run(args, cfg, policies))
+    rt.block_on(run(args, cfg, policies, proxy))
 }
 
 /// `airlockd --check`: every error and warning once, on stderr and stdout (not also through
@@ -161,6 +167,13 @@ fn check(args: &Args) -> ExitCode {
             for line in e.to_string().lines() {
                 eprintln!("airlockd: {line}");
             }
+            return ExitCode::from(exit::CONFIG as u8);
+        }
+    };
+    let proxy = match cfg.agent.proxy_settings(|k| std::env::var(k).ok()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("airlockd: proxy: {e}");
             return ExitCode::from(exit::CONFIG as u8);
         }
     };
@@ -189,6 +202,7 @@ fn check(args: &Args) -> ExitCode {
             for w in &audiences.warnings {
                 println!("warning: {w}");
             }
+            println!("outbound: {}", proxy.describe());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -206,14 +220,19 @@ fn check(args: &Args) -> ExitCode {
     }
 }
 
-async fn run(args: Args, cfg: Config, policies: airlock::policy::PolicySet) -> ExitCode {
+async fn run(
+    args: Args,
+    cfg: Config,
+    policies: airlock::policy::PolicySet,
+    proxy: ProxySettings,
+) -> ExitCode {
     let audit = match AuditLog::open_with(&cfg.audit.path, AuditOptions::from_config(&cfg)) {
         Ok(a) => Arc::new(a),
         // A log that does not continue the agent's head: cut or rewritten.
         Err(e @ AuditError::Head(_)) => return fail(exit::DATAERR, e),
         Err(e) => return fail(exit::CANTCREAT, e),
     };
-    let code = serve(args, cfg, policies, audit.clone()).await;
+    let code = serve(args, cfg, policies, audit.clone(), proxy).await;
     // The writer answers what is queued and writes the head before the agent exits.
     let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     code
@@ -224,9 +243,16 @@ async fn serve(
     cfg: Config,
     policies: airlock::policy::PolicySet,
     audit: Arc<AuditLog>,
+    proxy: ProxySettings,
 ) -> ExitCode {
     let metrics = Arc::new(Metrics::with_audit(audit.stats()));
-    let http = match HttpClient::new() {
+    // Once, at start: which proxy the agent's own calls use (passwords as ***).
+    if proxy.is_empty() {
+        tracing::info!(outbound = %proxy.describe(), "no outbound proxy");
+    } else {
+        tracing::info!(outbound = %proxy.describe(), "outbound proxy");
+    }
+    let http = match HttpClient::with_proxy(&proxy) {
         Ok(h) => h,
         Err(e) => return fail(exit::SOFTWARE, e),
     };
