@@ -700,7 +700,8 @@ fn deb_in_debian_stable_root() {
     // Every shipped directory of example policies loads (the examples and the cookbook's).
     let mut dirs: Vec<String> = files_under("policies")
         .into_iter()
-        .filter(|(rel, _)| rel.ends_with(".toml"))
+        // `cases/` holds `airlock policy test` tables, not policies: run below.
+        .filter(|(rel, _)| rel.ends_with(".toml") && !rel.starts_with("cases/"))
         .map(|(rel, _)| match rel.rsplit_once('/') {
             Some((dir, _)) => format!("/usr/share/doc/airlock/examples/policies/{dir}"),
             None => "/usr/share/doc/airlock/examples/policies".to_string(),
@@ -713,6 +714,13 @@ fn deb_in_debian_stable_root() {
         let out = root.ok(&format!("airlock policy check {dir}"));
         assert!(out.contains("rule(s), valid"), "{dir}: {out}");
     }
+    // The shipped examples pass their own cases with the installed configuration's issuers.
+    let out = root.ok(
+        "airlock policy test /usr/share/doc/airlock/examples/policies/cases/shipped.toml \
+         --dir /usr/share/doc/airlock/examples/policies",
+    );
+    assert!(!out.contains("FAIL"), "{out}");
+    assert!(out.contains("ok"), "{out}");
     // ... and really checks: a broken policy there is refused with exit 65.
     std::fs::write(
         root.path("/etc/airlock/policies/99-broken.toml"),
