@@ -127,19 +127,32 @@ fn loaded(data: &[u8]) -> Option<PolicySet> {
             check_loaded(h, &set);
             Some(set)
         }
-        Err(PolicyError::Invalid { origin, message }) => {
-            assert_eq!(origin.file, h.path, "an error names the file");
+        Err(e) => {
+            // Every error of the file, each once, in file order, each at a place in it.
+            let errors = e.errors();
+            assert!(!errors.is_empty(), "an error that stands for none: {e}");
             let lines = text.matches('\n').count() + 1;
-            assert!(
-                (1..=lines).contains(&origin.line),
-                "line {} outside the text's {lines} lines: {message}",
-                origin.line
-            );
-            assert!(origin.column >= 1, "column 0: {message}");
-            assert!(!message.is_empty(), "an empty message");
+            let mut places = Vec::new();
+            for one in &errors {
+                let PolicyError::Invalid { origin, message } = one else {
+                    panic!("load_str failed without a place in the file: {one}");
+                };
+                assert_eq!(origin.file, h.path, "an error names the file");
+                assert!(
+                    (1..=lines).contains(&origin.line),
+                    "line {} outside the text's {lines} lines: {message}",
+                    origin.line
+                );
+                assert!(origin.column >= 1, "column 0: {message}");
+                assert!(!message.is_empty(), "an empty message");
+                places.push((origin.line, origin.column, message.clone()));
+            }
+            let mut sorted = places.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(places.len(), sorted.len(), "an error reported twice: {e}");
             None
         }
-        Err(e) => panic!("load_str failed without a place in the file: {e}"),
     }
 }
 
