@@ -611,6 +611,8 @@ impl Daemon {
                         None,
                         crate::fields! {"runner" => req.runner, "reason" => e.message},
                     );
+                    // The refusal answers once its record is written, as a job's end does.
+                    self.audit.flush().await;
                     return Err(e);
                 }
             }

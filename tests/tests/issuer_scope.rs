@@ -197,12 +197,22 @@ fn a_rule_that_could_match_two_issuers_stops_the_agent_and_a_reload_keeps_the_ol
     assert!(stack.agent.signal("HUP"));
     let place = "50-gitlab.toml:5:12: rule \"gitlab-acme\": provider = \"gitlab\" could match tokens of 2 configured issuers (https://gitlab.airlock.test, https://gitlab-other.airlock.test)";
     wait_for_log(&stack, place);
-    let failed = stack
-        .agent
-        .audit_records()
-        .into_iter()
-        .find(|r| r["event"] == "policy_reload_failed")
-        .expect("a policy_reload_failed record");
+    // The record is written by the audit log's writer thread, a moment after the log line.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let failed = loop {
+        let found = stack
+            .agent
+            .audit_records()
+            .into_iter()
+            .find(|r| r["event"] == "policy_reload_failed");
+        match found {
+            Some(r) => break r,
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            None => panic!("no policy_reload_failed record within 10 s"),
+        }
+    };
     assert!(
         failed["error"].as_str().unwrap_or("").contains(place),
         "{failed}"
